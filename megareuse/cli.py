@@ -1,0 +1,106 @@
+"""`megareuse <command>`: the command-line entry point.
+
+Commands: prepare (corpora -> tokenizer + indexed datasets), train (one stage of training),
+evaluate (validation loss of a checkpoint), demo (the laptop-scale main job).
+Every user error ends with one line on stderr and exit code 2; nothing is written before the
+inputs have been checked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from megareuse.config import ConfigError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from megareuse.data import CorruptDatasetError
+    from megareuse.engine.checkpoint import CheckpointError
+    from megareuse.engine.inputs import DataError
+    return ConfigError, DataError, CheckpointError, CorruptDatasetError, FileNotFoundError
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from megareuse.data.preprocess import prepare_default
+    prepare_default(args.out, domains=args.domains.split(","), vocab_size=args.vocab_size,
+                    workers=args.workers, seed=args.seed, force=args.force)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megareuse.config import load_config
+    from megareuse.engine.trainer import Trainer
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg, resume=args.resume).run()
+    print(json.dumps(summary["valid_loss"]))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from megareuse.engine.evaluate import evaluate_checkpoint
+    if args.tokens is not None and args.tokens <= 0:
+        raise ConfigError(f"config error: --tokens = {args.tokens}: accepted a positive integer")
+    losses = evaluate_checkpoint(args.checkpoint, data_dir=args.data,
+                                 domains=args.domains.split(",") if args.domains else None,
+                                 max_tokens=args.tokens, device=args.device)
+    print(json.dumps(losses))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from megareuse.demo import run_demo
+    run_demo(args.out, fresh=args.fresh, overrides=args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megareuse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="build the local corpora, train the tokenizer, write .bin/.idx")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--domains", default="prose,code", help="comma-separated: prose, code")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--force", action="store_true", help="replace an existing prepared directory")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train one stage from a YAML config")
+    p.add_argument("--config", required=True, help="YAML file (see configs/)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the latest complete checkpoint in run.out_dir "
+                        "('auto', the default) or from the checkpoint directory given")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="validation loss per domain of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None, help="prepared data directory (default: the run's)")
+    p.add_argument("--domains", default=None, help="comma-separated domains (default: the run's)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per domain")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the main job at laptop scale: prepare, train, evaluate, summary")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--fresh", action="store_true", help="discard an earlier demo run in --out")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for the training config")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"megareuse {args.command}: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+A config file is YAML with up to five sections (model, data, optim, schedule, run) and an
+optional ``base: other.yaml`` key naming a file (relative to this one) whose values it
+overrides. Command-line overrides are ``section.field=value`` with the value parsed as YAML.
+``Config.validate()`` runs before anything is built or written and raises ``ConfigError``
+with one line naming the field, the bad value and what is accepted.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line naming the field."""
+
+
+def _fail(name: str, value: Any, accepted: str) -> None:
+    raise ConfigError(f"config error: {name} = {value!r}: accepted {accepted}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if value <= 0:
+        _fail(name, value, "a positive number")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, value, "one of " + ", ".join(choices))
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    d_model: int = 96
+    n_layers: int = 3
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (MHA)
+    ffn_hidden: int = 256  # SwiGLU hidden width
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02  # output projections use init_std / sqrt(2 * n_layers)
+    attention: str = "sdpa"
+
+    ATTENTION_BACKENDS = ("sdpa", "eager")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len",
+                     "rope_theta", "norm_eps", "init_std"):
+            _positive(f"{prefix}.{name}", getattr(self, name))
+        if self.d_model % self.n_heads:
+            _fail(f"{prefix}.n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
+        if self.head_dim % 2:
+            _fail(f"{prefix}.n_heads", self.n_heads, "a value giving an even head_dim (RoPE)")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            _fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"null or a divisor of n_heads={self.n_heads}")
+        _choice(f"{prefix}.attention", self.attention, self.ATTENTION_BACKENDS)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/prepared"  # output of `megareuse prepare`
+    train: dict[str, float] = field(default_factory=lambda: {"prose": 1.0})  # domain -> weight
+    valid: list[str] = field(default_factory=lambda: ["prose", "code"])
+    seq_len: int = 128
+    seed: int = 1234
+
+    def validate(self, prefix: str = "data") -> None:
+        if not self.dir:
+            _fail(f"{prefix}.dir", self.dir, "a directory written by `megareuse prepare`")
+        if not self.train:
+            _fail(f"{prefix}.train", self.train, "a mapping domain -> positive weight")
+        for domain, weight in self.train.items():
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+                _fail(f"{prefix}.train.{domain}", weight, "a positive weight")
+        if not self.valid:
+            _fail(f"{prefix}.valid", self.valid, "a non-empty list of domains")
+        _positive(f"{prefix}.seq_len", self.seq_len)
+        if self.seed < 0:
+            _fail(f"{prefix}.seed", self.seed, "a non-negative integer")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def validate(self, prefix: str = "optim") -> None:
+        _positive(f"{prefix}.lr", self.lr)
+        _positive(f"{prefix}.eps", self.eps)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                _fail(f"{prefix}.{name}", value, "a number in [0, 1)")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                _fail(f"{prefix}.{name}", getattr(self, name), "a non-negative number")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | constant | wsd
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * optim.lr (cosine, wsd)
+    decay_frac: float = 0.2  # wsd: fraction of the steps spent in the final decay
+
+    KINDS = ("cosine", "constant", "wsd")
+
+    def validate(self, prefix: str = "schedule") -> None:
+        _choice(f"{prefix}.kind", self.kind, self.KINDS)
+        if self.warmup_steps < 0:
+            _fail(f"{prefix}.warmup_steps", self.warmup_steps, "a non-negative integer")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail(f"{prefix}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        if not 0 < self.decay_frac <= 1:
+            _fail(f"{prefix}.decay_frac", self.decay_frac, "a number in (0, 1]")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/base"
+    stage: str = "base"
+    train_tokens: int = 1_000_000  # D for this stage; steps = train_tokens // tokens_per_step
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    eval_interval: int = 50  # steps; the last step always evaluates
+    eval_tokens: int = 65_536  # per validation domain
+    save_interval: int = 100  # steps; the last step always saves
+    keep_last: int = 2
+    log_interval: int = 10
+    seed: int = 1234
+    device: str = "cpu"
+    dtype: str = "fp32"
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = unknown (MFU not shown)
+
+    STAGES = ("base", "cpt", "grow")
+    DEVICES = ("cpu", "cuda", "auto")
+    DTYPES = ("fp32", "bf16")
+
+    def validate(self, prefix: str = "run") -> None:
+        if not self.out_dir:
+            _fail(f"{prefix}.out_dir", self.out_dir, "a directory path")
+        _choice(f"{prefix}.stage", self.stage, self.STAGES)
+        for name in ("train_tokens", "micro_batch_size", "grad_accum", "eval_interval",
+                     "eval_tokens", "save_interval", "keep_last", "log_interval"):
+            _positive(f"{prefix}.{name}", getattr(self, name))
+        for name in ("seed", "threads", "peak_tflops"):
+            if getattr(self, name) < 0:
+                _fail(f"{prefix}.{name}", getattr(self, name), "a non-negative number")
+        _choice(f"{prefix}.device", self.device, self.DEVICES)
+        _choice(f"{prefix}.dtype", self.dtype, self.DTYPES)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        if self.data.seq_len > self.model.max_seq_len:
+            _fail("data.seq_len", self.data.seq_len, f"at most model.max_seq_len={self.model.max_seq_len}")
+        if self.tokens_per_step > self.run.train_tokens:
+            _fail("run.train_tokens", self.run.train_tokens,
+                  f"at least one optimizer step of tokens ({self.tokens_per_step})")
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step for one data-parallel replica."""
+        return self.run.micro_batch_size * self.run.grad_accum * self.data.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        return _build(cls, raw, "")
+
+
+# --------------------------------------------------------------------------- building
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        return isinstance(value, dict) and all(_type_ok(k, kt) and _type_ok(v, vt) for k, v in value.items())
+    if origin is list:
+        (it,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, it) for v in value)
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is dict:
+        return "a mapping of " + " -> ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0])
+    return names.get(tp, str(tp))
+
+
+def _unknown(name: str, key: str, accepted: list[str]) -> None:
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"config error: unknown key {name!r}{hint}; accepted: {', '.join(accepted)}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {prefix or 'config'} = {raw!r}: accepted a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            _unknown(name, str(key), list(fields))
+        tp = hints[key]
+        if tp is float and isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, name)
+        elif not _type_ok(value, tp):
+            _fail(name, value, _type_name(tp))
+        else:
+            kwargs[key] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "train":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    """Read a config YAML, resolving its ``base:`` chain (relative paths)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config error: {str(path)!r} includes itself through 'base'")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "parse error"
+        raise ConfigError(f"config error: {str(path)!r} is not valid YAML: {first}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {str(path)!r} must hold a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        _fail(f"{path}:base", base, "a path to another config file")
+    return _merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed as YAML) to a raw config mapping."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"config error: override {item!r}: accepted the form section.field=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config error: override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load, override and validate a config; raises ConfigError with a one-line message."""
+    raw = read_yaml(path) if path else {}
+    return Config.from_dict(apply_overrides(raw, list(overrides))).validate()

@@ -1,0 +1,183 @@
+"""Atomic, self-describing checkpoints.
+
+Layout of a run directory::
+
+    <out_dir>/checkpoints/step_00000100/   model.pt, optimizer.pt, trainer.pt, meta.json,
+                                           manifest.json (written last)
+    <out_dir>/checkpoints/.tmp-step_00000100-<pid>/   a write in progress (ignored)
+
+A checkpoint is written into a temporary directory, every file fsynced, ``manifest.json`` (size
+and sha256 of every file) written last, and the directory renamed into place, so a crash at any
+point leaves either the complete checkpoint or something ``--resume`` ignores. ``meta.json``
+carries what makes a result traceable: stage, D1, D2, tokens seen, config, tokenizer, git
+revision.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+MANIFEST = "manifest.json"
+META = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+def git_revision() -> str:
+    """The source tree's git revision ("<sha>[-dirty]"), or "unknown" outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes_synced(path: Path, write) -> None:
+    with open(path, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict[str, Any], meta: dict[str, Any],
+                    keep_last: Optional[int] = None,
+                    extra_files: Optional[dict[str, Path]] = None) -> Path:
+    """Write ``tensors`` (file stem -> object for torch.save), copies of ``extra_files``
+    (name in the checkpoint -> source path, e.g. the tokenizer) and ``meta`` atomically.
+
+    Returns the final checkpoint directory. Older complete checkpoints beyond ``keep_last``
+    are removed only after the new one is in place.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(root, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = {}
+    for stem, obj in tensors.items():
+        _write_bytes_synced(tmp / f"{stem}.pt", lambda fh, obj=obj: torch.save(obj, fh))
+        files[f"{stem}.pt"] = None
+    for name, source in (extra_files or {}).items():
+        _write_bytes_synced(tmp / name, lambda fh, source=source: fh.write(Path(source).read_bytes()))
+        files[name] = None
+    meta = dict(meta, step=step, saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _write_bytes_synced(tmp / META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    files[META] = None
+    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                for name in files}
+    _write_bytes_synced(tmp / MANIFEST, lambda fh: fh.write(json.dumps({"files": manifest}, indent=2).encode()))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    if keep_last:
+        for stale in complete_checkpoints(root, verify=False)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
+    """Return None when ``path`` is a complete checkpoint, else the reason it is not."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (write did not finish)"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "manifest.json is unreadable"
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != info["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, manifest says {info['bytes']}"
+        if checksums and _sha256(file) != info["sha256"]:
+            return f"{name} fails its sha256 checksum"
+    return None
+
+
+def complete_checkpoints(root: Path, verify: bool = True) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first; incomplete ones are skipped
+    (with a warning naming them when ``verify`` is set)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        if not _STEP_DIR.match(entry.name) or not entry.is_dir():
+            continue
+        problem = verify_checkpoint(entry, checksums=verify)
+        if problem is None:
+            found.append(entry)
+        elif verify:
+            warnings.warn(f"skipping checkpoint {entry}: {problem}", stacklevel=2)
+    return found
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / META).read_text())
+
+
+def load_checkpoint(path: Path, names: tuple[str, ...] = ("model", "optimizer", "trainer"),
+                    map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify and load a checkpoint; returns (objects by stem, meta)."""
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
+    objs = {}
+    for name in names:
+        file = path / f"{name}.pt"
+        if file.is_file():
+            objs[name] = torch.load(file, map_location=map_location, weights_only=True)
+    return objs, read_meta(path)

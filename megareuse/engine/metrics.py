@@ -1,0 +1,112 @@
+"""Metrics: a JSONL log (one object per line), TensorBoard when installed, a progress line."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
+def format_count(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+class MetricsLog:
+    """Appends records to ``<out_dir>/metrics.jsonl``; mirrors scalars to TensorBoard if present.
+
+    ``truncate_after(step)`` drops records of steps after a resumed checkpoint, so the log of
+    a resumed run reads as if it had never been interrupted.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except Exception:  # tensorboard not installed: JSONL only
+                self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A steady progress line: step, loss, lr, tokens/s, MFU (when the peak is known), ETA."""
+
+    def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float,
+                 peak_flops: float = 0.0, emit: Callable[[str], None] = print):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.emit = emit
+        self._t0: Optional[float] = None
+        self._step0 = 0
+
+    def start(self, step: int) -> None:
+        self._t0, self._step0 = time.perf_counter(), step
+
+    def rates(self, step: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
+        done = step - self._step0
+        tok_s = done * self.tokens_per_step / elapsed
+        out = {"tokens_per_s": tok_s, "elapsed_s": elapsed,
+               "eta_s": (self.total_steps - step) * elapsed / done if done else float("nan")}
+        if self.peak_flops > 0:
+            out["mfu"] = tok_s * self.flops_per_token / self.peak_flops
+        return out
+
+    def line(self, step: int, loss: float, lr: float, extra: str = "") -> dict[str, float]:
+        rates = self.rates(step)
+        parts = [f"step {step}/{self.total_steps}", f"loss {loss:.4f}", f"lr {lr:.2e}",
+                 f"{format_count(rates['tokens_per_s'])} tok/s"]
+        if "mfu" in rates:
+            parts.append(f"MFU {100 * rates['mfu']:.1f}%")
+        parts.append(f"ETA {format_duration(rates['eta_s'])}")
+        if extra:
+            parts.append(extra)
+        self.emit(" | ".join(parts))
+        return rates

@@ -1,0 +1,71 @@
+"""Closed-form parameter and FLOP counts from a ModelConfig (no module is built).
+
+Conventions (used by the scaling-law code):
+- ``non_embedding_param_count`` is the N of Kaplan et al. (2020) and of the reuse paper's
+  compute C = 6 N D: every parameter except the token embedding and the output head
+  (all attention and SwiGLU matrices plus the RMSNorm weights, including the final norm).
+- ``flops_per_token`` is the PaLM (Chowdhery et al. 2022, App. B) / Chinchilla accounting of
+  training FLOPs (forward + backward = 3x forward, a multiply-add = 2 FLOPs).
+"""
+from __future__ import annotations
+
+from megareuse.config import ModelConfig
+
+
+def _layer_params(cfg: ModelConfig) -> int:
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo; wk, wv
+    ffn = 3 * d * cfg.ffn_hidden  # w1, w3, w2
+    norms = 2 * d
+    return attn + ffn + norms
+
+
+def non_embedding_param_count(cfg: ModelConfig) -> int:
+    """All parameters except the token embedding and the output head (Kaplan's N)."""
+    return cfg.n_layers * _layer_params(cfg) + cfg.d_model  # + final norm
+
+
+def param_count(cfg: ModelConfig, embedding: bool = True) -> int:
+    """Exact number of unique parameters of ``GPT(cfg)``.
+
+    The token embedding (vocab_size x d_model) counts once when tied to the output head;
+    an untied head adds another vocab_size x d_model. ``embedding=False`` returns
+    ``non_embedding_param_count(cfg)`` (drops the embedding and the head).
+    """
+    if not embedding:
+        return non_embedding_param_count(cfg)
+    table = cfg.vocab_size * cfg.d_model
+    return non_embedding_param_count(cfg) + table * (1 if cfg.tie_embeddings else 2)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward), PaLM / Chinchilla accounting:
+
+        6 * N + 12 * n_layers * (n_heads * head_dim) * seq_len
+
+    with N = non_embedding_param_count(cfg) + vocab_size * d_model (the output-head matmul;
+    the embedding lookup is free, tied or not). The first term is the weight matmuls (the few
+    RMSNorm weights inside N are included, a negligible overcount); the second is
+    QK^T and attention @ V: 2 matmuls x 2 FLOPs x 3 (fwd + bwd) x n_heads*head_dim x seq_len
+    per layer. The causal mask is *not* credited: the attention term counts the full
+    seq_len x seq_len score matrix (as PaLM's MFU does), not half of it. GQA does not reduce
+    the attention term (it is set by the query heads). ``seq_len`` defaults to max_seq_len.
+    """
+    T = cfg.max_seq_len if seq_len is None else seq_len
+    n = non_embedding_param_count(cfg) + cfg.vocab_size * cfg.d_model
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Forward-only FLOPs per token: one third of ``flops_per_token`` (evaluation cost)."""
+    return flops_per_token(cfg, seq_len) // 3
+
+
+def training_flops(cfg: ModelConfig, tokens: int, seq_len: int | None = None) -> int:
+    """Total training FLOPs for ``tokens`` tokens: tokens * flops_per_token(cfg, seq_len)."""
+    return tokens * flops_per_token(cfg, seq_len)
+
+
+def kaplan_compute(cfg: ModelConfig, tokens: int) -> int:
+    """C = 6 N D with Kaplan's non-embedding N (the reuse paper's compute axis)."""
+    return 6 * non_embedding_param_count(cfg) * tokens

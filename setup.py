@@ -1,0 +1,35 @@
+"""megareuse: reuse-or-scratch studies for LLM pretraining, and the trainer that runs them."""
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = next(line.split('"')[1] for line in (HERE / "megareuse" / "__init__.py").read_text().splitlines()
+               if line.startswith("__version__"))
+PACKAGES = ["megareuse", "megareuse.model", "megareuse.data", "megareuse.engine"]
+
+setup(
+    name="megareuse",
+    version=VERSION,
+    description=__doc__,
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The Triton kernels live in kernels/ and import as `megareuse_kernels`
+    # (the PyPI name `kernels` belongs to another project).
+    packages=PACKAGES + ["megareuse_kernels"],
+    package_dir={"megareuse_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",  # install it first (see Makefile) so an existing CUDA torch is kept
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "sentencepiece>=0.2",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        "plot": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
+    },
+    entry_points={"console_scripts": ["megareuse = megareuse.cli:main"]},
+)
