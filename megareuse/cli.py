@@ -16,10 +16,10 @@ from megareuse.config import ConfigError
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from megareuse.data import CorruptDatasetError
+    from megareuse.data import CorruptDatasetError, PrepareError
     from megareuse.engine.checkpoint import CheckpointError
     from megareuse.engine.inputs import DataError
-    return ConfigError, DataError, CheckpointError, CorruptDatasetError, FileNotFoundError
+    return ConfigError, DataError, CheckpointError, CorruptDatasetError, PrepareError, FileNotFoundError
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -56,7 +56,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megareuse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="megareuse", description="Reuse-or-scratch studies for LLM pretraining, and the trainer that runs them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="build the local corpora, train the tokenizer, write .bin/.idx")

@@ -78,7 +78,8 @@ def _read_source(item: TextSource) -> str:
     except FileNotFoundError:
         raise FileNotFoundError(f"tokenizer: training file {path} does not exist") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"tokenizer: training file {path} is not valid UTF-8 ({exc.reason})") from None
+        raise ValueError(f"tokenizer: training file {path} is not valid UTF-8 "
+                         f"({exc.reason})") from None
 
 
 def train_tokenizer(
@@ -98,6 +99,7 @@ def train_tokenizer(
     into multi-line chunks of at most ``chunk_chars``; if there are more than ``max_sentences``
     chunks a seeded random subset is kept (our own sampling, so the model file is a
     deterministic function of the inputs; ~10 MB trains in a few seconds on 2 cores).
+    ``num_threads`` is recorded in the model file, so keep it fixed for identical files.
     Raises ValueError (one line) for a bad vocab_size or one the text cannot fill.
     """
     if not isinstance(vocab_size, int) or not MIN_VOCAB <= vocab_size <= MAX_VOCAB:

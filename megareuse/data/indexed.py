@@ -1,0 +1,279 @@
+"""Megatron-LM compatible indexed token datasets (the ``MMIDIDX`` .bin/.idx pair).
+
+``<prefix>.bin`` holds the tokens of every sequence back to back. ``<prefix>.idx`` is, in
+little-endian order::
+
+    magic             9 bytes   b"MMIDIDX\\x00\\x00"
+    version           uint64    1
+    dtype code        uint8     1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64,
+                                7 float32, 8 uint16
+    sequence count    uint64    S
+    document count    uint64    D (= number of documents + 1)
+    sizes             int32[S]  tokens per sequence
+    pointers          int64[S]  byte offset of each sequence in .bin
+    document indices  int64[D]  0, then one past each document's last sequence
+
+Files written by Megatron-LM's ``tools/preprocess_data.py`` load here unchanged and ours load
+in Megatron-LM. Opening validates the whole index against the header and the .bin size and
+raises ``CorruptDatasetError`` (one line naming the file) instead of ever reading garbage.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Union
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+          7: np.float32, 8: np.uint16}
+CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+PathLike = Union[str, os.PathLike]
+
+
+class CorruptDatasetError(ValueError):
+    """An indexed dataset file is missing, truncated or inconsistent (one-line message)."""
+
+
+def best_dtype(vocab_size: int) -> np.dtype:
+    """Megatron's choice: uint16 when ``vocab_size < 65500``, else int32."""
+    return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
+
+
+def data_path(prefix: PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.bin")
+
+
+def index_path(prefix: PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.idx")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class IndexedDatasetBuilder:
+    """Stream sequences into ``<prefix>.bin``; ``finalize()`` writes the index.
+
+    Both files are written under temporary names (fsynced) and renamed into place only by
+    ``finalize()``, so readers never see a half-written pair. Use as a context manager to
+    discard the temporary files when an exception escapes.
+    """
+
+    def __init__(self, prefix: PathLike, dtype=np.uint16):
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODES:
+            raise ValueError(f"indexed: dtype {self.dtype} has no Megatron code; use one of "
+                             + ", ".join(str(d) for d in CODES))
+        self.prefix = Path(prefix)
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        tag = f".tmp-{os.getpid()}-{id(self)}"
+        self._bin_tmp = data_path(self.prefix).with_name(data_path(self.prefix).name + tag)
+        self._idx_tmp = index_path(self.prefix).with_name(index_path(self.prefix).name + tag)
+        self._bin = open(self._bin_tmp, "wb")
+        self.sizes: list[int] = []
+        self.document_indices: list[int] = [0]
+        self.finalized = False
+
+    def add_item(self, tokens: Iterable[int]) -> None:
+        """Append one sequence (part of the current document)."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"indexed: a sequence must be 1-D, got shape {arr.shape}")
+        if arr.size and np.issubdtype(self.dtype, np.integer):
+            info = np.iinfo(self.dtype)
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"indexed: token ids [{lo}, {hi}] do not fit {self.dtype}")
+        if arr.size > np.iinfo(np.int32).max:
+            raise ValueError(f"indexed: a sequence of {arr.size} tokens exceeds int32 sizes")
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
+        self.sizes.append(int(arr.size))
+
+    def end_document(self) -> None:
+        """Close the current document (a no-op when it holds no sequence)."""
+        if self.document_indices[-1] != len(self.sizes):
+            self.document_indices.append(len(self.sizes))
+
+    def add_document(self, tokens: Iterable[int]) -> None:
+        """Append one document stored as one sequence."""
+        self.add_item(tokens)
+        self.document_indices.append(len(self.sizes))
+
+    def finalize(self) -> None:
+        """Write the index, fsync both files and rename them into place (.bin first)."""
+        self.end_document()
+        sizes = np.asarray(self.sizes, dtype=np.int32)
+        pointers = np.zeros(len(sizes), dtype=np.int64)
+        if len(sizes) > 1:
+            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        docs = np.asarray(self.document_indices, dtype=np.int64)
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        with open(self._idx_tmp, "wb") as f:
+            f.write(MAGIC)
+            f.write(struct.pack("<Q", VERSION))
+            f.write(struct.pack("<B", CODES[self.dtype]))
+            f.write(struct.pack("<Q", len(sizes)))
+            f.write(struct.pack("<Q", len(docs)))
+            f.write(sizes.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(docs.tobytes(order="C"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._bin_tmp, data_path(self.prefix))
+        os.replace(self._idx_tmp, index_path(self.prefix))
+        _fsync_dir(self.prefix.parent)
+        self.finalized = True
+
+    def abort(self) -> None:
+        """Discard the temporary files (nothing at the final names is touched)."""
+        if not self._bin.closed:
+            self._bin.close()
+        for tmp in (self._bin_tmp, self._idx_tmp):
+            if tmp.exists():
+                tmp.unlink()
+
+    def __enter__(self) -> "IndexedDatasetBuilder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self.finalized:
+            self.abort()
+
+
+class IndexedDataset:
+    """A validated, memory-mapped view of ``<prefix>.bin`` / ``<prefix>.idx``.
+
+    ``ds[i]`` is sequence i (a read-only array), ``ds.get(i, offset, length)`` part of it, and
+    ``ds.tokens`` the whole token stream: validation guarantees the sequences are stored back
+    to back in index order, so the stream is exactly the .bin file.
+    """
+
+    def __init__(self, prefix: PathLike):
+        self.prefix = Path(prefix)
+        idx_file, bin_file = index_path(prefix), data_path(prefix)
+        for path in (idx_file, bin_file):
+            if not path.is_file():
+                raise CorruptDatasetError(f"{path} does not exist (run `megareuse prepare`?)")
+        self.dtype, seq_count, doc_count = self._read_header(idx_file)
+        expected = HEADER_SIZE + seq_count * (4 + 8) + doc_count * 8
+        actual = idx_file.stat().st_size
+        if actual != expected:
+            what = "is truncated" if actual < expected else "has trailing bytes"
+            raise CorruptDatasetError(f"{idx_file} {what}: {actual} bytes, header "
+                                      f"({seq_count} sequences, {doc_count} document indices) "
+                                      f"expects {expected}")
+        index = np.memmap(idx_file, mode="r", dtype=np.uint8)
+        off = HEADER_SIZE
+        self.sizes = np.frombuffer(index, np.int32, seq_count, off)
+        self.pointers = np.frombuffer(index, np.int64, seq_count, off + 4 * seq_count)
+        self.document_indices = np.frombuffer(index, np.int64, doc_count, off + 12 * seq_count)
+        total_bytes = self._check_index(idx_file, seq_count)
+        bin_size = bin_file.stat().st_size
+        if bin_size != total_bytes:
+            what = "is truncated" if bin_size < total_bytes else "is longer than its index"
+            raise CorruptDatasetError(f"{bin_file} {what}: {bin_size} bytes, index expects "
+                                      f"{total_bytes}")
+        itemsize = self.dtype.itemsize
+        self.num_tokens = total_bytes // itemsize
+        if self.num_tokens:
+            self.tokens = np.memmap(bin_file, mode="r", dtype=self.dtype, shape=(self.num_tokens,))
+        else:  # numpy cannot map an empty file
+            self.tokens = np.empty(0, dtype=self.dtype)
+
+    def _read_header(self, idx_file: Path):
+        with open(idx_file, "rb") as f:
+            head = f.read(HEADER_SIZE)
+        if head[:len(MAGIC)] != MAGIC:
+            raise CorruptDatasetError(f"{idx_file} is not a Megatron MMIDIDX index "
+                                      f"(bad magic {head[:len(MAGIC)]!r})")
+        if len(head) < HEADER_SIZE:
+            raise CorruptDatasetError(f"{idx_file} is truncated: {len(head)} bytes, header "
+                                      f"needs {HEADER_SIZE}")
+        version, code, seq_count, doc_count = struct.unpack("<QBQQ", head[len(MAGIC):])
+        if version != VERSION:
+            raise CorruptDatasetError(f"{idx_file} has index version {version}, expected {VERSION}")
+        if code not in DTYPES:
+            raise CorruptDatasetError(f"{idx_file} has unknown dtype code {code} "
+                                      f"(known: {sorted(DTYPES)})")
+        if seq_count >= 2**40 or doc_count >= 2**40:
+            raise CorruptDatasetError(f"{idx_file} has implausible counts: {seq_count} "
+                                      f"sequences, {doc_count} document indices")
+        return np.dtype(DTYPES[code]), seq_count, doc_count
+
+    def _check_index(self, idx_file: Path, seq_count: int) -> int:
+        """Validate sizes/pointers/document indices; return the .bin size they imply."""
+        sizes, pointers, docs = self.sizes, self.pointers, self.document_indices
+        if seq_count and int(sizes.min()) < 0:
+            raise CorruptDatasetError(f"{idx_file} has a negative sequence size at "
+                                      f"{int(np.argmin(sizes))}")
+        nbytes = sizes.astype(np.int64) * self.dtype.itemsize
+        expected = np.zeros(seq_count, dtype=np.int64)
+        if seq_count > 1:
+            np.cumsum(nbytes[:-1], out=expected[1:])
+        bad = np.flatnonzero(pointers != expected)
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptDatasetError(f"{idx_file} has corrupt pointers: pointer[{i}] = "
+                                      f"{int(pointers[i])}, sizes imply {int(expected[i])}")
+        if len(docs) == 0 or docs[0] != 0 or docs[-1] != seq_count:
+            first = int(docs[0]) if len(docs) else None
+            last = int(docs[-1]) if len(docs) else None
+            raise CorruptDatasetError(f"{idx_file} has corrupt document indices: must run from 0 "
+                                      f"to {seq_count}, got {first}..{last}")
+        if len(docs) > 1 and np.any(np.diff(docs) < 0):
+            raise CorruptDatasetError(f"{idx_file} has corrupt document indices: not monotone")
+        return int(nbytes.sum())
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_indices) - 1
+
+    def __getitem__(self, idx):
+        """Sequence ``idx`` (int, negative allowed) or a list of sequences for a slice."""
+        if isinstance(idx, slice):
+            return [self[i] for i in range(*idx.indices(len(self)))]
+        return self.get(idx)
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of sequence ``idx`` (a memmap view)."""
+        n = len(self)
+        if not -n <= idx < n:
+            raise IndexError(f"sequence {idx} out of range for {self.prefix} ({n} sequences)")
+        idx %= n
+        size = int(self.sizes[idx])
+        length = size - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"tokens [{offset}, {offset + length}) out of range for sequence "
+                             f"{idx} of {self.prefix} ({size} tokens)")
+        start = int(self.pointers[idx]) // self.dtype.itemsize + offset
+        return self.tokens[start:start + length]
+
+    def document(self, doc: int) -> np.ndarray:
+        """All tokens of document ``doc`` (its sequences are contiguous in the stream)."""
+        first, last = int(self.document_indices[doc]), int(self.document_indices[doc + 1])
+        start = int(self.pointers[first]) // self.dtype.itemsize if first < last else 0
+        return self.tokens[start:start + int(self.sizes[first:last].sum())]
+
+    def __repr__(self) -> str:
+        return (f"IndexedDataset({str(self.prefix)!r}, sequences={len(self)}, "
+                f"documents={self.num_documents}, tokens={self.num_tokens}, dtype={self.dtype})")
