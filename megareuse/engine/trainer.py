@@ -172,7 +172,7 @@ class Trainer:
             with self._autocast():
                 loss = cross_entropy(self.model(batch[:, :-1]), batch[:, 1:])
             (loss / run.grad_accum).backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             self.state.samples += run.micro_batch_size
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
