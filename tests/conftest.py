@@ -1,4 +1,11 @@
+import os
+
 import pytest
+
+# Triton kernels run on CPU under the interpreter; it must be chosen before triton is imported
+# (DeepSpeed imports triton too), so decide here, before any test module is collected.
+if os.environ.get("MEGAREUSE_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
