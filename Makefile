@@ -16,9 +16,11 @@ demo: $(STAMP)
 	$(VENV)/bin/megareuse demo
 
 test: $(STAMP)
+	$(PY) -m megareuse.engine.ds --prebuild
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
+	$(PY) -m megareuse.engine.ds --prebuild
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 venv: $(STAMP)

@@ -6,7 +6,8 @@ from setuptools import setup
 HERE = Path(__file__).parent
 VERSION = next(line.split('"')[1] for line in (HERE / "megareuse" / "__init__.py").read_text().splitlines()
                if line.startswith("__version__"))
-PACKAGES = ["megareuse", "megareuse.model", "megareuse.data", "megareuse.engine"]
+PACKAGES = ["megareuse", "megareuse.model", "megareuse.data", "megareuse.engine", "megareuse.parallel",
+            "megareuse.law"]
 
 setup(
     name="megareuse",
@@ -25,9 +26,12 @@ setup(
         "pyyaml>=6",
         "sentencepiece>=0.2",
         "tqdm>=4.60",
+        "scipy>=1.10",  # the law fitter
+        "deepspeed>=0.17",  # the training engine (ZeRO, data parallelism)
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        # tests: Triton kernels under the interpreter, the mpirun launcher, the figures
+        "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "mpi4py>=3.1", "matplotlib>=3.7"],
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
     },

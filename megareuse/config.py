@@ -1,6 +1,6 @@
 """Typed run configuration: dataclasses, YAML loading, dotted overrides, validation.
 
-A config file is YAML with up to five sections (model, data, optim, schedule, run) and an
+A config file is YAML with up to six sections (model, data, optim, schedule, run, parallel) and an
 optional ``base: other.yaml`` key naming a file (relative to this one) whose values it
 overrides. Command-line overrides are ``section.field=value`` with the value parsed as YAML.
 ``Config.validate()`` runs before anything is built or written and raises ``ConfigError``
@@ -53,7 +53,7 @@ class ModelConfig:
     init_std: float = 0.02  # output projections use init_std / sqrt(2 * n_layers)
     attention: str = "sdpa"
 
-    ATTENTION_BACKENDS = ("sdpa", "eager")
+    ATTENTION_BACKENDS = ("sdpa", "eager", "triton", "auto")
 
     @property
     def kv_heads(self) -> int:
@@ -140,6 +140,26 @@ class ScheduleConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel degree; data parallelism takes the rest of the world
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    ds_config: Optional[str] = None  # JSON file whose keys are merged into the generated config
+    backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, else gloo), gloo, nccl
+    timeout_s: float = 600.0  # collectives and rendezvous: a dead rank ends the job within this
+
+    BACKENDS = ("auto", "gloo", "nccl")
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _positive(f"{prefix}.tp", self.tp)
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail(f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        if self.ds_config is not None and not Path(self.ds_config).is_file():
+            _fail(f"{prefix}.ds_config", self.ds_config, "null or an existing DeepSpeed JSON file")
+        _choice(f"{prefix}.backend", self.backend, self.BACKENDS)
+        _positive(f"{prefix}.timeout_s", self.timeout_s)
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs/base"
     stage: str = "base"
@@ -182,12 +202,19 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
         if self.data.seq_len > self.model.max_seq_len:
             _fail("data.seq_len", self.data.seq_len, f"at most model.max_seq_len={self.model.max_seq_len}")
+        for name in ("n_heads", "ffn_hidden", "vocab_size"):
+            if getattr(self.model, name) % self.parallel.tp:
+                _fail("parallel.tp", self.parallel.tp, f"a divisor of model.{name}={getattr(self.model, name)}")
+        kv = self.model.kv_heads
+        if kv % self.parallel.tp and self.parallel.tp % kv:
+            _fail("parallel.tp", self.parallel.tp, f"a divisor or multiple of the KV heads ({kv})")
         if self.tokens_per_step > self.run.train_tokens:
             _fail("run.train_tokens", self.run.train_tokens,
                   f"at least one optimizer step of tokens ({self.tokens_per_step})")
@@ -195,7 +222,7 @@ class Config:
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens per optimizer step for one data-parallel replica."""
+        """Tokens per optimizer step for one data-parallel replica (x DP size for the job)."""
         return self.run.micro_batch_size * self.run.grad_accum * self.data.seq_len
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,11 +40,11 @@ def test_roundtrip_dict():
 
 @pytest.mark.parametrize("override, field, accepted", [
     (["model.n_layer=4"], "model.n_layer", "did you mean 'n_layers'"),
-    (["modle.d_model=4"], "modle", "accepted: model, data, optim, schedule, run"),
+    (["modle.d_model=4"], "modle", "accepted: model, data, optim, schedule, run, parallel"),
     (["model.d_model=-8"], "model.d_model = -8", "a positive number"),
     (["model.n_heads=5"], "model.n_heads = 5", "a divisor of d_model=96"),
     (["model.n_kv_heads=3"], "model.n_kv_heads = 3", "divisor of n_heads=4"),
-    (["model.attention=flash"], "model.attention = 'flash'", "one of sdpa, eager"),
+    (["model.attention=flash"], "model.attention = 'flash'", "one of sdpa, eager, triton, auto"),
     (["run.micro_batch_size=0"], "run.micro_batch_size = 0", "a positive number"),
     (["run.device=tpu"], "run.device = 'tpu'", "one of cpu, cuda, auto"),
     (["model.n_layers=2.5"], "model.n_layers = 2.5", "an integer"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distributed_utils import base_env
 from megareuse.config import load_config
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine.metrics import read_metrics
@@ -107,7 +108,7 @@ def test_refuses_existing_run_and_other_model_shape(prepared, tmp_path):
 
 
 def run_cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = base_env()  # without the RANK/MASTER_* an in-process run exported
     return subprocess.run([sys.executable, "-m", "megareuse.cli", *args], cwd=cwd, env=env,
                            capture_output=True, text=True, timeout=300)
 
@@ -145,7 +146,7 @@ def test_launch_script_and_cli_resume(prepared, tmp_path):
     args = ["--config", str(CONFIG), f"data.dir={prepared}", f"run.out_dir={out}",
             "model.vocab_size=512", "run.train_tokens=4096", "run.eval_interval=1",
             "run.eval_tokens=512", "run.threads=1"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in base_env().items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, str(REPO / "megareuse" / "train.py"), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

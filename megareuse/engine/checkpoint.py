@@ -76,36 +76,45 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, tensors: dict[str, Any], meta: dict[str, Any],
-                    keep_last: Optional[int] = None,
-                    extra_files: Optional[dict[str, Path]] = None) -> Path:
-    """Write ``tensors`` (file stem -> object for torch.save), copies of ``extra_files``
-    (name in the checkpoint -> source path, e.g. the tokenizer) and ``meta`` atomically.
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """Create (afresh) the temporary directory a checkpoint of ``step`` is written into.
 
-    Returns the final checkpoint directory. Older complete checkpoints beyond ``keep_last``
-    are removed only after the new one is in place.
-    """
+    The name is the same on every rank, so DeepSpeed's per-rank files land in one place; only
+    one process (rank 0) calls this, before the others write."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(root, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f".tmp-{checkpoint_dir(root, step).name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = {}
-    for stem, obj in tensors.items():
-        _write_bytes_synced(tmp / f"{stem}.pt", lambda fh, obj=obj: torch.save(obj, fh))
-        files[f"{stem}.pt"] = None
+    return tmp
+
+
+def write_object(tmp: Path, name: str, obj: Any) -> None:
+    """torch.save ``obj`` as ``tmp/name``, fsynced."""
+    _write_bytes_synced(Path(tmp) / name, lambda fh: torch.save(obj, fh))
+
+
+def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
+                      keep_last: Optional[int] = None,
+                      extra_files: Optional[dict[str, Path]] = None) -> Path:
+    """Finish a checkpoint: copy ``extra_files`` (name -> source, e.g. the tokenizer), write
+    meta.json, fsync every file, write manifest.json (size and sha256 of every file) last,
+    rename into place; then apply ``keep_last`` retention. Called by one process."""
+    root, tmp = Path(root), Path(tmp)
+    final = checkpoint_dir(root, step)
     for name, source in (extra_files or {}).items():
         _write_bytes_synced(tmp / name, lambda fh, source=source: fh.write(Path(source).read_bytes()))
-        files[name] = None
     meta = dict(meta, step=step, saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_bytes_synced(tmp / META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-    files[META] = None
-    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                for name in files}
+    manifest = {}
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        with open(file, "rb") as fh:  # files other ranks wrote are synced here
+            os.fsync(fh.fileno())
+        manifest[file.relative_to(tmp).as_posix()] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
     _write_bytes_synced(tmp / MANIFEST, lambda fh: fh.write(json.dumps({"files": manifest}, indent=2).encode()))
-    _fsync_dir(tmp)
+    for directory in sorted({p.parent for p in tmp.rglob("*")}, key=lambda d: -len(d.parts)):
+        _fsync_dir(directory)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -118,6 +127,17 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Any], meta: dict[s
         for stale in complete_checkpoints(root, verify=False)[:-keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict[str, Any], meta: dict[str, Any],
+                    keep_last: Optional[int] = None,
+                    extra_files: Optional[dict[str, Path]] = None) -> Path:
+    """Single-writer convenience: ``tensors`` (file stem -> object for torch.save), copies of
+    ``extra_files`` and ``meta``, written atomically. Returns the checkpoint directory."""
+    tmp = begin_checkpoint(root, step)
+    for stem, obj in tensors.items():
+        write_object(tmp, f"{stem}.pt", obj)
+    return commit_checkpoint(root, tmp, step, meta, keep_last, extra_files)
 
 
 def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
@@ -143,14 +163,9 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
 
 def complete_checkpoints(root: Path, verify: bool = True) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first; incomplete ones are skipped
-    (with a warning naming them when ``verify`` is set)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
+    (with a warning naming them when ``verify`` is set, which also checks checksums)."""
     found = []
-    for entry in sorted(root.iterdir()):
-        if not _STEP_DIR.match(entry.name) or not entry.is_dir():
-            continue
+    for entry in _step_dirs(root):
         problem = verify_checkpoint(entry, checksums=verify)
         if problem is None:
             found.append(entry)
@@ -159,9 +174,22 @@ def complete_checkpoints(root: Path, verify: bool = True) -> list[Path]:
     return found
 
 
+def _step_dirs(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+    """The newest checkpoint that verifies (checksums included); newer broken ones are skipped
+    with a warning naming them. Only checkpoints newer than the result are checksummed."""
+    for candidate in reversed(_step_dirs(root)):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        warnings.warn(f"skipping checkpoint {candidate}: {problem}", stacklevel=2)
+    return None
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -1,41 +1,51 @@
 """Validation loss on held-out data, one number per domain."""
 from __future__ import annotations
 
-import contextlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from megareuse.model import cross_entropy
 
+LossFn = Callable[[torch.Tensor], torch.Tensor]  # batch [B, T+1] -> mean token loss
+
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, max_tokens: int, batch_size: int,
-             device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]
-             = contextlib.nullcontext) -> float:
+def evaluate(batch_loss: LossFn, dataset, max_tokens: int, batch_size: int, device: torch.device,
+             dp_rank: int = 0, dp_size: int = 1, dp_group: Optional[object] = None) -> float:
     """Mean token cross-entropy over the first ``max_tokens // seq_len`` samples of ``dataset``
-    (a fixed, seeded subset, the same at every evaluation). Restores the model's train mode."""
+    (a fixed, seeded subset, the same at every evaluation and for every world size).
+
+    Data-parallel ranks take interleaved slices of each global batch; every rank runs the same
+    number of forward passes (a rank with nothing left runs one with weight 0), because ZeRO-3
+    and tensor parallelism need all ranks in every forward.
+    """
     n_samples = max(1, min(max_tokens // dataset.seq_len, dataset.num_samples))
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for start in range(0, n_samples, batch_size):
-            size = min(batch_size, n_samples - start)
-            batch = dataset.batch(start, size).to(device)
-            with autocast():
-                loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:])
-            total += float(loss) * size
-            count += size
-    finally:
-        model.train(was_training)
-    return total / count
+    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, sample count
+    for start in range(0, n_samples, batch_size * dp_size):
+        first = start + dp_rank * batch_size
+        size = max(0, min(batch_size, n_samples - first))
+        batch = dataset.batch(first if size else 0, max(size, 1)).to(device)
+        loss = float(batch_loss(batch))
+        totals += torch.tensor([loss * size, size], dtype=torch.float64)
+    if dp_size > 1:
+        dist.all_reduce(totals, group=dp_group)
+    return float(totals[0] / totals[1])
+
+
+def model_batch_loss(model: torch.nn.Module) -> LossFn:
+    """The single-device loss of a plain GPT on a batch of samples."""
+    return lambda batch: cross_entropy(model(batch[:, :-1]), batch[:, 1:])
 
 
 def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | None = None,
                         max_tokens: int | None = None, batch_size: int | None = None,
                         device: str = "cpu") -> dict[str, float]:
-    """Validation loss per domain of a saved checkpoint (its own config unless overridden)."""
+    """Validation loss per domain of a saved checkpoint (its own config unless overridden).
+
+    Reads the consolidated single-device weights (model.pt), whatever the TP degree and ZeRO
+    stage the checkpoint was trained with."""
     from megareuse.config import Config
     from megareuse.engine.checkpoint import load_checkpoint
     from megareuse.engine.inputs import open_training_data
@@ -47,10 +57,12 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
         cfg.data.dir = data_dir
     if domains:
         cfg.data.valid = list(domains)
+    cfg.parallel.tp, cfg.parallel.ds_config = 1, None
     cfg.validate()
     data = open_training_data(cfg.data, cfg.model)
     model = GPT(cfg.model).to(device)
     model.load_state_dict(objs["model"])
-    return {domain: evaluate(model, ds, max_tokens or cfg.run.eval_tokens,
+    model.eval()
+    return {domain: evaluate(model_batch_loss(model), ds, max_tokens or cfg.run.eval_tokens,
                              batch_size or cfg.run.micro_batch_size, torch.device(device))
             for domain, ds in data.valid.items()}

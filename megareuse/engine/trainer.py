@@ -1,9 +1,14 @@
-"""Single-process training loop: AdamW, accumulation, clipping, schedules, eval, checkpoints.
+"""The training loop: DeepSpeed engine (ZeRO 0-3, accumulation, clipping) over a TP x DP grid.
 
-Everything that can be wrong with the inputs (config, data directory, tokenizer, checkpoint to
-resume) is checked in ``Trainer.__init__`` before anything is written. Training state is a
-pure function of (config, samples consumed, optimizer state), so a run stopped after step k
-and resumed from its checkpoint reproduces the uninterrupted run bit for bit (fp32).
+The same code runs as one plain process or as any number of ranks started by deepspeed,
+torchrun, srun or mpirun. Everything that can be wrong with the inputs (config, data directory,
+tokenizer, checkpoint to resume) is checked in ``Trainer.__init__`` before anything is written.
+Training state is a pure function of (config, samples consumed, engine state), so a run stopped
+after step k and resumed from its checkpoint reproduces the uninterrupted run bit for bit (fp32).
+
+Checkpoints hold the consolidated single-device weights (model.pt: loadable at any TP degree and
+by `megareuse evaluate`), DeepSpeed's own sharded engine state (deepspeed/: exact resume at the
+same TP x DP x ZeRO layout), trainer.pt (step, samples, tokens, RNG), meta.json and manifest.json.
 """
 from __future__ import annotations
 
@@ -17,14 +22,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from megareuse.config import Config
 from megareuse.engine import checkpoint as ckpt
+from megareuse.engine.ds import deepspeed_config, init_distributed
 from megareuse.engine.evaluate import evaluate
 from megareuse.engine.inputs import open_training_data
 from megareuse.engine.metrics import MetricsLog, Progress, format_duration
 from megareuse.engine.schedule import LRSchedule
-from megareuse.model import GPT, cross_entropy, flops_per_token, non_embedding_param_count, param_count
+from megareuse.model import GPT, flops_per_token, non_embedding_param_count, param_count
+from megareuse.parallel.launch import discover
+from megareuse.parallel.state import MPU, init_parallel_state
+from megareuse.parallel.tensor_parallel import gather_full_state_dict, loss_fn, parallelize_model
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -33,16 +43,19 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken
-    samples: int = 0  # training samples consumed
-    tokens: int = 0  # training tokens consumed in this stage
+    samples: int = 0  # training samples consumed (all data-parallel ranks together)
+    tokens: int = 0  # training tokens consumed in this stage (all ranks together)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config error: run.device = 'cuda' but no CUDA device is available; "
-                         "accepted cpu or auto here")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("config error: run.device = 'cuda' but no CUDA device is available; "
+                             "accepted cpu or auto here")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -60,26 +73,36 @@ def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             for k, v in current.items() if saved.get(k) != v]
 
 
+def _layout(cfg: Config, dp_size: int) -> dict[str, int]:
+    return {"tp": cfg.parallel.tp, "dp": dp_size, "zero_stage": cfg.parallel.zero_stage}
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None,
                  emit: Callable[[str], None] = lambda s: print(s, flush=True)):
         cfg.validate()
-        self.cfg, self.emit = cfg, emit
+        self.cfg = cfg
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        self.device = resolve_device(cfg.run.device)
+        # checks that need no process group come first: a bad input writes nothing
+        launch = discover()
         self.data = open_training_data(cfg.data, cfg.model)
         self.resume_from = self._resolve_resume(resume)
-        self.total_steps = cfg.run.train_tokens // cfg.tokens_per_step
+        init_distributed(launch, cfg.parallel.backend, cfg.parallel.timeout_s)
+        self.pstate = init_parallel_state(cfg.parallel.tp)
+        self.is_main = self.pstate.rank == 0
+        self.emit = emit if self.is_main else (lambda s: None)
+        self.device = resolve_device(cfg.run.device, launch.local_rank)
+        self.tokens_per_step = cfg.tokens_per_step * self.pstate.dp_size
+        self.total_steps = cfg.run.train_tokens // self.tokens_per_step
+        if self.total_steps < 1:
+            raise ValueError(f"config error: run.train_tokens = {cfg.run.train_tokens}: accepted at "
+                             f"least one step of {self.tokens_per_step} tokens at DP={self.pstate.dp_size}")
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.total_steps)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.state = TrainState()
-        torch.manual_seed(cfg.run.seed)
-        self.model = GPT(cfg.model).to(self.device)
-        self.optimizer = self._make_optimizer()
-        if self.resume_from is not None:
-            self._load(self.resume_from)
+        self.engine = self._build()
 
     # ------------------------------------------------------------------ setup
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
@@ -99,37 +122,61 @@ class Trainer:
                                        "or a complete checkpoint directory")
         return path
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": o.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                 fused=self.device.type in ("cpu", "cuda"))
+    def _build(self):
+        """Full model on every rank (same seed) -> resumed weights -> TP shards -> engine."""
+        import deepspeed
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.run.dtype == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)
+        model = GPT(cfg.model)
+        saved = None
+        if self.resume_from is not None:
+            objs, meta = ckpt.load_checkpoint(self.resume_from, names=("model", "trainer"))
+            diff = _model_diff(meta["config"]["model"], asdict(cfg.model))
+            if diff:
+                raise ckpt.CheckpointError(f"run error: checkpoint {self.resume_from} was saved for "
+                                           f"another model shape: {'; '.join(diff)}")
+            model.load_state_dict(objs["model"])
+            saved = (objs["trainer"], meta)
+        if self.pstate.tp_size > 1:
+            parallelize_model(model, self.pstate)
+        model.to(self.device)
+        o = cfg.optim
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=self.device.type in ("cpu", "cuda"))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MPU(self.pstate),
+                                          config=deepspeed_config(cfg, self.pstate.dp_size))
+        if saved is not None:
+            self._restore(engine, *saved)
+        return engine
 
-    def _load(self, path: Path) -> None:
-        objs, meta = ckpt.load_checkpoint(path, map_location=self.device)
-        diff = _model_diff(meta["config"]["model"], asdict(self.cfg.model))
-        if diff:
-            raise ckpt.CheckpointError(f"run error: checkpoint {path} was saved for another model "
-                                       f"shape: {'; '.join(diff)}")
-        self.model.load_state_dict(objs["model"])
-        self.optimizer.load_state_dict(objs["optimizer"])
-        trainer = objs["trainer"]
+    def _restore(self, engine, trainer: dict[str, Any], meta: dict[str, Any]) -> None:
+        path = self.resume_from
+        here = _layout(self.cfg, self.pstate.dp_size)
+        there = meta.get("layout")
+        if there == here and (path / "deepspeed").is_dir():
+            engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+        else:
+            self.emit(f"note: {path} was saved at {there}; its optimizer state cannot be carried to "
+                      f"{here}: the optimizer restarts fresh, the model weights are loaded")
         self.state = TrainState(int(trainer["step"]), int(trainer["samples"]), int(trainer["tokens"]))
         torch.set_rng_state(trainer["rng_cpu"])
         if torch.cuda.is_available() and "rng_cuda" in trainer:
             torch.cuda.set_rng_state(trainer["rng_cuda"])
         self.emit(f"resumed from {path} at step {self.state.step} ({self.state.tokens} tokens)")
 
-    # ------------------------------------------------------------------ metadata
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and self.pstate.world_size > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ metadata and saving
     def meta(self) -> dict[str, Any]:
         cfg, tok = self.cfg, self.data.tokenizer
         return {
@@ -142,69 +189,107 @@ class Trainer:
             "params": param_count(cfg.model),
             "non_embedding_params": non_embedding_param_count(cfg.model),
             "config": cfg.to_dict(),
+            "layout": _layout(cfg, self.pstate.dp_size),
             "tokenizer": {"file": "tokenizer.model", "source": str(Path(tok.path).resolve()),
                           "sha256": tok.sha256, "vocab_size": tok.vocab_size},
             "git_revision": ckpt.git_revision(),
             "torch_version": torch.__version__,
-            "world_size": 1,
+            "world_size": self.pstate.world_size,
         }
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-device (TP=1, unpartitioned) fp32 weights; collective over all ranks."""
+        import deepspeed
+
+        params = list(self.model.parameters())
+        gathered = (deepspeed.zero.GatheredParameters(params) if self.cfg.parallel.zero_stage == 3
+                    else contextlib.nullcontext())
+        with gathered:
+            if self.pstate.tp_size > 1:
+                full = gather_full_state_dict(self.model, self.pstate)
+            else:
+                full = self.model.state_dict()
+            return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in full.items()}
+
     def save(self) -> Path:
-        trainer = {**asdict(self.state), "rng_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            trainer["rng_cuda"] = torch.cuda.get_rng_state()
-        path = ckpt.save_checkpoint(
-            self.ckpt_root, self.state.step,
-            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer},
-            self.meta(), keep_last=self.cfg.run.keep_last,
-            extra_files={"tokenizer.model": Path(self.data.tokenizer.path)})
+        step = self.state.step
+        tmp = ckpt.begin_checkpoint(self.ckpt_root, step) if self.is_main else None
+        self._barrier()
+        tmp = self.ckpt_root / f".tmp-step_{step:08d}"
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        weights = self.full_state_dict()
+        path = ckpt.checkpoint_dir(self.ckpt_root, step)
+        if self.is_main:
+            trainer = {**asdict(self.state), "rng_cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                trainer["rng_cuda"] = torch.cuda.get_rng_state()
+            ckpt.write_object(tmp, "model.pt", weights)
+            ckpt.write_object(tmp, "trainer.pt", trainer)
+        self._barrier()
+        if self.is_main:
+            path = ckpt.commit_checkpoint(self.ckpt_root, tmp, step, self.meta(),
+                                          keep_last=self.cfg.run.keep_last,
+                                          extra_files={"tokenizer.model": Path(self.data.tokenizer.path)})
+        self._barrier()
         return path
 
     # ------------------------------------------------------------------ loop
+    def batch_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return loss_fn(self.engine(batch[:, :-1]), batch[:, 1:], self.pstate)
+
     def train_step(self) -> tuple[float, float, float]:
-        run = self.cfg.run
+        run, ps = self.cfg.run, self.pstate
         lr = self.schedule(self.state.step)
-        for group in self.optimizer.param_groups:
+        for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        losses = torch.zeros(1, dtype=torch.float64)
         for _ in range(run.grad_accum):
-            batch = self.data.train.batch(self.state.samples, run.micro_batch_size).to(self.device)
-            with self._autocast():
-                loss = cross_entropy(self.model(batch[:, :-1]), batch[:, 1:])
-            (loss / run.grad_accum).backward()
-            loss_sum += float(loss.detach())
-            self.state.samples += run.micro_batch_size
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            first = self.state.samples + ps.dp_rank * run.micro_batch_size
+            batch = self.data.train.batch(first, run.micro_batch_size).to(self.device)
+            loss = self.batch_loss(batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses += float(loss.detach())
+            self.state.samples += run.micro_batch_size * ps.dp_size
+        if ps.dp_size > 1:
+            dist.all_reduce(losses, group=ps.dp_group)
+        grad_norm = self.engine.get_global_grad_norm()
         self.state.step += 1
-        self.state.tokens += self.cfg.tokens_per_step
-        return loss_sum / run.grad_accum, lr, grad_norm
+        self.state.tokens += self.tokens_per_step
+        loss = float(losses[0]) / (run.grad_accum * ps.dp_size)
+        return loss, lr, float("nan") if grad_norm is None else float(grad_norm)
 
     def evaluate(self) -> dict[str, float]:
-        run = self.cfg.run
-        return {domain: evaluate(self.model, ds, run.eval_tokens, run.micro_batch_size,
-                                 self.device, self._autocast)
-                for domain, ds in self.data.valid.items()}
+        run, ps = self.cfg.run, self.pstate
+        self.engine.eval()
+        try:
+            return {domain: evaluate(self.batch_loss, ds, run.eval_tokens, run.micro_batch_size,
+                                     self.device, ps.dp_rank, ps.dp_size, ps.dp_group)
+                    for domain, ds in self.data.valid.items()}
+        finally:
+            self.engine.train()
 
     def run(self, until_step: Optional[int] = None) -> dict[str, Any]:
         """Train to the end (or stop after ``until_step``, saving a checkpoint there)."""
         cfg, run = self.cfg, self.cfg.run
         stop = self.total_steps if until_step is None else min(until_step, self.total_steps)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log = MetricsLog(self.out_dir)
-        log.truncate_after(self.state.step)
+        log = None
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            log = MetricsLog(self.out_dir)
+            log.truncate_after(self.state.step)
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-        progress = Progress(self.total_steps, cfg.tokens_per_step, fpt,
-                            peak_flops(self.device, run.peak_tflops), self.emit)
+        progress = Progress(self.total_steps, self.tokens_per_step, fpt,
+                            self.pstate.world_size * peak_flops(self.device, run.peak_tflops), self.emit)
+        ps = self.pstate
         self.emit(f"training {param_count(cfg.model):,} parameters "
                   f"({non_embedding_param_count(cfg.model):,} non-embedding) for {self.total_steps} "
-                  f"steps x {cfg.tokens_per_step} tokens on {self.device} ({run.dtype})")
+                  f"steps x {self.tokens_per_step} tokens on {ps.world_size} x {self.device} "
+                  f"(TP={ps.tp_size}, DP={ps.dp_size}, ZeRO-{cfg.parallel.zero_stage}, {run.dtype})")
         t_start, last_eval = time.perf_counter(), {}
         progress.start(self.state.step)
-        self.model.train()
+        self.engine.train()
         while self.state.step < stop:
             loss, lr, grad_norm = self.train_step()
             step = self.state.step
@@ -215,24 +300,26 @@ class Trainer:
             last = step == self.total_steps
             if step % run.log_interval == 0 or last or step == stop:
                 record.update(progress.line(step, loss, lr))
-            log.write(record)
+            if log:
+                log.write(record)
             if step % run.eval_interval == 0 or last:
                 last_eval = self.evaluate()
-                log.write({"kind": "eval", "step": step, "tokens": self.state.tokens,
-                           **{f"valid_loss/{d}": v for d, v in last_eval.items()}})
+                if log:
+                    log.write({"kind": "eval", "step": step, "tokens": self.state.tokens,
+                               **{f"valid_loss/{d}": v for d, v in last_eval.items()}})
                 self.emit(f"eval step {step}: " + ", ".join(f"{d} {v:.4f}" for d, v in last_eval.items()))
             if step % run.save_interval == 0 or last or step == stop:
-                path = self.save()
-                self.emit(f"saved {path}")
-        log.close()
+                self.emit(f"saved {self.save()}")
         wall = time.perf_counter() - t_start
         summary = {"steps": self.state.step, "total_steps": self.total_steps,
                    "tokens": self.state.tokens, "valid_loss": last_eval, "wall_s": wall,
                    "finished": self.state.step >= self.total_steps,
-                   "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))}
-        if summary["finished"]:
-            tmp = self.out_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, self.out_dir / "summary.json")
-            self.emit(f"done: {self.state.tokens:,} tokens in {format_duration(wall)}")
+                   "checkpoint": str(ckpt.checkpoint_dir(self.ckpt_root, self.state.step))}
+        if log:
+            log.close()
+            if summary["finished"]:
+                tmp = self.out_dir / "summary.json.tmp"
+                tmp.write_text(json.dumps(summary, indent=2))
+                os.replace(tmp, self.out_dir / "summary.json")
+                self.emit(f"done: {self.state.tokens:,} tokens in {format_duration(wall)}")
         return summary

@@ -2,9 +2,13 @@
 
 A backend is a function ``fn(q, k, v, causal=True)`` taking q [B, H, T, D] and k, v
 [B, Hkv, T, D] (H a multiple of Hkv; query head h reads kv head h // (H // Hkv)) and returning
-[B, H, T, D] scaled by 1/sqrt(D). Built in: "sdpa" (PyTorch's fused kernel) and "eager"
-(an explicit fp32 softmax reference). Others (a Triton kernel) plug in with
-``register_attention_backend``.
+[B, H, T, D] scaled by 1/sqrt(D). Built in: "sdpa" (PyTorch's fused kernel), "eager"
+(an explicit fp32 softmax reference), "triton" (the flash-attention kernel of
+``megareuse_kernels``, falling back to SDPA with a logged reason for shapes it does not take) and
+"auto" (Triton for supported CUDA inputs, SDPA otherwise; the choice is logged once). The Triton
+backends import triton only when first called. Others plug in with ``register_attention_backend``.
+
+With "triton" / "auto" the module's RoPE also uses the fused kernel (``Attention.kernels``).
 """
 from __future__ import annotations
 
@@ -50,6 +54,22 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return (scores.softmax(dim=-1) @ v.to(dtype)).to(q.dtype)
 
 
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Triton flash attention; inputs it does not support go to SDPA (the reason logged once)."""
+    from megareuse_kernels import select
+
+    out = select.attention(q, k, v, causal, "triton")
+    return sdpa_attention(q, k, v, causal) if out is None else out
+
+
+def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Triton flash attention on CUDA when importable and supported, SDPA otherwise (logged once)."""
+    from megareuse_kernels import select
+
+    out = select.attention(q, k, v, causal, "auto")
+    return sdpa_attention(q, k, v, causal) if out is None else out
+
+
 def register_attention_backend(name: str, fn: AttentionFn) -> None:
     """Make ``fn`` selectable as ``model.attention: <name>``.
 
@@ -78,6 +98,9 @@ def get_attention_backend(name: str) -> AttentionFn:
 
 register_attention_backend("sdpa", sdpa_attention)
 register_attention_backend("eager", eager_attention)
+register_attention_backend("triton", triton_attention)
+register_attention_backend("auto", auto_attention)
+_FUSED_MODE = {"triton": "triton", "auto": "auto"}  # backend -> kernel mode of the module's RoPE
 
 
 class Attention(nn.Module):
@@ -96,6 +119,11 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
         self.backend = cfg.attention
         get_attention_backend(self.backend)  # fail at construction, not first forward
+        self.kernels = _FUSED_MODE.get(self.backend, "torch")  # RoPE: "torch", "triton" or "auto"
+        if self.backend == "triton":
+            from megareuse_kernels.select import require_triton
+
+            require_triton("model.attention='triton'")
         self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
@@ -107,9 +135,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.kernels), apply_rope(k, cos, sin, self.kernels)
         out = get_attention_backend(self.backend)(q, k, v, causal=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def extra_repr(self) -> str:
-        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, backend={self.backend!r}"
+        return (f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, backend={self.backend!r}, "
+                f"kernels={self.kernels!r}")

@@ -3,7 +3,8 @@
 A SwiGLU FFN with hidden width F has 3 * d_model * F weights; LLaMA picks F ~ 8/3 * d_model
 (rounded up to a multiple) so that it costs about as much as a 4 * d_model GELU MLP.
 ``swiglu_hidden`` computes that width for configs that want the LLaMA rule; the model itself
-always uses ``ModelConfig.ffn_hidden`` as given.
+always uses ``ModelConfig.ffn_hidden`` as given. ``FeedForward.kernels`` ("torch" by default,
+"triton" or "auto") fuses silu(gate) * up into one Triton kernel (``megareuse_kernels``).
 """
 from __future__ import annotations
 
@@ -28,15 +29,23 @@ class FeedForward(nn.Module):
     only ever calls them, so it needs no change.
     """
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, kernels: str = "torch"):
         super().__init__()
         self.w1 = nn.Linear(d_model, hidden, bias=False)
         self.w3 = nn.Linear(d_model, hidden, bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
         self.d_model, self.hidden = d_model, hidden
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels != "torch":
+            from megareuse_kernels import select
+
+            act = select.swiglu(self.w1(x), self.w3(x), self.kernels)
+            if act is not None:
+                return self.w2(act)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, hidden={self.hidden}"
+        fused = "" if self.kernels == "torch" else f", kernels={self.kernels!r}"
+        return f"d_model={self.d_model}, hidden={self.hidden}{fused}"

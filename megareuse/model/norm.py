@@ -2,6 +2,9 @@
 
 Unlike LayerNorm there is no mean subtraction and no bias: each vector is divided by its
 root mean square over the last dimension and multiplied by a learned per-channel gain.
+``RMSNorm.kernels`` ("torch" by default, "triton" or "auto") lets the module use the fused
+Triton kernel (or apex's FusedRMSNorm in "auto" mode when apex is importable) of
+``megareuse_kernels``; see ``megareuse_kernels.select.set_fused_kernels``.
 """
 from __future__ import annotations
 
@@ -28,17 +31,25 @@ class RMSNorm(nn.Module):
     unchanged on every rank.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, kernels: str = "torch"):
         super().__init__()
         self.dim = dim
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels != "torch":
+            from megareuse_kernels import select
+
+            out = select.rms_norm(x, self.weight, self.eps, self.kernels)
+            if out is not None:
+                return out
         return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}"
+        fused = "" if self.kernels == "torch" else f", kernels={self.kernels!r}"
+        return f"{self.dim}, eps={self.eps}{fused}"

@@ -3,6 +3,8 @@
 Frequencies f_i = theta^(-2i/D) for i < D/2 are duplicated to [f, f] along the head dimension,
 and a head vector x at position m becomes x * cos(m f) + rotate_half(x) * sin(m f), where
 rotate_half([x1, x2]) = [-x2, x1]. Dimension i is thus paired with dimension i + D/2.
+``apply_rope(..., kernels="triton" | "auto")`` uses the fused kernel of ``megareuse_kernels``
+(imported on first use) where ``megareuse_kernels.select`` says it applies.
 """
 from __future__ import annotations
 
@@ -32,8 +34,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by position; cos/sin are [T, D] (rows 0..T-1 of the tables)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
+    """Rotate x [B, H, T, D] by position; cos/sin are [T, D] (rows 0..T-1 of the tables).
+
+    ``kernels`` ("torch", "triton", "auto") selects the fused Triton kernel where supported.
+    """
+    if kernels != "torch":
+        from megareuse_kernels import select
+
+        out = select.rope(x, cos, sin, kernels)
+        if out is not None:
+            return out
     cos = cos.to(x.dtype)
     sin = sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin

@@ -1,0 +1,113 @@
+"""DeepSpeed glue: process-group start-up, the generated engine config, CPU op prebuild.
+
+DeepSpeed owns data parallelism, ZeRO (stages 0-3), gradient accumulation and clipping; it gets
+the tensor-parallel layout through an ``mpu`` object. On CPU, DeepSpeed's accelerator is the CPU
+one (``DS_ACCELERATOR=cpu``), the backend gloo, and the optimizer torch's fused AdamW (no
+DeepSpeed op compilation per run).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megareuse.config import Config, ConfigError
+from megareuse.parallel.launch import LaunchEnv
+
+
+def _select_accelerator() -> None:
+    # must happen before deepspeed is imported anywhere in the process
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return name
+
+
+def init_distributed(env: LaunchEnv, backend: str, timeout_s: float) -> None:
+    """Start torch.distributed (through DeepSpeed) once per process; a no-op when started."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    env.export()
+    _select_accelerator()
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)  # keep the progress line readable
+    deepspeed.init_distributed(dist_backend=resolve_backend(backend), auto_mpi_discovery=False,
+                               verbose=False, timeout=timedelta(seconds=timeout_s),
+                               init_method="env://", rank=env.rank, world_size=env.world_size)
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
+    """The engine config generated from the run config, with ``parallel.ds_config`` merged in.
+
+    Batch keys always come from the run config (a ds_config that contradicts them is an error),
+    so token accounting has one source of truth.
+    """
+    run = cfg.run
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": run.micro_batch_size,
+        "gradient_accumulation_steps": run.grad_accum,
+        "train_batch_size": run.micro_batch_size * run.grad_accum * dp_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": run.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.parallel.ds_config is None:
+        return generated
+    path = Path(cfg.parallel.ds_config)
+    try:
+        extra = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config error: parallel.ds_config = {str(path)!r}: not a readable JSON "
+                          f"file ({exc})") from None
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if key in extra and extra[key] not in ("auto", generated[key]):
+            raise ConfigError(f"config error: parallel.ds_config sets {key} = {extra[key]!r} but the run "
+                              f"config gives {generated[key]}; accepted 'auto' or leaving it out")
+    merged = dict(generated)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        elif value != "auto":
+            merged[key] = value
+    zero_stage = merged.get("zero_optimization", {}).get("stage", 0)
+    if zero_stage != cfg.parallel.zero_stage:
+        raise ConfigError(f"config error: parallel.ds_config sets zero_optimization.stage = {zero_stage} "
+                          f"but parallel.zero_stage = {cfg.parallel.zero_stage}; accepted the same stage")
+    return merged
+
+
+def prebuild_cpu_ops() -> None:
+    """Compile DeepSpeed's CPU shared-memory communication op once (about a minute), so that
+    the first distributed start-up of every later process finds it cached."""
+    if torch.cuda.is_available():
+        return
+    _select_accelerator()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible():
+        builder.load(verbose=False)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--prebuild"]:
+        prebuild_cpu_ops()
+        print("DeepSpeed CPU ops are built")
+    else:
+        sys.exit("usage: python -m megareuse.engine.ds --prebuild")

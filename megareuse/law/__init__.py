@@ -1,0 +1,1 @@
+"""Scaling laws for reuse: forms, fitting, checks, planning."""

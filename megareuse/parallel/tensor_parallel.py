@@ -1,0 +1,237 @@
+"""Tensor parallelism for the GPT: swap its projections for sharded layers, and move state dicts
+between the single-device layout and the per-rank TP layout.
+
+Layout (Megatron's): attention.wq/wk/wv and feed_forward.w1/w3 are column-parallel (each rank
+holds a slice of the heads / of the SwiGLU hidden units), attention.wo and feed_forward.w2 are
+row-parallel (partial sums all-reduced), tok_embeddings is vocab-parallel, and the output head
+is column-parallel over the vocabulary with ``gather_output=False``: the model returns logits
+sharded on the vocabulary, to be fed to ``loss_fn`` (vocab-parallel cross-entropy). When the
+embeddings are tied the head's weight stays the same Parameter as the embedding shard (both cut
+the vocabulary the same way). RMSNorm weights stay replicated.
+
+Heads: rank r holds query heads [r*H/tp, (r+1)*H/tp). Query head h reads KV head
+h // (H / Hkv) (attention.py's repeat_interleave convention), so:
+- "split" (Hkv % tp == 0): rank r holds KV heads [r*Hkv/tp, (r+1)*Hkv/tp), exactly those its
+  query heads read;
+- "replicate" (tp % Hkv == 0, tp > Hkv): m = tp / Hkv consecutive TP ranks share KV head
+  j = tp_rank // m; each holds that head's rows of wk/wv, and the gradient of those rows is
+  summed over the m ranks (a subgroup per sharing set; see ColumnParallelLinear.replica_group).
+Attention reads its local head counts from the projection shapes, so it needs no change.
+
+State dicts: the TP model's keys are the single-device GPT's keys; ``shard_state_dict`` cuts a
+full (single-device) state dict for one rank and ``merge_state_dicts`` glues the shards back,
+so checkpoints stored in the full layout load at any TP degree.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megareuse.config import ModelConfig
+from megareuse.model.gpt import GPT, cross_entropy
+from megareuse.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megareuse.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, \
+    is_tp_sharded, shard_range
+from megareuse.parallel.state import ParallelState
+
+TPSpec = Union[ParallelState, tuple[int, int]]
+
+
+# --------------------------------------------------------------------------- layout rules
+def check_tp_compatible(cfg: ModelConfig, tp_size: int) -> str:
+    """Validate ``cfg`` for TP degree ``tp_size``; return the KV layout, "split" or "replicate".
+
+    Raises ValueError with one line naming the offending field and the accepted relation.
+    """
+    if tp_size <= 0:
+        raise ValueError(f"tensor-parallel size tp={tp_size}: accepted a positive integer")
+    for name in ("n_heads", "vocab_size", "ffn_hidden"):
+        value = getattr(cfg, name)
+        if value % tp_size:
+            raise ValueError(f"tensor parallelism: model.{name}={value} is not divisible by tp={tp_size}; "
+                             f"accepted tp dividing {name}")
+    kv = cfg.kv_heads
+    if kv % tp_size == 0:
+        return "split"
+    if tp_size % kv == 0:
+        return "replicate"
+    raise ValueError(f"tensor parallelism: n_kv_heads={kv} and tp={tp_size}: accepted tp dividing "
+                     f"n_kv_heads, or n_kv_heads dividing tp (KV heads replicated)")
+
+
+def _tp_of(tp: TPSpec) -> tuple[int, int]:
+    if isinstance(tp, ParallelState):
+        return tp.tp_size, tp.tp_rank
+    tp_size, tp_rank = tp
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank={tp_rank} is not in [0, tp_size={tp_size})")
+    return int(tp_size), int(tp_rank)
+
+
+def kv_rows(cfg: ModelConfig, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """[start, stop) rows of the full wk / wv weight held by TP rank ``tp_rank``."""
+    hd, kv = cfg.head_dim, cfg.kv_heads
+    if check_tp_compatible(cfg, tp_size) == "split":
+        return shard_range(kv * hd, tp_size, tp_rank, "KV projection rows")
+    head = tp_rank // (tp_size // kv)
+    return head * hd, (head + 1) * hd
+
+
+def kv_sharing_partition(cfg: ModelConfig, state: ParallelState) -> list[list[int]]:
+    """Global-rank sets that hold the same replicated KV head (every TP group); [] when split."""
+    if check_tp_compatible(cfg, state.tp_size) == "split":
+        return []
+    m = state.tp_size // cfg.kv_heads
+    return [list(range(base + j * m, base + (j + 1) * m))
+            for base in range(0, state.world_size, state.tp_size) for j in range(cfg.kv_heads)]
+
+
+# --------------------------------------------------------------------------- the model
+def parallelize_model(model: GPT, state: ParallelState) -> GPT:
+    """Swap ``model``'s projections, embedding and head for TP layers holding this rank's shard
+    of the current (full) weights, in place; returns the model.
+
+    Collective when the KV heads are replicated (the sharing subgroups are created on every
+    rank). The model must hold real full weights (not meta tensors); move it to its device
+    before or after, as convenient (shards keep the full weights' device and dtype).
+    """
+    cfg = model.cfg
+    kv_mode = check_tp_compatible(cfg, state.tp_size)
+    tied = cfg.tie_embeddings and model.output.weight is model.tok_embeddings.weight
+    replica_group = state.subgroup(kv_sharing_partition(cfg, state)) if kv_mode == "replicate" else None
+    kv_range = kv_rows(cfg, state.tp_size, state.tp_rank)
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        attn.wq = ColumnParallelLinear.from_linear(attn.wq, state)
+        attn.wk = ColumnParallelLinear.from_linear(attn.wk, state, out_range=kv_range, replica_group=replica_group)
+        attn.wv = ColumnParallelLinear.from_linear(attn.wv, state, out_range=kv_range, replica_group=replica_group)
+        attn.wo = RowParallelLinear.from_linear(attn.wo, state)
+        ffn.w1 = ColumnParallelLinear.from_linear(ffn.w1, state)
+        ffn.w3 = ColumnParallelLinear.from_linear(ffn.w3, state)
+        ffn.w2 = RowParallelLinear.from_linear(ffn.w2, state)
+    embedding = VocabParallelEmbedding.from_embedding(model.tok_embeddings, state)
+    head = ColumnParallelLinear.from_linear(model.output, state, gather_output=False)
+    if tied:
+        head.weight = embedding.weight  # one Parameter: both shard the vocabulary identically
+    model.tok_embeddings, model.output = embedding, head
+    return model
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, state: ParallelState,
+            ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32: plain at tp = 1, vocab-parallel on sharded logits."""
+    if state.tp_size == 1:
+        return cross_entropy(logits, targets, ignore_index)
+    return vocab_parallel_cross_entropy(logits, targets, state, "mean", ignore_index)
+
+
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, state: ParallelState) -> torch.Tensor:
+    """Global L2 gradient norm of a TP model (and clip to ``max_norm`` when > 0), for runs
+    without DeepSpeed. Same rule as DeepSpeed: a parameter counts on every TP rank when it is
+    TP-sharded (``tensor_model_parallel``), on TP rank 0 only otherwise; squares are summed over
+    the TP group. Gradients must already be reduced over data parallelism. Returns the norm.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    device = params[0].grad.device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        if is_tp_sharded(p) or state.tp_rank == 0:
+            total += p.grad.detach().float().pow(2).sum()
+    if state.tp_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=state.tp_group)
+    norm = total.sqrt()
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in params:
+            p.grad.detach().mul_(scale.to(p.grad.dtype))
+    return norm
+
+
+# --------------------------------------------------------------------------- state dicts
+def _kind(key: str) -> str:
+    """How a GPT state-dict entry is cut: "rows", "cols", "kv" (rows by the KV rule) or "replicated"."""
+    parts = key.split(".")
+    if parts[-2:] in (["tok_embeddings", "weight"], ["output", "weight"]):
+        return "rows"
+    if len(parts) >= 3 and parts[-1] == "weight":
+        module = parts[-3:-1]
+        if module in (["attention", "wq"], ["feed_forward", "w1"], ["feed_forward", "w3"]):
+            return "rows"
+        if module in (["attention", "wk"], ["attention", "wv"]):
+            return "kv"
+        if module in (["attention", "wo"], ["feed_forward", "w2"]):
+            return "cols"
+    return "replicated"
+
+
+def shard_state_dict(full_sd: dict[str, torch.Tensor], cfg: ModelConfig, tp: TPSpec) -> dict[str, torch.Tensor]:
+    """The state dict a parallelized GPT holds on TP rank ``tp`` (a ParallelState or a
+    (tp_size, tp_rank) pair), cut from a single-device GPT's state dict. Same keys; shards are
+    fresh contiguous tensors (saving one does not save the full storage). Pure; no communication.
+    """
+    tp_size, tp_rank = _tp_of(tp)
+    check_tp_compatible(cfg, tp_size)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in full_sd.items():
+        kind = _kind(key)
+        if kind == "replicated":
+            out[key] = value.detach().clone()
+            continue
+        dim = 1 if kind == "cols" else 0
+        if kind == "kv":
+            start, stop = kv_rows(cfg, tp_size, tp_rank)
+        else:
+            start, stop = shard_range(value.shape[dim], tp_size, tp_rank, f"{key} dimension {dim}")
+        out[key] = value.detach().narrow(dim, start, stop - start).clone()
+    return out
+
+
+def merge_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig, tp_size: int) -> dict[str, torch.Tensor]:
+    """Inverse of ``shard_state_dict``: the single-device state dict from the ``tp_size`` ranks'
+    state dicts (in TP-rank order). Replicated KV heads are taken from the first rank holding
+    each; replicated tensors from rank 0. With tied embeddings the result's "output.weight" is
+    the same tensor as "tok_embeddings.weight", as in a single-device GPT's state dict.
+    """
+    if len(shards) != tp_size:
+        raise ValueError(f"merge_state_dicts got {len(shards)} shards for tp={tp_size}")
+    kv_mode = check_tp_compatible(cfg, tp_size)
+    owners = range(tp_size) if kv_mode == "split" else range(0, tp_size, tp_size // cfg.kv_heads)
+    full: dict[str, torch.Tensor] = {}
+    for key, first in shards[0].items():
+        kind = _kind(key)
+        if kind == "replicated":
+            full[key] = first.detach().clone()
+        elif kind == "kv":
+            full[key] = torch.cat([shards[r][key].detach() for r in owners], dim=0)
+        else:
+            full[key] = torch.cat([s[key].detach() for s in shards], dim=1 if kind == "cols" else 0)
+    for key in full:
+        parts = key.split(".")
+        if cfg.tie_embeddings and parts[-2:] == ["output", "weight"]:
+            emb_key = ".".join(parts[:-2] + ["tok_embeddings", "weight"])
+            if emb_key in full and torch.equal(full[emb_key], full[key]):
+                full[key] = full[emb_key]
+    return full
+
+
+def gather_full_state_dict(model: GPT, state: ParallelState, tensors: Optional[dict[str, torch.Tensor]] = None
+                           ) -> dict[str, torch.Tensor]:
+    """All-gather the TP shards of ``model.state_dict()`` (or of ``tensors``, any dict keyed like
+    it, e.g. parameter gradients) and merge them into the full single-device layout, returned on
+    every rank of the TP group. Collective over the TP group; tensors must be materialised
+    (under ZeRO-3, gather the parameters first).
+    """
+    local = model.state_dict() if tensors is None else tensors
+    if state.tp_size == 1:
+        return {k: v.detach().clone() for k, v in local.items()}
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(state.tp_size)]
+    for key, value in local.items():
+        value = value.detach().contiguous()
+        parts = [torch.empty_like(value) for _ in range(state.tp_size)]
+        dist.all_gather(parts, value, group=state.tp_group)
+        for r, part in enumerate(parts):
+            shards[r][key] = part
+    return merge_state_dicts(shards, model.cfg, state.tp_size)
