@@ -5,11 +5,14 @@ distributed check inside one process group and save their results to files; the 
 computes the single-device references (a plain GPT built from the same seed, torch's
 F.cross_entropy) and asserts. Nothing is compared against its own code path.
 
-Tolerance: fp32 with rtol = 1e-5 and atol = 1e-6 x (largest magnitude of the reference tensor).
-TP changes only the summation order (row-parallel partial products and vocab-parallel
-cross-entropy sums are added across ranks), which moves results by a few fp32 ulps (~1e-7
-relative); the atol term covers entries that cancel to near zero, where a relative bound means
-nothing. Weight shards and state-dict round trips must match exactly.
+Tolerance: fp32 with rtol = 1e-5 and atol = 1e-5 x (largest magnitude of the reference tensor).
+TP changes only the summation order (row-parallel partial products, the embedding and
+vocab-parallel cross-entropy sums are added across ranks, gradients of replicated inputs are
+all-reduced), which moves results by a few fp32 ulps of the intermediate values: measured worst
+cases are ~2.5e-7 (logits) and ~7e-7 (gradients) of the tensor's largest entry. The atol term is
+needed for gradient entries that cancel to near zero, where a purely relative bound means
+nothing; a real sharding bug gives errors of order 1. Weight shards, state-dict round trips and
+the gradients of replicated norm weights across TP ranks must match exactly.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import torch.nn.functional as F
 
 from megareuse.config import ModelConfig
 from megareuse.model import GPT, cross_entropy
-from megareuse.parallel import (MPU, ColumnParallelLinear, ParallelState, check_tp_compatible, clip_grad_norm_,
-                                gather_full_state_dict, gather_logits, get_rng_tracker, init_parallel_state,
+from megareuse.parallel import (MPU, ColumnParallelLinear, ParallelState, check_tp_compatible,
+                                clip_grad_norm_, gather_full_state_dict, gather_logits, init_parallel_state,
                                 loss_fn, merge_state_dicts, model_parallel_seed, parallelize_model,
                                 shard_state_dict, vocab_parallel_cross_entropy)
 
@@ -44,7 +47,8 @@ CASES = {
     "tp2xdp2_gqa_replicated_tied": (dict(n_heads=4, n_kv_heads=1, tie_embeddings=True), 2),
 }
 JOBS = {2: ["tp2_mha_tied", "tp2_gqa_split_untied", "tp2_gqa_replicated_tied"],
-        4: ["tp4_mha_untied", "tp4_gqa_split_tied", "tp4_gqa_replicated_untied", "tp2xdp2_gqa_replicated_tied"]}
+        4: ["tp4_mha_untied", "tp4_gqa_split_tied", "tp4_gqa_replicated_untied",
+            "tp2xdp2_gqa_replicated_tied"]}
 
 
 def cfg_of(name: str) -> ModelConfig:
@@ -52,7 +56,8 @@ def cfg_of(name: str) -> ModelConfig:
 
 
 def batch(cfg: ModelConfig, seed: int):
-    seq = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len + 1), generator=gen)
     return seq[:, :-1], seq[:, 1:]
 
 
@@ -67,7 +72,8 @@ def ce_inputs(seed: int = 5):
 
 def assert_close(actual, expected, what):
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * max(scale, 1e-12), msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1e-12),
+                               msg=lambda m: f"{what}: {m}")
 
 
 # --------------------------------------------------------------------------- inside the ranks
@@ -87,7 +93,8 @@ def rank_case(name: str, state: ParallelState, seed: int = 11) -> dict:
     out = dict(
         logits=gather_logits(logits.detach(), state), loss=loss.item(),
         grads=gather_full_state_dict(model, state, grads), weights=gather_full_state_dict(model, state),
-        shards_exact=local_sd.keys() == expected.keys() and all(torch.equal(local_sd[k], expected[k]) for k in expected),
+        shards_exact=local_sd.keys() == expected.keys()
+        and all(torch.equal(local_sd[k], expected[k]) for k in expected),
         local_shapes={k: tuple(v.shape) for k, v in local_sd.items()},
         norm_grads={n: g.clone() for n, g in grads.items() if n.endswith("norm.weight")},
         tied=model.output.weight is model.tok_embeddings.weight,
@@ -123,7 +130,7 @@ def rank_rng(state: ParallelState) -> dict:
 
 def rank_layout(state: ParallelState) -> dict:
     mpu = MPU(state)
-    return dict(tp_ranks=state.tp_ranks, dp_ranks=state.dp_ranks, tp_rank=state.tp_rank, dp_rank=state.dp_rank,
+    return dict(tp_ranks=state.tp_ranks, dp_ranks=state.dp_ranks,
                 mpu=(mpu.get_model_parallel_rank(), mpu.get_model_parallel_world_size(),
                      mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size(),
                      mpu.get_tensor_model_parallel_src_rank(), mpu.get_data_parallel_rank(),
@@ -207,7 +214,8 @@ def reference(name: str, dp_rank: int = 0, seed: int = 11) -> dict:
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
-    return dict(logits=logits.detach(), loss=loss.item(), grads=grads, weights=model.state_dict(), grad_norm=norm.item())
+    return dict(logits=logits.detach(), loss=loss.item(), grads=grads, weights=model.state_dict(),
+                grad_norm=norm.item())
 
 
 # --------------------------------------------------------------------------- tests
@@ -218,7 +226,8 @@ def test_matches_single_device(jobs, name):
     for rank, res in enumerate(jobs[world]):
         got, ref = res[name], reference(name, dp_rank=rank // tp)
         assert_close(got["logits"], ref["logits"], f"{name} rank {rank} logits")
-        assert_close(got["reloaded_logits"], ref["logits"], f"{name} rank {rank} logits after loading full checkpoint")
+        assert_close(got["reloaded_logits"], ref["logits"],
+                     f"{name} rank {rank} logits after loading the full checkpoint")
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert got["grads"].keys() == ref["grads"].keys()
         for key, grad in ref["grads"].items():
@@ -274,7 +283,8 @@ def test_layout_mpu_and_errors(jobs, world):
             lay, tp_rank, dp_rank = res["layout_tp2"], rank % 2, rank // 2
             assert lay["tp_ranks"] == (2 * dp_rank, 2 * dp_rank + 1)
             assert lay["dp_ranks"] == (tp_rank, tp_rank + 2)
-            assert lay["mpu"] == (tp_rank, 2, tp_rank, 2, 2 * dp_rank, dp_rank, 2, (tp_rank, tp_rank + 2), 1, 2, 2)
+            dp_peers = (tp_rank, tp_rank + 2)
+            assert lay["mpu"] == (tp_rank, 2, tp_rank, 2, 2 * dp_rank, dp_rank, 2, dp_peers, 1, 2, 2)
 
 
 @pytest.mark.parametrize("world", [2, 4])

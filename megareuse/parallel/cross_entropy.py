@@ -70,7 +70,9 @@ def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tens
     ``state`` is a ParallelState (or a process group / None). ``reduction``: "none" gives the
     per-token loss [...] (0 where the target is ``ignore_index``), "mean" the mean over the
     non-ignored tokens (as torch's F.cross_entropy), "sum" their sum. The result is fp32 and
-    the same on every rank of the TP group.
+    the same on every rank of the TP group. To save memory the backward pass turns the saved
+    softmax into the gradient in place, so the graph supports one backward pass (no
+    ``retain_graph=True`` double backward through the loss).
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: accepted none, mean, sum")

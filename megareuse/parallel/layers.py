@@ -185,7 +185,8 @@ class RowParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         start, stop = self.in_range
         return (f"in_features={self.in_features}, out_features={self.out_features}, cols=[{start}, {stop}), "
-                f"tp={self.state.tp_size}, input_is_parallel={self.input_is_parallel}, bias={self.bias is not None}")
+                f"tp={self.state.tp_size}, input_is_parallel={self.input_is_parallel}, "
+                f"bias={self.bias is not None}")
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -13,8 +13,9 @@ gather_from_tp_last_dim     all-gather             keep own slice
 ==========================  =====================  =====================
 
 They take the group explicitly: a ``ParallelState`` (meaning its ``tp_group``) or any process
-group (e.g. a subgroup), and are the identity when the group has one rank or is ``None``; so layers built on them are plain math at
-tp = 1. All reductions are sums; the result is the same on every rank of the group.
+group (e.g. a subgroup), and are the identity when the group has one rank or is ``None``, so
+layers built on them are plain math at tp = 1. All reductions are sums; the result is the same
+on every rank of the group.
 """
 from __future__ import annotations
 

@@ -40,6 +40,9 @@ class ParallelState:
     # groups created later by ``subgroup``, keyed by their rank lists (same on every rank)
     _subgroups: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
+    def __deepcopy__(self, memo: dict) -> "ParallelState":
+        return self  # process groups are process-wide handles: a copied layer shares them
+
     @property
     def distributed(self) -> bool:
         """True when the state describes a torch.distributed job (even a 1-rank one)."""

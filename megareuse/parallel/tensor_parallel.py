@@ -106,8 +106,9 @@ def parallelize_model(model: GPT, state: ParallelState) -> GPT:
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         attn.wq = ColumnParallelLinear.from_linear(attn.wq, state)
-        attn.wk = ColumnParallelLinear.from_linear(attn.wk, state, out_range=kv_range, replica_group=replica_group)
-        attn.wv = ColumnParallelLinear.from_linear(attn.wv, state, out_range=kv_range, replica_group=replica_group)
+        kv = dict(out_range=kv_range, replica_group=replica_group)
+        attn.wk = ColumnParallelLinear.from_linear(attn.wk, state, **kv)
+        attn.wv = ColumnParallelLinear.from_linear(attn.wv, state, **kv)
         attn.wo = RowParallelLinear.from_linear(attn.wo, state)
         ffn.w1 = ColumnParallelLinear.from_linear(ffn.w1, state)
         ffn.w3 = ColumnParallelLinear.from_linear(ffn.w3, state)
@@ -128,7 +129,8 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, state: ParallelState,
     return vocab_parallel_cross_entropy(logits, targets, state, "mean", ignore_index)
 
 
-def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, state: ParallelState) -> torch.Tensor:
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float,
+                    state: ParallelState) -> torch.Tensor:
     """Global L2 gradient norm of a TP model (and clip to ``max_norm`` when > 0), for runs
     without DeepSpeed. Same rule as DeepSpeed: a parameter counts on every TP rank when it is
     TP-sharded (``tensor_model_parallel``), on TP rank 0 only otherwise; squares are summed over
@@ -167,7 +169,10 @@ def _kind(key: str) -> str:
     return "replicated"
 
 
-def shard_state_dict(full_sd: dict[str, torch.Tensor], cfg: ModelConfig, tp: TPSpec) -> dict[str, torch.Tensor]:
+StateDict = dict[str, torch.Tensor]
+
+
+def shard_state_dict(full_sd: StateDict, cfg: ModelConfig, tp: TPSpec) -> StateDict:
     """The state dict a parallelized GPT holds on TP rank ``tp`` (a ParallelState or a
     (tp_size, tp_rank) pair), cut from a single-device GPT's state dict. Same keys; shards are
     fresh contiguous tensors (saving one does not save the full storage). Pure; no communication.
@@ -189,7 +194,7 @@ def shard_state_dict(full_sd: dict[str, torch.Tensor], cfg: ModelConfig, tp: TPS
     return out
 
 
-def merge_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig, tp_size: int) -> dict[str, torch.Tensor]:
+def merge_state_dicts(shards: list[StateDict], cfg: ModelConfig, tp_size: int) -> StateDict:
     """Inverse of ``shard_state_dict``: the single-device state dict from the ``tp_size`` ranks'
     state dicts (in TP-rank order). Replicated KV heads are taken from the first rank holding
     each; replicated tensors from rank 0. With tied embeddings the result's "output.weight" is
@@ -217,8 +222,8 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig, t
     return full
 
 
-def gather_full_state_dict(model: GPT, state: ParallelState, tensors: Optional[dict[str, torch.Tensor]] = None
-                           ) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(model: GPT, state: ParallelState,
+                           tensors: Optional[StateDict] = None) -> StateDict:
     """All-gather the TP shards of ``model.state_dict()`` (or of ``tensors``, any dict keyed like
     it, e.g. parameter gradients) and merge them into the full single-device layout, returned on
     every rank of the TP group. Collective over the TP group; tensors must be materialised
