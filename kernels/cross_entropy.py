@@ -1,6 +1,7 @@
 """Cross-entropy kernels and a chunked linear + cross-entropy that never holds all the logits.
 
-Two row kernels do the work, one program per row, streaming over the vocabulary in blocks:
+Two row kernels do the work, one program per row on a GPU (16 rows in the interpreter),
+streaming over the vocabulary in blocks:
 
 - ``_ce_stats``: the row's maximum, sum of exp(logit - max) (online, one read of the row) and
   the target's logit when the target falls in this shard's vocabulary range;
@@ -27,53 +28,60 @@ import torch
 import triton
 import triton.language as tl
 
-from megareuse_kernels.common import check, check_tensor, interpreting, new_output
+from megareuse_kernels.common import check_tensor, interpreting, new_output
 
 LOGITS_PER_CHUNK = 1 << 25  # default chunk: ~32M logits (64 MiB in bf16)
 
 
 @triton.jit
-def _ce_stats(LOGITS, TARGETS, MAX, SUMEXP, TGT, stride_row, V, vocab_start, ignore_index,
-              BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = LOGITS + row * stride_row
+def _ce_stats(LOGITS, TARGETS, MAX, SUMEXP, TGT, stride_row, N, V, vocab_start, ignore_index,
+              ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    base = LOGITS + tl.minimum(rows, N - 1).to(tl.int64) * stride_row  # clamped: no all -inf rows
     cols0 = tl.arange(0, BLOCK_V)
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        x = tl.load(base[:, None] + cols[None, :], mask=cols[None, :] < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
         m = m_new
-    target = tl.load(TARGETS + row)
+    target = tl.load(TARGETS + rows, mask=row_ok, other=ignore_index)
     local = target - vocab_start
     owned = (local >= 0) & (local < V) & (target != ignore_index)
     t_logit = tl.load(base + tl.where(owned, local, 0)).to(tl.float32)
-    tl.store(MAX + row, m)
-    tl.store(SUMEXP + row, s)
-    tl.store(TGT + row, tl.where(owned, t_logit, 0.0))
+    tl.store(MAX + rows, m, mask=row_ok)
+    tl.store(SUMEXP + rows, s, mask=row_ok)
+    tl.store(TGT + rows, tl.where(owned, t_logit, 0.0), mask=row_ok)
 
 
 @triton.jit
-def _ce_grad(LOGITS, DLOGITS, TARGETS, LSE, SCALE, stride_row, stride_grad, V, vocab_start, ignore_index,
-             BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    target = tl.load(TARGETS + row)
+def _ce_grad(LOGITS, DLOGITS, TARGETS, LSE, SCALE, stride_row, stride_grad, N, V, vocab_start, ignore_index,
+             ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    target = tl.load(TARGETS + rows, mask=row_ok, other=ignore_index)
     local = target - vocab_start
     scale = tl.where(target == ignore_index, 0.0, tl.load(SCALE).to(tl.float32))
-    lse = tl.load(LSE + row)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    src = LOGITS + rows.to(tl.int64)[:, None] * stride_row
+    dst = DLOGITS + rows.to(tl.int64)[:, None] * stride_grad
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
-        ok = cols < V
-        x = tl.load(LOGITS + row * stride_row + cols, mask=ok, other=0.0).to(tl.float32)
-        g = tl.exp(x - lse) - tl.where(cols == local, 1.0, 0.0)
-        tl.store(DLOGITS + row * stride_grad + cols, (g * scale).to(DLOGITS.dtype.element_ty), mask=ok)
+        ok = row_ok[:, None] & (cols[None, :] < V)
+        x = tl.load(src + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == local[:, None], 1.0, 0.0)
+        tl.store(dst + cols[None, :], (g * scale[:, None]).to(DLOGITS.dtype.element_ty), mask=ok)
 
 
-def _block_v(V: int) -> int:
-    return min(triton.next_power_of_2(V), 128 if interpreting() else 4096)
+def _tiles(V: int) -> tuple[int, int, int]:
+    """(rows per program, vocabulary block, warps): one row per program on a GPU."""
+    if interpreting():
+        return 16, min(triton.next_power_of_2(V), 256), 4
+    return 1, min(triton.next_power_of_2(V), 4096), 8 if V >= 8192 else 4
 
 
 def _group_info(process_group, vocab_start: int | None, v_local: int) -> int:
@@ -95,8 +103,9 @@ def row_lse_and_target(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     N, V = logits.shape
     mx, se, tg = (new_output((N,), torch.float32, logits.device) for _ in range(3))
     if N:
-        _ce_stats[(N,)](logits, targets, mx, se, tg, logits.stride(0), V, vocab_start, ignore_index,
-                        BLOCK_V=_block_v(V), num_warps=8 if V >= 8192 else 4)
+        rows, block_v, warps = _tiles(V)
+        _ce_stats[(triton.cdiv(N, rows),)](logits, targets, mx, se, tg, logits.stride(0), N, V, vocab_start,
+                                           ignore_index, ROWS=rows, BLOCK_V=block_v, num_warps=warps)
     if process_group is not None:
         import torch.distributed as dist
 
@@ -115,8 +124,9 @@ def softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor
     N, V = logits.shape
     out = new_output((N, V), logits.dtype, logits.device) if out is None else out
     if N:
-        _ce_grad[(N,)](logits, out, targets, lse, scale, logits.stride(0), out.stride(0), V, vocab_start,
-                       ignore_index, BLOCK_V=_block_v(V), num_warps=8 if V >= 8192 else 4)
+        rows, block_v, warps = _tiles(V)
+        _ce_grad[(triton.cdiv(N, rows),)](logits, out, targets, lse, scale, logits.stride(0), out.stride(0), N, V,
+                                          vocab_start, ignore_index, ROWS=rows, BLOCK_V=block_v, num_warps=warps)
     return out
 
 

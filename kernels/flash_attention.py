@@ -21,7 +21,9 @@ why an input is refused; the model's ``triton`` backend then falls back to SDPA.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
@@ -33,23 +35,44 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, on CUDA. The causal split
-# needs BLOCK_M % BLOCK_N == 0 for the forward and dQ kernels, BLOCK_N % BLOCK_M == 0 for dK/dV.
-_CUDA_CONFIGS = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dkdv": {64: (32, 128, 4, 3), 128: (32, 128, 8, 3)},
-    "dq": {64: (128, 32, 4, 3), 128: (128, 32, 8, 3)},
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The causal split needs BLOCK_M % BLOCK_N == 0 for
+# the forward and dQ kernels, BLOCK_N % BLOCK_M == 0 for dK/dV. On CUDA the autotuner picks one
+# per (T, head dim, causal, group size) from _TUNE_SPACE (MEGAREUSE_FLASH_AUTOTUNE=0: the first).
+_TUNE_SPACE = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    "dkdv": [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
+    "dq": [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
 }
 # Small tiles in the interpreter: several blocks and a ragged tail even at test sizes.
-_INTERPRETER_CONFIG = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+_INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 
 
-def _config(kind: str, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel."""
-    cfg = (*_INTERPRETER_CONFIG[kind], 4, 1) if interpreting() else _CUDA_CONFIGS[kind][head_dim]
+def _autotune_enabled() -> bool:
+    return not interpreting() and os.environ.get("MEGAREUSE_FLASH_AUTOTUNE", "1") != "0"
+
+
+def _check_tiles(kind: str, cfg: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     big, small = (cfg[1], cfg[0]) if kind == "dkdv" else (cfg[0], cfg[1])
     assert big % small == 0, f"flash attention {kind} tiles {cfg[:2]} break the causal block split"
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str):
+    """The autotuned launcher of one kernel (built on first use, CUDA only)."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for m, n, w, st in map(functools.partial(_check_tiles, kind), _TUNE_SPACE[kind])]
+    return triton.autotune(configs, key=["T", "HEAD_DIM", "CAUSAL", "N_REP"])(_KERNELS[kind])
+
+
+def _launch(kind: str, grid_of, *args, **meta) -> None:
+    """Launch kernel ``kind`` with grid ``grid_of(BLOCK_M, BLOCK_N)``: autotuned or fixed tiles."""
+    if _autotune_enabled():
+        _tuned(kind)[lambda m: grid_of(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
+        return
+    bm, bn, warps, stages = _check_tiles(kind, _INTERPRETER_CONFIG[kind] if interpreting()
+                                         else _TUNE_SPACE[kind][0])
+    _KERNELS[kind][grid_of(bm, bn)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
 
 
 @triton.jit
@@ -266,6 +289,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
              mask=row_ok[:, None])
 
 
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+
+
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> str | None:
     """Why (q, k, v) cannot use the Triton flash attention kernel, or None when they can."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -301,11 +327,9 @@ def flash_attention_forward(q, k, v, causal: bool, sm_scale: float) -> tuple[tor
     B, H, T, D = q.shape
     out = new_output_like(q)
     lse = new_output((B, H, T), torch.float32, q.device)
-    bm, bn, warps, stages = _config("fwd", D)
-    grid = (triton.cdiv(T, bm), B * H)
-    _attn_fwd[grid](q, k, v, out, lse, sm_scale * LOG2E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                    *out.stride()[:3], H, T, H // k.shape[1], HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
-                    PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
+    _launch("fwd", lambda bm, bn: (triton.cdiv(T, bm), B * H),
+            q, k, v, out, lse, sm_scale * LOG2E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], H, T, H // k.shape[1], HEAD_DIM=D, CAUSAL=causal, PREC=_prec(q.dtype))
     return out, lse
 
 
@@ -319,15 +343,12 @@ def flash_attention_backward(do, q, k, v, out, lse, causal: bool, sm_scale: floa
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
     n_rep, prec = H // k.shape[1], _prec(q.dtype)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    bm, bn, warps, stages = _config("dkdv", D)
-    _attn_bwd_dkdv[(triton.cdiv(T, bn), B * k.shape[1])](
-        q, k, v, do, dk, dv, lse, delta, sm_scale * LOG2E, sm_scale, *strides, *dk.stride()[:3], *dv.stride()[:3],
-        H, T, n_rep, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, PREC=prec, num_warps=warps,
-        num_stages=stages)
-    bm, bn, warps, stages = _config("dq", D)
-    _attn_bwd_dq[(triton.cdiv(T, bm), B * H)](
-        q, k, v, do, dq, lse, delta, sm_scale * LOG2E, sm_scale, *strides, *dq.stride()[:3], H, T, n_rep,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, PREC=prec, num_warps=warps, num_stages=stages)
+    _launch("dkdv", lambda bm, bn: (triton.cdiv(T, bn), B * k.shape[1]),
+            q, k, v, do, dk, dv, lse, delta, sm_scale * LOG2E, sm_scale, *strides, *dk.stride()[:3],
+            *dv.stride()[:3], H, T, n_rep, HEAD_DIM=D, CAUSAL=causal, PREC=prec)
+    _launch("dq", lambda bm, bn: (triton.cdiv(T, bm), B * H),
+            q, k, v, do, dq, lse, delta, sm_scale * LOG2E, sm_scale, *strides, *dq.stride()[:3], H, T, n_rep,
+            HEAD_DIM=D, CAUSAL=causal, PREC=prec)
     return dq, dk, dv
 
 

@@ -3,7 +3,7 @@
 Matches ``megareuse.model.norm.rms_norm``: statistics in fp32, the normalised value rounded to
 the input dtype before the gain is applied (LLaMA's convention).
 
-Forward: one program per row; the whole row (N <= 65536 features) sits in registers, is read
+Forward: one program per row; the whole row (N <= 16384 features) sits in registers, is read
 once and written once; the fp32 ``rstd`` per row is kept for the backward (4 bytes per row).
 
 Backward: a fixed grid of programs (a few per SM); each walks a strided set of rows, writes
@@ -20,7 +20,7 @@ import triton.language as tl
 
 from megareuse_kernels.common import check, check_tensor, multiprocessor_count, new_output, next_power_of_2, rows_2d
 
-MAX_FEATURES = 65536
+MAX_FEATURES = 16384  # whole row in registers: beyond this the forward would spill
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx,
     w = tl.load(W + cols, mask=ok, other=0.0).to(DX.dtype.element_ty).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     for r in range(pid, M, n_prog):
-        row = r.to(tl.int64)
+        row = tl.cast(r, tl.int64)
         x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=ok, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)

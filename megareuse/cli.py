@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest complete checkpoint in run.out_dir "
                         "('auto', the default) or from the checkpoint directory given")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4")
+    # the deepspeed launcher (and torch's older launch) append --local_rank=N; LOCAL_RANK is read
+    # from the environment, so the flag is accepted and ignored
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="validation loss per domain of a checkpoint")

@@ -68,25 +68,26 @@ def test_save_tp2_zero2_resume_and_load_at_tp1(prepared, tmp_path):
 
 
 def _two_rank_args(prepared, out):
+    # 3 steps: the 2 warmup steps have the same learning rates as the 6-step reference's
     return tiny_args(prepared, out, "run.micro_batch_size=4", "parallel.zero_stage=1",
-                     "run.train_tokens=512")
+                     "run.train_tokens=768")
 
 
 def test_launchers_start_two_rank_jobs(prepared, tmp_path, reference):
-    want = reference[0][:2]
+    want = reference[0][:2]  # losses before and after the first (warmup) update
     # torchrun
     out = tmp_path / "torchrun"
     proc = torchrun(2, _two_rank_args(prepared, out))
     assert proc.returncode == 0, proc.stdout[-3000:]
-    ref_two_steps = train_losses(out)
-    assert len(ref_two_steps) == 2
+    ref_two_steps = train_losses(out)[:2]
+    assert len(train_losses(out)) == 3
     # the deepspeed launcher (local, CPU accelerators)
     out = tmp_path / "deepspeed"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
            f"--master_port={free_port()}", TRAIN, *_two_rank_args(prepared, out)]
     proc = run_job(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert train_losses(out) == ref_two_steps
+    assert train_losses(out)[:2] == ref_two_steps
     # srun: SLURM's variables only, master from the node list, port from the job id
     out = tmp_path / "slurm"
     job = free_port() - 20000
@@ -94,7 +95,7 @@ def test_launchers_start_two_rank_jobs(prepared, tmp_path, reference):
                      SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job) for r in range(2)]
     results = run_ranks(envs, _two_rank_args(prepared, out))
     assert [r.returncode for r in results] == [0, 0], results[0].stdout[-3000:] + results[1].stdout[-3000:]
-    assert train_losses(out) == ref_two_steps
+    assert train_losses(out)[:2] == ref_two_steps
     # the data-parallel run equals one process on the same global batch
     assert ref_two_steps == pytest.approx(want, rel=RTOL)
 
@@ -107,7 +108,7 @@ def test_mpirun_launcher(prepared, tmp_path, reference):
            *_two_rank_args(prepared, out)]
     proc = run_job(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert train_losses(out) == pytest.approx(reference[0][:2], rel=RTOL)
+    assert train_losses(out)[:2] == pytest.approx(reference[0][:2], rel=RTOL)
 
 
 def test_dead_rank_ends_job_nonzero(prepared, tmp_path):

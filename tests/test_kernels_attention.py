@@ -138,3 +138,15 @@ def test_bfloat16_refused_by_the_interpreter():
     q, k, v = inputs(1, 2, 2, 16, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16 is not supported by the Triton interpreter"):
         fa.flash_attention(q, k, v)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter stand-in for the CUDA autotuner")
+def test_autotuned_launch_path(monkeypatch):
+    """The CUDA launch path (triton.autotune, grid from META) with one config per kernel."""
+    monkeypatch.setattr(fa, "_autotune_enabled", lambda: True)
+    monkeypatch.setattr(fa, "_TUNE_SPACE", {k: [v] for k, v in fa._INTERPRETER_CONFIG.items()})
+    fa._tuned.cache_clear()
+    try:
+        check_against_reference(*inputs(1, 4, 2, 45, 64, torch.float32, seed=2), True, torch.float32)
+    finally:
+        fa._tuned.cache_clear()

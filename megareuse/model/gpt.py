@@ -56,6 +56,11 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.init_weights()
+        if cfg.attention in ("triton", "auto"):
+            # norms, SwiGLU and RoPE follow the attention backend onto the fused kernels
+            from megareuse_kernels.select import set_fused_kernels
+
+            set_fused_kernels(self, cfg.attention)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
