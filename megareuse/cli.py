@@ -19,7 +19,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from megareuse.data import CorruptDatasetError, PrepareError
     from megareuse.engine.checkpoint import CheckpointError
     from megareuse.engine.inputs import DataError
-    return ConfigError, DataError, CheckpointError, CorruptDatasetError, PrepareError, FileNotFoundError
+    from megareuse.parallel.launch import LaunchError
+    return (ConfigError, DataError, CheckpointError, CorruptDatasetError, PrepareError,
+            FileNotFoundError, LaunchError)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -32,9 +34,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from megareuse.config import load_config
     from megareuse.engine.trainer import Trainer
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.init_from is not None:
+        overrides.append(f"run.init_from={args.init_from}")
+    if args.keep_optimizer:
+        overrides.append("run.keep_optimizer=true")
+    cfg = load_config(args.config, overrides)
     summary = Trainer(cfg, resume=args.resume).run()
     print(json.dumps(summary["valid_loss"]))
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from megareuse.reuse.records import collect
+    csv_path, jsonl_path, n = collect(args.runs_dir, args.out)
+    print(f"{n} runs -> {csv_path}, {jsonl_path}")
     return 0
 
 
@@ -73,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the latest complete checkpoint in run.out_dir "
                         "('auto', the default) or from the checkpoint directory given")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="stage 2: start from this base (or grown) checkpoint (= run.init_from)")
+    p.add_argument("--keep-optimizer", action="store_true",
+                   help="stage 2: carry the base's optimizer state (= run.keep_optimizer)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4")
     # the deepspeed launcher (and torch's older launch) append --local_rank=N; LOCAL_RANK is read
     # from the environment, so the flag is accepted and ignored
@@ -86,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, help="tokens per domain")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("collect", help="gather run records (record.json) into a CSV/JSONL table")
+    p.add_argument("runs_dir")
+    p.add_argument("--out", default=None, help="output path stem (default RUNS_DIR/runs)")
+    p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("demo", help="the main job at laptop scale: prepare, train, evaluate, summary")
     p.add_argument("--out", default="runs/demo", help="output directory")

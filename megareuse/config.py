@@ -83,6 +83,7 @@ class DataConfig:
     valid: list[str] = field(default_factory=lambda: ["prose", "code"])
     seq_len: int = 128
     seed: int = 1234
+    replay: float = 0.0  # stage 2: share of samples replayed from the base run's training blend
 
     def validate(self, prefix: str = "data") -> None:
         if not self.dir:
@@ -97,6 +98,8 @@ class DataConfig:
         _positive(f"{prefix}.seq_len", self.seq_len)
         if self.seed < 0:
             _fail(f"{prefix}.seed", self.seed, "a non-negative integer")
+        if not 0 <= self.replay < 1:
+            _fail(f"{prefix}.replay", self.replay, "a number in [0, 1)")
 
 
 @dataclass
@@ -162,8 +165,9 @@ class ParallelConfig:
 @dataclass
 class RunConfig:
     out_dir: str = "runs/base"
-    stage: str = "base"
     train_tokens: int = 1_000_000  # D for this stage; steps = train_tokens // tokens_per_step
+    init_from: Optional[str] = None  # stage 2: a base (or grown) checkpoint to start from
+    keep_optimizer: bool = False  # stage 2: carry the base's optimizer state (same layout only)
     micro_batch_size: int = 16
     grad_accum: int = 1
     eval_interval: int = 50  # steps; the last step always evaluates
@@ -177,14 +181,16 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     peak_tflops: float = 0.0  # per device, for MFU; 0 = unknown (MFU not shown)
 
-    STAGES = ("base", "cpt", "grow")
     DEVICES = ("cpu", "cuda", "auto")
     DTYPES = ("fp32", "bf16")
 
     def validate(self, prefix: str = "run") -> None:
         if not self.out_dir:
             _fail(f"{prefix}.out_dir", self.out_dir, "a directory path")
-        _choice(f"{prefix}.stage", self.stage, self.STAGES)
+        if self.init_from is not None and not Path(self.init_from).is_dir():
+            _fail(f"{prefix}.init_from", self.init_from, "null or a checkpoint directory")
+        if self.keep_optimizer and self.init_from is None:
+            _fail(f"{prefix}.keep_optimizer", self.keep_optimizer, "false unless run.init_from is set")
         for name in ("train_tokens", "micro_batch_size", "grad_accum", "eval_interval",
                      "eval_tokens", "save_interval", "keep_last", "log_interval"):
             _positive(f"{prefix}.{name}", getattr(self, name))
@@ -215,6 +221,8 @@ class Config:
         kv = self.model.kv_heads
         if kv % self.parallel.tp and self.parallel.tp % kv:
             _fail("parallel.tp", self.parallel.tp, f"a divisor or multiple of the KV heads ({kv})")
+        if self.data.replay and self.run.init_from is None:
+            _fail("data.replay", self.data.replay, "0 unless run.init_from names a base checkpoint")
         if self.tokens_per_step > self.run.train_tokens:
             _fail("run.train_tokens", self.run.train_tokens,
                   f"at least one optimizer step of tokens ({self.tokens_per_step})")

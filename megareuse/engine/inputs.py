@@ -21,8 +21,15 @@ class DataError(ValueError):
 class TrainingData:
     tokenizer: Tokenizer
     train: Union[GPTDataset, BlendedDataset]
+    train_domains: list[str]  # in the blend's dataset order
     valid: dict[str, GPTDataset]
     train_tokens_available: dict[str, int]
+
+    def samples_per_domain(self, samples: int) -> dict[str, int]:
+        """How many of the first ``samples`` training samples came from each domain."""
+        if isinstance(self.train, BlendedDataset):
+            return {d: int(c) for d, c in zip(self.train_domains, self.train.counts(samples))}
+        return {self.train_domains[0]: samples}
 
 
 def _available_domains(root: Path) -> list[str]:
@@ -41,7 +48,10 @@ def _open_split(root: Path, domain: str, split: str, field: str) -> IndexedDatas
         raise DataError(f"data error: {exc}") from None
 
 
-def open_training_data(data: DataConfig, model: ModelConfig) -> TrainingData:
+def open_training_data(data: DataConfig, model: ModelConfig,
+                       train_weights: dict[str, float] | None = None) -> TrainingData:
+    """Open the tokenizer, the training blend (``train_weights`` or ``data.train``) and the
+    validation sets, checking each."""
     root = Path(data.dir)
     if not root.is_dir():
         raise DataError(f"data error: data.dir = {data.dir!r} does not exist; "
@@ -56,8 +66,10 @@ def open_training_data(data: DataConfig, model: ModelConfig) -> TrainingData:
                         f"tokenizer's vocabulary ({tokenizer.vocab_size}) in {tok_path}; accepted "
                         f">= {tokenizer.vocab_size}")
     train_sets, weights, available = [], [], {}
-    for i, (domain, weight) in enumerate(data.train.items()):
-        indexed = _open_split(root, domain, "train", f"data.train.{domain}")
+    blend = data.train if train_weights is None else train_weights
+    for i, (domain, weight) in enumerate(blend.items()):
+        field = f"data.train.{domain}" if domain in data.train else f"data.replay (base domain {domain})"
+        indexed = _open_split(root, domain, "train", field)
         available[domain] = int(indexed.sizes.sum())
         try:
             train_sets.append(GPTDataset(indexed, data.seq_len, seed=data.seed + i))
@@ -72,4 +84,4 @@ def open_training_data(data: DataConfig, model: ModelConfig) -> TrainingData:
             valid[domain] = GPTDataset(indexed, data.seq_len, seed=0)
         except ValueError as exc:
             raise DataError(f"data error: {domain}_valid: {exc}") from None
-    return TrainingData(tokenizer, train, valid, available)
+    return TrainingData(tokenizer, train, list(blend), valid, available)

@@ -24,17 +24,19 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megareuse.config import Config
+from megareuse.config import Config, ConfigError
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine.ds import deepspeed_config, init_distributed
 from megareuse.engine.evaluate import evaluate
 from megareuse.engine.inputs import open_training_data
-from megareuse.engine.metrics import MetricsLog, Progress, format_duration
+from megareuse.engine.metrics import MetricsLog, Progress, format_duration, read_metrics
 from megareuse.engine.schedule import LRSchedule
 from megareuse.model import GPT, flops_per_token, non_embedding_param_count, param_count
 from megareuse.parallel.launch import discover
 from megareuse.parallel.state import MPU, init_parallel_state
 from megareuse.parallel.tensor_parallel import gather_full_state_dict, loss_fn, parallelize_model
+from megareuse.reuse.cpt import InitSource, model_diff, open_init_source, replay_blend
+from megareuse.reuse.records import build_record, write_record
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -45,6 +47,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     samples: int = 0  # training samples consumed (all data-parallel ranks together)
     tokens: int = 0  # training tokens consumed in this stage (all ranks together)
+    wall_s: float = 0.0  # training wall time, summed over resumed invocations
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -52,7 +55,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("config error: run.device = 'cuda' but no CUDA device is available; "
+            raise ConfigError("config error: run.device = 'cuda' but no CUDA device is available; "
                              "accepted cpu or auto here")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -66,11 +69,6 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float:
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
     return 0.0
-
-
-def _model_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
-            for k, v in current.items() if saved.get(k) != v]
 
 
 def _layout(cfg: Config, dp_size: int) -> dict[str, int]:
@@ -87,16 +85,27 @@ class Trainer:
         # checks that need no process group come first: a bad input writes nothing
         launch = discover()
         self.data = open_training_data(cfg.data, cfg.model)
+        self.init: Optional[InitSource] = None
+        if cfg.run.init_from is not None:  # stage 2: continual pretraining or after growth
+            self.init = open_init_source(cfg.run.init_from, cfg, self.data.tokenizer.sha256)
+            if cfg.data.replay:
+                weights = replay_blend(cfg.data.train, cfg.data.replay, self.init.base_train)
+                self.data = open_training_data(cfg.data, cfg.model, weights)
+        self.stage = "base" if self.init is None else self.init.stage
+        self.method = "base" if self.init is None else self.init.method
         self.resume_from = self._resolve_resume(resume)
         init_distributed(launch, cfg.parallel.backend, cfg.parallel.timeout_s)
-        self.pstate = init_parallel_state(cfg.parallel.tp)
+        try:
+            self.pstate = init_parallel_state(cfg.parallel.tp)
+        except ValueError as exc:
+            raise ConfigError(f"config error: parallel.tp = {cfg.parallel.tp}: {exc}") from None
         self.is_main = self.pstate.rank == 0
         self.emit = emit if self.is_main else (lambda s: None)
         self.device = resolve_device(cfg.run.device, launch.local_rank)
         self.tokens_per_step = cfg.tokens_per_step * self.pstate.dp_size
         self.total_steps = cfg.run.train_tokens // self.tokens_per_step
         if self.total_steps < 1:
-            raise ValueError(f"config error: run.train_tokens = {cfg.run.train_tokens}: accepted at "
+            raise ConfigError(f"config error: run.train_tokens = {cfg.run.train_tokens}: accepted at "
                              f"least one step of {self.tokens_per_step} tokens at DP={self.pstate.dp_size}")
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.total_steps)
         if cfg.run.threads:
@@ -132,12 +141,15 @@ class Trainer:
         saved = None
         if self.resume_from is not None:
             objs, meta = ckpt.load_checkpoint(self.resume_from, names=("model", "trainer"))
-            diff = _model_diff(meta["config"]["model"], asdict(cfg.model))
+            diff = model_diff(meta["config"]["model"], asdict(cfg.model))
             if diff:
                 raise ckpt.CheckpointError(f"run error: checkpoint {self.resume_from} was saved for "
                                            f"another model shape: {'; '.join(diff)}")
             model.load_state_dict(objs["model"])
             saved = (objs["trainer"], meta)
+        elif self.init is not None:
+            objs, _ = ckpt.load_checkpoint(self.init.path, names=("model",))
+            model.load_state_dict(objs["model"])
         if self.pstate.tp_size > 1:
             parallelize_model(model, self.pstate)
         model.to(self.device)
@@ -151,7 +163,21 @@ class Trainer:
                                           config=deepspeed_config(cfg, self.pstate.dp_size))
         if saved is not None:
             self._restore(engine, *saved)
+        elif self.init is not None and cfg.run.keep_optimizer:
+            self._keep_optimizer(engine)
+        if self.init is not None and saved is None:
+            self.emit(f"stage 2 ({self.method}) from {self.init.path}: D1 = {self.init.D1:,} tokens; "
+                      f"optimizer {'carried over' if cfg.run.keep_optimizer else 'fresh'}, "
+                      f"lr re-warms to {cfg.optim.lr:g} over {cfg.schedule.warmup_steps} steps")
         return engine
+
+    def _keep_optimizer(self, engine) -> None:
+        here, there = _layout(self.cfg, self.pstate.dp_size), self.init.meta.get("layout")
+        if there != here or not (self.init.path / "deepspeed").is_dir():
+            raise ckpt.CheckpointError(
+                f"run error: run.keep_optimizer needs the base's engine state at this layout {here}; "
+                f"{self.init.path} has {there if there else 'none'}; accepted keep_optimizer=false")
+        engine.load_checkpoint(str(self.init.path / "deepspeed"), tag="state")
 
     def _restore(self, engine, trainer: dict[str, Any], meta: dict[str, Any]) -> None:
         path = self.resume_from
@@ -162,7 +188,8 @@ class Trainer:
         else:
             self.emit(f"note: {path} was saved at {there}; its optimizer state cannot be carried to "
                       f"{here}: the optimizer restarts fresh, the model weights are loaded")
-        self.state = TrainState(int(trainer["step"]), int(trainer["samples"]), int(trainer["tokens"]))
+        self.state = TrainState(int(trainer["step"]), int(trainer["samples"]), int(trainer["tokens"]),
+                                float(trainer.get("wall_s", 0.0)))
         torch.set_rng_state(trainer["rng_cpu"])
         if torch.cuda.is_available() and "rng_cuda" in trainer:
             torch.cuda.set_rng_state(trainer["rng_cuda"])
@@ -180,10 +207,12 @@ class Trainer:
     def meta(self) -> dict[str, Any]:
         cfg, tok = self.cfg, self.data.tokenizer
         return {
-            "stage": cfg.run.stage,
+            "stage": self.stage,
+            "method": self.method,
             "tokens_seen": self.state.tokens,
-            "D1": self.state.tokens if cfg.run.stage == "base" else None,
-            "D2": 0 if cfg.run.stage == "base" else self.state.tokens,
+            "D1": self.D1,
+            "D2": self.D2,
+            "init_from": None if self.init is None else self.init.describe(),
             "samples_consumed": self.state.samples,
             "total_steps": self.total_steps,
             "params": param_count(cfg.model),
@@ -196,6 +225,29 @@ class Trainer:
             "torch_version": torch.__version__,
             "world_size": self.pstate.world_size,
         }
+
+    @property
+    def D1(self) -> int:
+        """Tokens the base model saw: this run's tokens for a base run, else the base's."""
+        return self.state.tokens if self.init is None else self.init.D1
+
+    @property
+    def D2(self) -> int:
+        return 0 if self.init is None else self.state.tokens
+
+    def record(self, checkpoint: Path) -> dict[str, Any]:
+        """The run record the law fitter reads (see megareuse/reuse/records.py)."""
+        cfg = self.cfg
+        samples = self.data.samples_per_domain(self.state.samples)
+        return build_record(
+            run_id=self.out_dir.name, stage=self.stage, method=self.method,
+            n_params=non_embedding_param_count(cfg.model), n_total=param_count(cfg.model),
+            d1=self.D1, d2=self.D2, tokens=self.state.tokens,
+            tokens_per_domain={d: n * cfg.data.seq_len for d, n in samples.items()},
+            history=[r for r in read_metrics(self.out_dir) if r.get("kind") == "eval"],
+            wall_s=self.state.wall_s, flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+            config=cfg.to_dict(), out_dir=self.out_dir, checkpoint=checkpoint,
+            init_from=None if self.init is None else self.init.describe())
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device (TP=1, unpartitioned) fp32 weights; collective over all ranks."""
@@ -288,10 +340,12 @@ class Trainer:
                   f"steps x {self.tokens_per_step} tokens on {ps.world_size} x {self.device} "
                   f"(TP={ps.tp_size}, DP={ps.dp_size}, ZeRO-{cfg.parallel.zero_stage}, {run.dtype})")
         t_start, last_eval = time.perf_counter(), {}
+        wall_before = self.state.wall_s
         progress.start(self.state.step)
         self.engine.train()
         while self.state.step < stop:
             loss, lr, grad_norm = self.train_step()
+            self.state.wall_s = wall_before + time.perf_counter() - t_start
             step = self.state.step
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training diverged: loss {loss} at step {step}")
@@ -321,5 +375,6 @@ class Trainer:
                 tmp = self.out_dir / "summary.json.tmp"
                 tmp.write_text(json.dumps(summary, indent=2))
                 os.replace(tmp, self.out_dir / "summary.json")
+                write_record(self.out_dir, self.record(Path(summary["checkpoint"])))
                 self.emit(f"done: {self.state.tokens:,} tokens in {format_duration(wall)}")
         return summary

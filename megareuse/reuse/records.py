@@ -1,0 +1,110 @@
+"""Run records: the one interface between training and the law.
+
+Every finished run writes ``<out_dir>/record.json``; ``megareuse collect RUNS_DIR`` gathers them
+into a table (CSV and JSONL) whose columns the fitter reads: run_id, stage, method, N (non-
+embedding parameters), N_total, D1, D2, tokens, valid_loss_<domain>, best_valid_loss_<domain>,
+tokens_<domain>, wall_s, tokens_per_s, flops, flops_6ND, out_dir, checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+RECORD = "record.json"
+SCHEMA = "megareuse-run-record/1"
+
+
+def build_record(*, run_id: str, stage: str, method: str, n_params: int, n_total: int, d1: int,
+                 d2: int, tokens: int, tokens_per_domain: dict[str, int], history: list[dict],
+                 wall_s: float, flops_per_token: float, config: dict, out_dir: Path,
+                 checkpoint: Path, init_from: dict | None) -> dict[str, Any]:
+    """Assemble a record; ``history`` holds the eval records (step, tokens, valid_loss/<d>)."""
+    domains = sorted({k.split("/", 1)[1] for rec in history for k in rec if k.startswith("valid_loss/")})
+    final = {d: history[-1].get(f"valid_loss/{d}") for d in domains} if history else {}
+    best = {d: min(r[f"valid_loss/{d}"] for r in history if f"valid_loss/{d}" in r) for d in domains}
+    return {
+        "schema": SCHEMA, "run_id": run_id, "stage": stage, "method": method,
+        "N": n_params, "N_total": n_total, "D1": d1, "D2": d2, "tokens": tokens,
+        "tokens_per_domain": tokens_per_domain, "valid_loss": final, "best_valid_loss": best,
+        "history": [{"step": r["step"], "tokens": r["tokens"],
+                     **{d: r[f"valid_loss/{d}"] for d in domains if f"valid_loss/{d}" in r}}
+                    for r in history],
+        "wall_s": wall_s, "tokens_per_s": tokens / wall_s if wall_s > 0 else None,
+        "flops": flops_per_token * tokens, "flops_6ND": 6 * n_params * tokens,
+        "config": config, "out_dir": str(out_dir), "checkpoint": str(checkpoint),
+        "init_from": init_from,
+    }
+
+
+def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
+    path = Path(out_dir) / RECORD
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_records(runs_dir: Path) -> list[dict[str, Any]]:
+    """Every record.json under ``runs_dir`` (recursively), sorted by run_id."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"collect error: {str(runs_dir)!r} is not a directory")
+    records = []
+    for path in sorted(runs_dir.rglob(RECORD)):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            raise ValueError(f"collect error: {path} is not valid JSON") from None
+        if record.get("schema") != SCHEMA:
+            raise ValueError(f"collect error: {path} has schema {record.get('schema')!r}; accepted {SCHEMA}")
+        record["run_id"] = path.parent.relative_to(runs_dir).as_posix()  # unique in the table
+        records.append(record)
+    return sorted(records, key=lambda r: r["run_id"])
+
+
+def flatten(record: dict[str, Any]) -> dict[str, Any]:
+    """One table row: scalar fields plus per-domain columns."""
+    row = {k: record[k] for k in ("run_id", "stage", "method", "N", "N_total", "D1", "D2", "tokens",
+                                  "wall_s", "tokens_per_s", "flops", "flops_6ND", "out_dir", "checkpoint")}
+    for domain, value in record["valid_loss"].items():
+        row[f"valid_loss_{domain}"] = value
+    for domain, value in record["best_valid_loss"].items():
+        row[f"best_valid_loss_{domain}"] = value
+    for domain, value in record["tokens_per_domain"].items():
+        row[f"tokens_{domain}"] = value
+    row["init_from"] = (record.get("init_from") or {}).get("path", "")
+    return row
+
+
+def _columns(rows: Iterable[dict]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    return columns
+
+
+def collect(runs_dir: Path, out: Path | None = None) -> tuple[Path, Path, int]:
+    """Write ``<out>.csv`` and ``<out>.jsonl`` (default ``<runs_dir>/runs``); returns both paths
+    and the number of runs."""
+    records = read_records(runs_dir)
+    if not records:
+        raise FileNotFoundError(f"collect error: no {RECORD} under {str(runs_dir)!r}")
+    stem = Path(out) if out else Path(runs_dir) / "runs"
+    if stem.suffix in (".csv", ".jsonl"):
+        stem = stem.with_suffix("")
+    rows = [flatten(r) for r in records]
+    csv_path, jsonl_path = stem.with_suffix(".csv"), stem.with_suffix(".jsonl")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=_columns(rows), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    tmp = jsonl_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, jsonl_path)
+    return csv_path, jsonl_path, len(rows)
