@@ -1,13 +1,12 @@
 """megareuse: reuse-or-scratch studies for LLM pretraining, and the trainer that runs them."""
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = next(line.split('"')[1] for line in (HERE / "megareuse" / "__init__.py").read_text().splitlines()
                if line.startswith("__version__"))
-PACKAGES = ["megareuse", "megareuse.model", "megareuse.data", "megareuse.engine", "megareuse.parallel",
-            "megareuse.law"]
+PACKAGES = find_packages(include=["megareuse", "megareuse.*"])
 
 setup(
     name="megareuse",
@@ -27,6 +26,7 @@ setup(
         "sentencepiece>=0.2",
         "tqdm>=4.60",
         "scipy>=1.10",  # the law fitter
+        "threadpoolctl>=3",  # one BLAS thread per bootstrap worker
         "deepspeed>=0.17",  # the training engine (ZeRO, data parallelism)
     ],
     extras_require={

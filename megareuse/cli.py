@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output path stem (default RUNS_DIR/runs)")
     p.set_defaults(func=cmd_collect)
 
+    from megareuse.law.commands import register as register_law
+
+    register_law(sub)  # fit, plan
+
     p = sub.add_parser("demo", help="the main job at laptop scale: prepare, train, evaluate, summary")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--fresh", action="store_true", help="discard an earlier demo run in --out")

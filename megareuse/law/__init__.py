@@ -1,1 +1,41 @@
-"""Scaling laws for reuse: forms, fitting, checks, planning."""
+"""The reuse law: forms, fitting, bootstrap, checks against larger runs, per-D1 analysis, planner.
+
+    from megareuse.law import load_table, fit_form, bootstrap, compare_forms, make_plan
+    table = load_table("runs.csv", where={"method": "cpt"})
+    law = fit_form(table, "reuse")            # Huber on log loss, L-BFGS + variable projection
+    bootstrap(table, law, 1000, workers=2)    # percentile intervals -> law.bootstrap
+    compare_forms(table, ["reuse", "reuse_no_interaction", "additive"], rule="largest")
+    make_plan(law, scratch_law, D1=[1e6], D2=[5e5, 1e6], budget_tokens=8e6)
+
+`analyse` + `write_fit` run the whole `megareuse fit` pipeline in-process; see docs/fitting.md.
+Names are imported on first use, so `megareuse.law.commands.register` (called for every
+`megareuse` command line) does not pay for scipy.
+"""
+import importlib
+
+_WHERE = {
+    "bootstrap": ["bootstrap"],
+    "commands": ["analyse", "register", "write_fit", "write_outputs"],
+    "data": ["LawError", "RunTable", "load_table", "table_from_arrays"],
+    "fit": ["fit_form"],
+    "forms": ["Form", "available_forms", "get_form", "register_form"],
+    "law": ["Law"],
+    "perd1": ["per_d1_analysis"],
+    "plan": ["best_split", "make_plan", "marginal_gain", "saving_vanishes", "scratch_tokens"],
+    "report": ["fit_report", "plan_report"],
+    "validate": ["compare_forms", "expanding_window", "holdout_check", "leave_one_out"],
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'megareuse.law' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"megareuse.law.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

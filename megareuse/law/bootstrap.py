@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megareuse.law.data import LawError, RunTable
-from megareuse.law.fit import DELTA, fit_form
+from megareuse.law.fit import DELTA, blas_limit_available, blas_single_thread, fit_form
 from megareuse.law.law import Law
 
 _PAYLOAD: dict = {}
@@ -68,16 +68,20 @@ def bootstrap(table: RunTable, law: Law, n_resamples: int = 1000, seed: int = 0,
     note = ""
     if workers > 1 and "fork" not in mp.get_all_start_methods():
         workers, note = 1, "ran in one process: this platform cannot fork worker processes"
+    if not blas_limit_available():
+        note += (" " if note else "") + ("threadpoolctl is not installed, so BLAS threads were not limited: "
+                                         "refits can be many times slower on a busy machine")
     payload = {"table": table, "law": law, "seed": seed, "delta": delta}
     indices = list(range(n_resamples))
-    if workers == 1:
-        _init(payload)
-        results = _chunk(indices)
-    else:
-        size = max(1, -(-n_resamples // (workers * 8)))
-        chunks = [indices[i:i + size] for i in range(0, n_resamples, size)]
-        with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(payload,)) as pool:
-            results = [r for part in pool.map(_chunk, chunks) for r in part]
+    with blas_single_thread():  # set before forking: the workers inherit it
+        if workers == 1:
+            _init(payload)
+            results = _chunk(indices)
+        else:
+            size = max(1, -(-n_resamples // (workers * 8)))
+            chunks = [indices[i:i + size] for i in range(0, n_resamples, size)]
+            with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(payload,)) as pool:
+                results = [r for part in pool.map(_chunk, chunks) for r in part]
     thetas = np.array([r[0] for r in results])
     ok = np.array([r[1] for r in results]) & np.all(np.isfinite(thetas), axis=1)
     samples = thetas[ok]

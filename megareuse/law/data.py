@@ -123,6 +123,14 @@ def _flatten(record: Mapping, prefix: str = "") -> dict:
 
 
 def _read_rows(path: Path, text: str) -> list[dict]:
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LawError(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); accepted a list of objects") from None
+        if not all(isinstance(r, dict) for r in records):
+            raise LawError(f"{path}: accepted a JSON list of objects, one per run")
+        return [_flatten(r) for r in records]
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
@@ -177,18 +185,19 @@ def load_table(path, loss_col: str = "loss", where: Optional[Mapping[str, str]] 
     rows = _read_rows(path, text)
     if not rows:
         raise LawError(f"{path} has no rows; accepted a table with a header and one row per run")
-    canon = {k.replace(".", "_"): k for r in rows[:1] for k in r}
-    loss_key = loss_col if loss_col in rows[0] else canon.get(loss_col.replace(".", "_"))
     present = sorted({k for r in rows for k in r})
+    canon = {k.replace(".", "_"): k for k in present}
+    loss_key = loss_col if loss_col in present else canon.get(loss_col.replace(".", "_"))
     if loss_key is None:
         raise LawError(f"column {loss_col!r} (the loss, --loss-col) missing from {path}; "
                        f"columns present: {', '.join(present)}")
+    numbered = list(enumerate(rows, 1))  # keep the file's row numbers for messages
     for key, wanted in (where or {}).items():
         if key not in present:
             raise LawError(f"--where {key}={wanted}: column {key!r} missing from {path}; "
                            f"columns present: {', '.join(present)}")
-        rows = [r for r in rows if _matches(r, key, str(wanted))]
-        if not rows:
+        numbered = [(i, r) for i, r in numbered if _matches(r, key, str(wanted))]
+        if not numbered:
             raise LawError(f"--where {key}={wanted} keeps no rows of {path}")
     source_of = {name: name for name in KNOWN}
     for law_col, table_col in (rename or {}).items():
@@ -197,18 +206,16 @@ def load_table(path, loss_col: str = "loss", where: Optional[Mapping[str, str]] 
         if table_col not in present:
             raise LawError(f"rename {law_col}={table_col}: column {table_col!r} missing from {path}")
         source_of[law_col] = table_col
-    columns = {}
-    for law_col, table_col in source_of.items():
-        if any(table_col in r for r in rows):
-            columns[law_col] = np.array([_number(r.get(table_col), table_col, i + 1, path)
-                                         for i, r in enumerate(rows)])
-    loss = np.array([_number(r.get(loss_key), loss_key, i + 1, path) for i, r in enumerate(rows)])
-    weight = group = None
-    if all("weight" in r for r in rows):
-        weight = [_number(r["weight"], "weight", i + 1, path) for i, r in enumerate(rows)]
-    if all("group" in r for r in rows):
-        group = [str(r["group"]) for r in rows]
-    run_id = [str(r.get("run_id", f"row{i + 1}")) for i, r in enumerate(rows)]
+
+    def numbers(key):
+        return [_number(r.get(key), key, i, path) for i, r in numbered]
+
+    columns = {law_col: np.array(numbers(table_col)) for law_col, table_col in source_of.items()
+               if any(table_col in r for _, r in numbered)}
+    loss = np.array(numbers(loss_key))
+    weight = numbers("weight") if all("weight" in r for _, r in numbered) else None
+    group = [str(r["group"]) for _, r in numbered] if all("group" in r for _, r in numbered) else None
+    run_id = [str(r.get("run_id", f"row{i}")) for i, r in numbered]
     table = table_from_arrays(loss, source=str(path), weight=weight, group=group, run_id=run_id,
                               loss_col=loss_col, **columns)
     table.sha256 = hashlib.sha256(raw).hexdigest()

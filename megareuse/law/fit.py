@@ -10,6 +10,7 @@ the projected gradient norm and the agreement of the two methods are reported, n
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 from typing import Mapping, Optional, Sequence
@@ -24,6 +25,30 @@ from megareuse.law.law import Law
 DELTA = 1e-3
 LBFGS_OPTIONS = {"maxiter": 3000, "maxfun": 6000, "ftol": 1e-15, "gtol": 1e-9, "maxcor": 30}
 GRAD_TOL = 1e-5  # projected-gradient norm (objective units) below which a stalled fit counts as converged
+
+
+_CONTROLLER = None
+
+
+def blas_single_thread():
+    """Context keeping BLAS/LAPACK on one thread: the matrices here are tiny, and threads only
+    cost time (L-BFGS-B ran 25x slower on a loaded 2-core machine without this)."""
+    global _CONTROLLER
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # optional dependency: fits are correct without it, slower under load
+        return contextlib.nullcontext()
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1)
+
+
+def blas_limit_available() -> bool:
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def huber_objective(theta, form: Form, lx, logy, w, delta: float = DELTA):
@@ -139,6 +164,8 @@ def lbfgs(form: Form, theta0, lx, logy, w, delta=DELTA) -> dict:
     gnorm = projected_grad_norm(res.x, g, bounds)
     converged = bool(np.isfinite(f) and (res.status == 0 or gnorm <= GRAD_TOL))
     message = res.message if isinstance(res.message, str) else str(res.message)
+    if res.status != 0 and converged:
+        message = f"{message.strip()} (line search stalled at a projected gradient below {GRAD_TOL:g})"
     return {"theta": res.x, "objective": f, "grad_norm": gnorm, "converged": converged,
             "message": message, "n_iter": int(res.nit)}
 
@@ -154,6 +181,16 @@ def choose_units(table: RunTable, form: Form) -> dict:
     p_scale, p_name = choose_unit(table.columns["N"]) if "N" in form.inputs else (1.0, "")
     return {"tokens": t_scale, "tokens_name": t_name or "tokens", "params": p_scale,
             "params_name": p_name or "params"}
+
+
+def _check_units(units: Mapping) -> dict:
+    out = dict(units)
+    for key in ("tokens", "params"):
+        value = out.setdefault(key, 1.0)
+        if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+            raise LawError(f"units[{key!r}] = {value!r}: accepted a positive number (e.g. 1e6)")
+        out.setdefault(f"{key}_name", f"{value:g} {key}")
+    return out
 
 
 def check_table(table: RunTable, form: Form) -> None:
@@ -175,11 +212,15 @@ def fit_form(table: RunTable, form, units: Optional[Mapping] = None, delta: floa
     `starts` adds raw starting points (e.g. a previous fit, as the bootstrap does): each is used
     as given and with its linear part re-projected. n_grid_starts=0 skips the grid (then starts
     are required); varpro=False skips the projected search (both used for bootstrap refits)."""
-    form = get_form(form)
+    with blas_single_thread():
+        return _fit(table, get_form(form), units, delta, starts, n_grid_starts, varpro)
+
+
+def _fit(table, form, units, delta, starts, n_grid_starts, varpro) -> Law:
     check_table(table, form)
     if not (isinstance(delta, float) and delta > 0):
         raise LawError(f"delta = {delta!r}: accepted a positive float")
-    units = dict(units) if units else choose_units(table, form)
+    units = _check_units(units) if units else choose_units(table, form)
     lx = log_inputs(table, form, units)
     y, logy = table.loss, np.log(table.loss)
     w = table.weight / np.mean(table.weight)
@@ -216,5 +257,7 @@ def fit_form(table: RunTable, form, units: Optional[Mapping] = None, delta: floa
 
 
 def _provenance(table: RunTable) -> dict:
+    ranges = {c: [float(v.min()), float(v.max())] for c, v in table.columns.items()
+              if len(v) and np.all(np.isfinite(v))}
     return {"source": table.source, "sha256": table.sha256, "n_runs": len(table),
-            "loss_col": table.loss_col, **{k: v for k, v in table.extra.items() if v}}
+            "loss_col": table.loss_col, "ranges": ranges, **{k: v for k, v in table.extra.items() if v}}

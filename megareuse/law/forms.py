@@ -95,7 +95,10 @@ class Form:
         rows = len(self.linear) or 1
         if len(out) != rows:
             raise LawError(f"form {self.name}: terms() returned {len(out)} terms; expected {rows}")
-        return np.array([np.broadcast_to(np.asarray(t, dtype=float), (n,)) for t in out])
+        G = np.empty((rows, n))
+        for j, term in enumerate(out):
+            G[j] = term
+        return G
 
     def basis_jac(self, phi: Mapping[str, float], lx: Mapping[str, np.ndarray]) -> np.ndarray:
         """dG/dphi with shape (terms, nonlinear, n): analytic where the form gives it."""
@@ -182,7 +185,7 @@ BUILTIN = [
          lambda p, x: [{}, {"a1": -x["D1"]}, {"a2": -x["D2"]}],
          bounds={"a1": (-1, 5), "a2": (-1, 5)}, grid={"a1": _EXP, "a2": _EXP},
          formula="L = E + A * D1^(-a1) + B * D2^(-a2)", order=("E", "A", "a1", "B", "a2")),
-    Form("transfer", ("D1", "D2"), ("E", "B"), ("b", "ln_k", "g"), _transfer_terms, _transfer_jac,
+    Form("transfer", ("D1", "D2"), ("B", "E"), ("b", "ln_k", "g"), _transfer_terms, _transfer_jac,
          bounds={"b": (0, 5), "ln_k": (-30, 30), "g": (-2, 3)},
          grid={"b": [0.1, 0.3, 0.6, 1.0], "ln_k": [-4.0, -2.0, 0.0, 2.0], "g": [0.2, 0.5, 1.0]},
          formula="L = E + B * (D2 + exp(ln_k) * D1^g)^(-b)", order=("E", "B", "b", "ln_k", "g")),

@@ -31,6 +31,18 @@ class Law:
         self.data = dict(data or {})
         self.bootstrap = bootstrap
 
+    @classmethod
+    def from_params(cls, form, params: Mapping[str, float], tokens_unit: float = 1.0,
+                    params_unit: float = 1.0, source: str = "given parameters") -> "Law":
+        """A law from known parameters (e.g. a published fit), inputs in the given units."""
+        form = get_form(form)
+        for name, unit in (("tokens_unit", tokens_unit), ("params_unit", params_unit)):
+            if not (isinstance(unit, (int, float)) and unit > 0):
+                raise LawError(f"{name} = {unit!r}: accepted a positive number")
+        units = {"tokens": float(tokens_unit), "tokens_name": f"{tokens_unit:g} tokens",
+                 "params": float(params_unit), "params_name": f"{params_unit:g} params"}
+        return cls(form, form.theta_from_params(params), units, data={"source": source})
+
     # -- parameters and predictions ----------------------------------------------------------
     @property
     def params(self) -> dict[str, float]:
@@ -59,10 +71,11 @@ class Law:
         arrays = np.broadcast_arrays(*[np.asarray(columns[c], dtype=float) for c in self.form.inputs])
         out = {}
         for c, values in zip(self.form.inputs, arrays):
-            if not np.all(np.isfinite(values) & (values > 0)):
-                raise LawError(f"{c} = {values.ravel()[~(np.isfinite(values.ravel()) & (values.ravel() > 0))][0]!r}: "
-                               f"accepted positive finite numbers")
-            out[c] = np.log(values.ravel() / self.units["params" if c == "N" else "tokens"])
+            values = values.ravel()
+            bad = values[~(np.isfinite(values) & (values > 0))]
+            if len(bad):
+                raise LawError(f"{c} = {bad[0]:g}: accepted positive finite numbers")
+            out[c] = np.log(values / self.units["params" if c == "N" else "tokens"])
         return out
 
     def _shape(self, columns):
@@ -73,9 +86,8 @@ class Law:
     def predict(self, columns=None, **kw) -> np.ndarray:
         """Loss at the given inputs: law.predict(table) or law.predict(D1=..., D2=...)."""
         columns = kw if columns is None else columns
-        shape = self._shape(columns) if not isinstance(columns, RunTable) else (len(columns),)
         lx = self.log_inputs(columns)
-        return np.exp(self.form.log_predict(self.theta, lx)).reshape(shape)
+        return np.exp(self.form.log_predict(self.theta, lx)).reshape(self._shape(columns))
 
     def predict_samples(self, columns) -> np.ndarray:
         """Predictions under each bootstrap sample: shape (samples, points)."""

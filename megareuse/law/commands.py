@@ -1,0 +1,304 @@
+"""`megareuse fit` and `megareuse plan`, and the in-process pipeline behind them.
+
+    megareuse fit --runs runs.csv [--form reuse] [--compare auto] [--holdout largest]
+                  [--bootstrap 200] [--workers 1] [--seed 0] [--level 0.9] [--loss-col loss]
+                  [--where method=cpt] [--rename D=D2] --out DIR
+    megareuse plan --law DIR/law.json [--scratch-law S/law.json] [--D1 1M,4M] [--D2 0.5M,1M]
+                   [--budget-tokens 8M | --budget-flops 1e15] [--N 3.3e5] [--N-base ...] --out DIR
+
+A user error prints one line on stderr ("megareuse fit: ...") and returns 2; everything is
+computed and checked before the first file is written, and each file is written atomically.
+`register(subparsers)` adds both commands to an argparse parser.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megareuse.law.data import LawError, RunTable, load_table, parse_count
+from megareuse.law.forms import available_forms, forms_for_columns, get_form
+
+CHECKS = ("rollout", "loo")
+
+
+def default_form(table: RunTable) -> str:
+    """reuse for D1/D2 tables, chinchilla for N/D, power for D alone (a partial set names the
+    form whose missing column the error then reports)."""
+    if table.has("D1") or table.has("D2"):
+        return "reuse"
+    for name, cols in (("chinchilla", ("N", "D")), ("power", ("D",))):
+        if table.has(*cols):
+            return name
+    raise LawError(f"{table.source} has none of the column sets D1+D2, N+D, D; columns present: "
+                   f"{', '.join(table.columns) or 'none'}, {table.loss_col}")
+
+
+def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout: Optional[str] = "largest",
+            n_boot: int = 200, seed: int = 0, workers: int = 1, level: float = 0.9, figures: bool = True,
+            strict_holdout: bool = True, checks: Sequence[str] = ()) -> dict:
+    """Fit, bootstrap, compare forms, check held-out runs, per-D1 analysis, figures (in memory).
+
+    compare: "auto" (every registered form the columns allow), a list of names, or None.
+    checks: also "rollout" (expanding window over D2, or D) and/or "loo" (leave one run out)."""
+    from megareuse.law.bootstrap import bootstrap
+    from megareuse.law.fit import fit_form
+    from megareuse.law.perd1 import per_d1_analysis
+    from megareuse.law.validate import compare_forms, expanding_window, holdout_check, holdout_mask, leave_one_out
+    form = get_form(form or default_form(table))
+    table.require(form.inputs, f"form {form.name}")
+    for check in checks:
+        if check not in CHECKS:
+            raise LawError(f"check = {check!r}: accepted {', '.join(CHECKS)}")
+    notes = []
+    if holdout in (None, "", "none"):
+        holdout = None
+    else:
+        try:
+            holdout_mask(table, holdout, form.inputs)
+        except LawError as exc:
+            if strict_holdout:
+                raise
+            notes.append(f"no held-out check: {exc}")
+            holdout = None
+    names = forms_for_columns(table.columns) if compare == "auto" else list(compare or [])
+    for name in names:
+        get_form(name)
+    law = fit_form(table, form)
+    if not law.diagnostics["converged"]:
+        notes.append(f"the {form.name} fit did NOT converge ({law.diagnostics['message']}); treat it with care")
+    if n_boot:
+        bootstrap(table, law, n_boot, seed=seed, workers=workers, level=level)
+    result = {"table": table, "law": law, "comparison": None, "holdout": None, "per_d1": None,
+              "rollout": None, "loo": None, "notes": notes, "files": {}, "figures": []}
+    if "rollout" in checks:
+        axis = "D2" if "D2" in form.inputs else form.inputs[-1]
+        result["rollout"] = expanding_window(table, form, axis=axis)
+    if "loo" in checks:
+        result["loo"] = leave_one_out(table, form)
+    if holdout and len(names) > 1:
+        result["comparison"] = compare_forms(table, names, holdout)
+    if holdout:
+        try:
+            result["holdout"] = holdout_check(table, form, holdout, n_boot=n_boot if n_boot else 0,
+                                              seed=seed, workers=workers, level=level)
+        except LawError as exc:
+            if strict_holdout:
+                raise
+            notes.append(f"no held-out check: {exc}")
+    if form.inputs == ("D1", "D2"):
+        try:
+            E = law.params.get("E", "joint")
+            result["per_d1"] = per_d1_analysis(table, E=E, E_source=f"shared, from the joint {form.name} fit")
+        except LawError as exc:
+            notes.append(f"no per-D1 analysis: {exc}")
+    if figures:
+        from megareuse.law.plots import figure_heldout, figure_per_d1
+        for key, make in (("per_d1", figure_per_d1), ("holdout", figure_heldout)):
+            if result[key]:
+                files, note = make(result[key], table.describe())
+                result["files"].update(files)
+                if note and note not in notes:
+                    notes.append(note)
+    result["figures"] = sorted(result["files"])
+    return result
+
+
+def law_json(result: dict) -> dict:
+    out = result["law"].to_dict()
+    comp, check, an = result["comparison"], result["holdout"], result["per_d1"]
+    if comp:
+        out["comparison"] = {"rule": comp["rule"], "selected": comp["selected"], "why": comp["why"],
+                             "forms": [{k: r[k] for k in ("form", "n_params", "converged", "mare", "max_abs_rel",
+                                                           "rms_log_train", "aic", "bic", "skipped") if k in r}
+                                       for r in comp["results"]]}
+    if check:
+        out["holdout"] = {k: check[k] for k in ("rule", "n_train", "n_test", "mare", "max_abs_rel", "coverage",
+                                                 "level", "rows") if k in check}
+        out["holdout"]["params"] = check["law"].params
+    if an:
+        out["per_d1"] = {k: an[k] for k in ("E_mode", "E", "alpha_fit", "scale_fit", "notes")}
+        out["per_d1"]["rows"] = [{k: r[k] for k in ("D1", "n", "A", "alpha", "E", "rms_log")} for r in an["per_d1"]]
+    if result.get("rollout"):
+        out["rollout"] = [{k: s[k] for k in ("axis", "train_max", "predict_at", "n_train", "n_test", "mare",
+                                             "max_abs_rel", "converged")} for s in result["rollout"]]
+    if result.get("loo"):
+        out["loo"] = {k: result["loo"][k] for k in ("mare", "max_abs_rel", "n_test", "n_unconverged")}
+    out["notes"] = result["notes"]
+    return out
+
+
+def finite_json(value):
+    """JSON-safe copy: non-finite floats (a loss never reached, an undefined ratio) become null."""
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_outputs(out_dir, files: dict) -> list[str]:
+    """Write {name: bytes or str} into out_dir, each file atomically (temp file + rename)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        data = content.encode() if isinstance(content, str) else content
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out / name)
+    return [str(out / n) for n in files]
+
+
+def write_fit(result: dict, out_dir) -> list[str]:
+    from megareuse.law.report import fit_report
+    files = {"law.json": json.dumps(finite_json(law_json(result)), indent=1) + "\n",
+             "report.md": fit_report(result), **result["files"]}
+    return write_outputs(out_dir, files)
+
+
+# -- argument checks (one line each) ----------------------------------------------------------
+def _int(name: str, text, lo: int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise LawError(f"{name} = {text!r}: accepted an integer >= {lo}") from None
+    if value < lo:
+        raise LawError(f"{name} = {text!r}: accepted an integer >= {lo}")
+    return value
+
+
+def _pairs(name: str, items: Sequence[str]) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LawError(f"{name} {item!r}: accepted COLUMN=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _out_dir(text: str) -> Path:
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise LawError(f"--out {text}: exists and is not a directory; accepted a directory path")
+    return out
+
+
+def cmd_fit(args) -> int:
+    try:
+        out = _out_dir(args.out)
+        level = float(args.level)
+        if not 0 < level < 1:
+            raise LawError(f"--level = {args.level!r}: accepted a number between 0 and 1, e.g. 0.9")
+        n_boot, workers = _int("--bootstrap", args.bootstrap, 0), _int("--workers", args.workers, 1)
+        seed = _int("--seed", args.seed, 0)
+        if n_boot == 1:
+            raise LawError("--bootstrap = 1: accepted 0 (no intervals) or an integer >= 2")
+        table = load_table(args.runs, loss_col=args.loss_col, where=_pairs("--where", args.where),
+                           rename=_pairs("--rename", args.rename))
+        compare = ("auto" if args.compare == "auto" else None if args.compare == "none"
+                   else [c.strip() for c in args.compare.split(",") if c.strip()])
+        checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else []
+        result = analyse(table, args.form, compare, args.holdout or "largest", n_boot, seed, workers, level,
+                         strict_holdout=args.holdout is not None, checks=checks)
+        paths = write_fit(result, out)
+    except ValueError as exc:  # LawError and bad numbers
+        print(f"megareuse fit: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"megareuse fit: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    law = result["law"]
+    print(f"{law.label}: " + ", ".join(f"{k}={v:.4g}" for k, v in law.params.items())
+          + f"; converged={law.diagnostics['converged']}, RMS log {law.diagnostics['rms_log']:.4g}")
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+def _counts(name: str, text: Optional[str]) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [parse_count(t) for t in text.split(",") if t.strip()]
+    except LawError as exc:
+        raise LawError(f"{name}: {exc}") from None
+
+
+def _count(name: str, text: Optional[str]) -> Optional[float]:
+    values = _counts(name, text)
+    if len(values) > 1:
+        raise LawError(f"{name} = {text!r}: accepted one number")
+    return values[0] if values else None
+
+
+def cmd_plan(args) -> int:
+    from megareuse.law.law import Law
+    from megareuse.law.plan import make_plan
+    try:
+        out = _out_dir(args.out)
+        law = Law.load(args.law)
+        scratch = Law.load(args.scratch_law) if args.scratch_law else None
+        plan = make_plan(law, scratch, D1=_counts("--D1", args.D1), D2=_counts("--D2", args.D2),
+                         budget_tokens=_count("--budget-tokens", args.budget_tokens),
+                         budget_flops=_count("--budget-flops", args.budget_flops),
+                         N=_count("--N", args.N), N_base=_count("--N-base", args.N_base))
+        from megareuse.law.plots import figure_plan
+        from megareuse.law.report import plan_report
+        files, note = figure_plan(plan, law, scratch)
+        text = plan_report(plan, "plan.png" if files else None, [note] if note else [])
+        paths = write_outputs(out, {"plan.json": json.dumps(finite_json(plan), indent=1) + "\n", "plan.md": text, **files})
+    except ValueError as exc:
+        print(f"megareuse plan: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"megareuse plan: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if plan["split"]:
+        s = plan["split"]
+        print(f"best split: D1={s['D1']:.4g}, D2={s['D2']:.4g} tokens, loss {s['loss']:.4g}"
+              + (f"; {s['decision']} (scratch loss {s['scratch_loss']:.4g})" if "decision" in s else ""))
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `fit` and `plan` to an argparse subparsers object."""
+    p = subparsers.add_parser("fit", help="fit a scaling law to a run table; check it on held-out runs")
+    p.add_argument("--runs", required=True, help="CSV/TSV/JSONL table: D1, D2 (or N, D, or D) and a loss column")
+    p.add_argument("--form", default=None, help=f"the law to fit: {', '.join(available_forms())} "
+                                                f"(default: reuse for D1/D2 tables)")
+    p.add_argument("--compare", default="auto", help="forms to compare on the held-out split: 'auto' "
+                                                     "(all the columns allow), 'none', or a comma list")
+    p.add_argument("--holdout", default=None, help="'largest' (default), 'none', or thresholds like "
+                                                   "'D2>=1M', 'D1>=4M|D2>=1M'")
+    p.add_argument("--checks", default="", help="further checks, comma list: rollout (expanding window "
+                                                "over D2), loo (leave one run out)")
+    p.add_argument("--bootstrap", default="200", help="bootstrap resamples (0 = no intervals)")
+    p.add_argument("--workers", default="1", help="processes for the bootstrap")
+    p.add_argument("--seed", default="0")
+    p.add_argument("--level", default="0.9", help="interval level")
+    p.add_argument("--loss-col", default="loss", help="the loss column, e.g. valid_loss_code")
+    p.add_argument("--where", action="append", default=[], help="keep rows with COLUMN=VALUE (repeatable)")
+    p.add_argument("--rename", action="append", default=[], help="use a table column as a law column, e.g. D=D2")
+    p.add_argument("--out", required=True, help="output directory: law.json, report.md, figures")
+    p.set_defaults(func=cmd_fit)
+
+    p = subparsers.add_parser("plan", help="reuse or from scratch? answers from fitted laws")
+    p.add_argument("--law", required=True, help="law.json of a law over D1 and D2")
+    p.add_argument("--scratch-law", default=None, help="law.json of a from-scratch law (power or chinchilla)")
+    p.add_argument("--D1", default=None, help="base tokens, comma list (e.g. 1M,4M); default: the data's range")
+    p.add_argument("--D2", default=None, help="stage-2 tokens, comma list; default: the data's range and beyond")
+    p.add_argument("--budget-tokens", default=None, help="total tokens D1 + D2 to split")
+    p.add_argument("--budget-flops", default=None, help="total FLOPs 6 N_base D1 + 6 N D2 to split")
+    p.add_argument("--N", default=None, help="parameters of the stage-2 (and from-scratch) model")
+    p.add_argument("--N-base", default=None, help="parameters of the base model (default: N)")
+    p.add_argument("--out", required=True, help="output directory: plan.json, plan.md, plan.png")
+    p.set_defaults(func=cmd_plan)

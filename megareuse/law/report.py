@@ -1,0 +1,199 @@
+"""Markdown reports of a fit (law, intervals, diagnostics, comparison, held-out check, per-D1
+analysis, residuals) and of a plan. Every table says which law and data it came from."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from megareuse.law.bootstrap import interval_text
+
+
+def _g(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float) and math.isinf(v):
+        return "never" if v > 0 else "-inf"
+    return f"{v:.{digits}g}" if isinstance(v, (int, float)) else str(v)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_g(c) for c in r) + " |" for r in rows] + [""])
+
+
+def _law_section(law) -> list[str]:
+    d = law.diagnostics
+    lines = [f"## Law: `{law.form.name}`", "", f"    {law.form.formula}", "",
+             f"Fitted on {law.data.get('n_runs', '?')} runs of `{law.data.get('source', '-')}`; {law.unit_text}.", ""]
+    boot = law.bootstrap
+    level = f"{int(round(100 * boot['level']))}% " if boot else ""
+    lines += _table(["parameter", f"estimate [{level}bootstrap interval]" if boot else "estimate"],
+                    [[p, interval_text(law, p)] for p in law.form.params])
+    if boot:
+        lines.append(f"Bootstrap: {boot['n_converged']} of {boot['n_resamples']} resamples over "
+                     f"{boot['resample_unit']}s converged (seed {boot['seed']}, {boot['workers']} "
+                     f"worker{'s' if boot['workers'] > 1 else ''}). "
+                     + (boot.get("note") or ""))
+        if "a3" in law.params and boot.get("a3_excludes_zero") is not None:
+            verdict = "excludes 0" if boot["a3_excludes_zero"] else "contains 0"
+            lines.append(f"The interval of a3 **{verdict}**: "
+                         + ("the data show an interaction (saturation if a3 > 0)." if boot["a3_excludes_zero"]
+                            else "these data do not establish an interaction between D1 and D2."))
+        lines.append("")
+    conv = "converged" if d["converged"] else "**did NOT converge**"
+    lines += ["### Fit diagnostics", "",
+              f"- Optimiser: L-BFGS-B on Huber (delta {d['delta']:g}) of log loss, {d['n_starts']} starts "
+              f"({d['n_starts_converged']} converged, {d['n_starts_at_best']} reached the best objective): "
+              f"{conv} ({d['message']}); projected gradient norm {d['grad_norm']:.2e}, {d['n_iter']} iterations.",
+              f"- RMS error {d['rms_log']:.4g} (log), {d['rms_loss']:.4g} nats (loss units); "
+              f"max |relative error| {_pct(d['max_abs_rel'])}; R^2 {d['r2']:.5f}; AIC {d['aic']:.2f}; BIC {d['bic']:.2f}.",
+              f"- Jacobian condition number {d['jac_cond']:.3g}"
+              + (" (parameters poorly identified by these runs)" if d["jac_cond"] > 1e8 else "") + "."]
+    if d.get("at_bounds"):
+        lines.append(f"- At a bound of the search: {', '.join(d['at_bounds'])} (a log-coefficient at its lower "
+                     f"bound means that term is ~0).")
+    vp = d.get("varpro")
+    if vp:
+        lines.append(f"- Variable projection (closed-form linear part, least squares on relative error) "
+                     f"{'agrees' if vp['agree'] else '**disagrees**'}: max |log prediction gap| "
+                     f"{vp['max_gap_log']:.2e} (RMS log error {d['rms_log']:.2e}); its parameters: "
+                     + ", ".join(f"{k} {_g(v)}" for k, v in vp["params"].items()) + ".")
+    return lines + [""]
+
+
+def _comparison_section(comp: dict, source: str) -> list[str]:
+    lines = [f"## Form comparison (held out: `{comp['rule']}`; {comp['n_train']} runs fitted, "
+             f"{comp['n_test']} predicted; data {source})", ""]
+    rows = []
+    for r in comp["results"]:
+        if "skipped" in r:
+            rows.append([r["form"], r["n_params"], "skipped: " + r["skipped"], "", "", "", "", ""])
+        else:
+            rows.append([r["form"], r["n_params"], r["converged"], r["rms_log_train"], r["aic"], r["bic"],
+                         _pct(r["mare"]), _pct(r["max_abs_rel"])])
+    lines += _table(["form", "params", "converged", "RMS log (fit)", "AIC", "BIC", "held-out MARE",
+                     "held-out max"], rows)
+    lines += [f"Selected: **{comp['selected']}** ({comp['why']}).", ""]
+    return lines
+
+
+def _holdout_section(check: dict, source: str) -> list[str]:
+    law = check["law"]
+    inputs = list(law.form.inputs)
+    has_pi = "lo" in check["rows"][0]
+    lines = [f"## Held-out check: `{check['form']}`, fitted on {check['n_train']} runs, predicting "
+             f"`{check['rule']}` ({check['n_test']} runs; data {source})", ""]
+    header = ["run"] + inputs + ["observed", "predicted", "rel. error"]
+    header += [f"{int(round(100 * check['level']))}% PI", "inside"] if has_pi else []
+    rows = []
+    for r in check["rows"]:
+        row = [r["run_id"]] + [r[c] for c in inputs] + [r["observed"], r["predicted"], _pct(r["rel_err"])]
+        if has_pi:
+            row += [f"[{r['lo']:.4g}, {r['hi']:.4g}]", r["inside"]]
+        rows.append(row)
+    lines += _table(header, rows)
+    lines.append(f"Mean absolute relative error {_pct(check['mare'])}, max {_pct(check['max_abs_rel'])}"
+                 + (f"; {_pct(check['coverage'])} of held-out runs inside the interval." if has_pi else "."))
+    return lines + [""]
+
+
+def _per_d1_section(an: dict, law, figures: list[str]) -> list[str]:
+    af, sf = an["alpha_fit"], an["scale_fit"]
+    e_text = "" if an["E"] is None else f" = {an['E']:.4g}"
+    lines = [f"## Per-D1 analysis (E {an['E_mode']}{e_text})", ""]
+    lines += _table(["D1", "runs", "A(D1)", "alpha(D1)", "E", "RMS log"],
+                    [[r["D1"], r["n"], r["A"], r["alpha"], r["E"], r["rms_log"]] for r in an["per_d1"]])
+    lines += [f"- alpha(D1) = a2 - a3 ln D1: a2 = {af['a2']:.4g} +- {af['se_a2']:.2g}, "
+              f"a3 = {af['a3']:.4g} +- {af['se_a3']:.2g} (R^2 {af['r2']:.3f})",
+              f"- A(D1) = A D1^(-a1): A = {sf['A']:.4g}, a1 = {sf['a1']:.4g} +- {sf['se_a1']:.2g} (R^2 {sf['r2']:.3f})"]
+    if law is not None and law.form.name == "reuse":
+        p = law.params
+        lines.append(f"- Joint `reuse` fit for comparison: A = {p['A']:.4g}, a1 = {p['a1']:.4g}, "
+                     f"a2 = {p['a2']:.4g}, a3 = {p['a3']:.4g}.")
+    lines += [f"- {n}" for n in an["notes"]]
+    lines += [""] + [f"![per-D1 analysis]({f})" for f in figures if f == "figure1.png"] + [""]
+    return lines
+
+
+def fit_report(result: dict) -> str:
+    """The markdown report of `megareuse fit` (see commands.analyse for the result dict)."""
+    law, table = result["law"], result["table"]
+    source = table.describe()
+    lines = ["# megareuse fit", "", f"Data: `{table.source}` ({len(table)} runs, loss column "
+             f"`{table.loss_col}`, sha256 `{table.sha256 or '-'}`)."]
+    if table.extra.get("where"):
+        lines.append(f"Rows kept: {', '.join(f'{k} = {v}' for k, v in table.extra['where'].items())}.")
+    lines += [""] + _law_section(law)
+    if result.get("comparison"):
+        lines += _comparison_section(result["comparison"], source)
+    if result.get("holdout"):
+        lines += _holdout_section(result["holdout"], source)
+        lines += ["![held-out runs](heldout.png)", ""] if "heldout.png" in result.get("figures", []) else []
+    if result.get("rollout"):
+        steps = result["rollout"]
+        lines += [f"## Expanding-window rollout over {steps[0]['axis']} (`{law.form.name}`; data {source})", ""]
+        lines += _table(["fitted up to", "predicting", "runs fitted", "runs predicted", "converged", "MARE", "max"],
+                        [[s["train_max"], s["predict_at"], s["n_train"], s["n_test"], s["converged"],
+                          _pct(s["mare"]), _pct(s["max_abs_rel"])] for s in steps])
+    if result.get("loo"):
+        loo = result["loo"]
+        lines += [f"## Leave-one-out (`{law.form.name}`; data {source})", "",
+                  f"{loo['n_test']} runs predicted from fits to the others: mean absolute relative error "
+                  f"{_pct(loo['mare'])}, max {_pct(loo['max_abs_rel'])}; {loo['n_unconverged']} fits did not converge.", ""]
+    if result.get("per_d1"):
+        lines += _per_d1_section(result["per_d1"], law, result.get("figures", []))
+    lines += [f"## Residuals of the `{law.form.name}` fit (all runs)", ""]
+    lines += _table(["run"] + list(law.form.inputs) + ["observed", "predicted", "rel. error"],
+                    [[r["run_id"]] + [r[c] for c in law.form.inputs] + [r["observed"], r["predicted"],
+                                                                           _pct(r["rel_err"])]
+                     for r in law.residuals(table)])
+    lines += [f"- {n}" for n in result.get("notes", [])]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plan_report(plan: dict, figure: Optional[str] = None, notes: Optional[list] = None) -> str:
+    lines = ["# megareuse plan", "", f"- Reuse law: {plan['law']} (`{plan['law_file']}`)"]
+    if plan["scratch_law"]:
+        lines.append(f"- From-scratch law: {plan['scratch_law']} (`{plan.get('scratch_law_file', '')}`)")
+    if plan["N"]:
+        lines.append(f"- FLOPs as 6 N D with N = {plan['N']:.4g} (stage 2) and {plan['N_base']:.4g} (base)")
+    lines += ["", f"## Loss after D2 tokens on a base trained for D1 (law: {plan['law']})", ""]
+    has_ci, has_s, has_n = "loss_lo" in plan["rows"][0], bool(plan["scratch_law"]), bool(plan["N"])
+    header = ["D1", "D2", "loss"] + (["loss interval"] if has_ci else []) + ["gain per token"]
+    header += ["gain per FLOP", "FLOPs (D2)", "FLOPs (D1 + D2)"] if has_n else []
+    header += ["D_scratch", "saving (tokens)", "saving incl. base"] if has_s else []
+    header += ["extrapolated"]
+    rows = []
+    for r in plan["rows"]:
+        row = [r["D1"], r["D2"], r["loss"]] + ([f"[{r['loss_lo']:.4g}, {r['loss_hi']:.4g}]"] if has_ci else [])
+        row += [r["gain_per_token"]]
+        row += [r["gain_per_flop"], r["flops_D2"], r["flops_with_base"]] if has_n else []
+        row += [r["D_scratch"], r["saving_tokens"], r["saving_with_base"]] if has_s else []
+        rows.append(row + [r["extrapolated"]])
+    lines += _table(header, rows)
+    if plan["vanish"]:
+        lines += [f"## Where the token saving vanishes (laws: {plan['law']} vs {plan['scratch_law']})", ""]
+        lines += _table(["D1", "saving vanishes at D2", "saving turns positive at D2", "note"],
+                        [[v["D1"], v["D2"], v["D2_appears"], v["note"]] for v in plan["vanish"]])
+    s = plan.get("split")
+    if s:
+        budget = (f"{s['budget_tokens']:.4g} tokens" if "budget_tokens" in s
+                  else f"{s['budget_flops']:.4g} FLOPs (N {s['N']:.4g}, base N {s['N_base']:.4g})")
+        lines += [f"## Best split of a budget of {budget} (law: {plan['law']})", "",
+                  f"- D1 = {s['D1']:.4g}, D2 = {s['D2']:.4g} tokens (share of the budget on the base "
+                  f"{100 * s['share_D1']:.1f}%), predicted loss {s['loss']:.4g}"
+                  + (" - the optimum is at the edge of the search: check the law" if s["at_edge"] else "")]
+        if "decision" in s:
+            lines.append(f"- From scratch with {s['scratch_tokens']:.4g} tokens ({plan['scratch_law']}): loss "
+                         f"{s['scratch_loss']:.4g}. Decision: **{s['decision']}**.")
+        lines.append("")
+    if figure:
+        lines += [f"![plan]({figure})", ""]
+    lines += [f"- {n}" for n in notes or []]
+    return "\n".join(lines).rstrip() + "\n"

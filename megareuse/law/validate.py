@@ -1,0 +1,178 @@
+"""Checks against larger runs: hold-out splits, expanding-window rollout, leave-one-out, and a
+comparison of every form on the same split.
+
+Hold-out rules (fit on the rest, predict the held-out runs):
+  largest            runs at the largest value of any input (the outer edge of the grid)
+  D2>=1M             a threshold; K, M, B, T suffixes; >=, >, <=, <
+  D1>=4M|D2>=1M      '|' = or, '&' = and
+Model selection (the one-standard-error rule): among the forms whose mean absolute relative
+error on the held-out runs is within one standard error of the lowest (the standard error of
+that best form's per-run errors), the one with the fewest parameters.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megareuse.law.bootstrap import bootstrap
+from megareuse.law.data import LawError, RunTable, parse_count
+from megareuse.law.fit import blas_single_thread, check_table, fit_form
+from megareuse.law.forms import Form, forms_for_columns, get_form
+
+_COND = re.compile(r"^\s*(D1|D2|N|D)\s*(>=|<=|>|<)\s*([0-9.eE+\-]+[KMBGTkmbgt]?)\s*$")
+_OPS = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less}
+
+
+def holdout_mask(table: RunTable, rule: str, inputs: Sequence[str]) -> np.ndarray:
+    """Boolean mask of held-out runs for a rule (see the module docstring)."""
+    if not isinstance(rule, str) or not rule.strip():
+        raise LawError(f"holdout = {rule!r}: accepted 'largest', 'D2>=1M', 'D1>=4M|D2>=1M', 'none'")
+    if rule.strip() == "largest":
+        mask = np.zeros(len(table), dtype=bool)
+        for c in inputs:
+            mask |= table.columns[c] >= table.columns[c].max()
+    else:
+        mask = np.zeros(len(table), dtype=bool)
+        for clause in rule.split("|"):
+            part = np.ones(len(table), dtype=bool)
+            for cond in clause.split("&"):
+                m = _COND.match(cond)
+                if not m:
+                    raise LawError(f"holdout = {rule!r}: cannot read {cond.strip()!r}; accepted 'largest' "
+                                   f"or conditions like D2>=1M joined by | (or) and & (and)")
+                col, op, value = m.groups()
+                if col not in table.columns:
+                    raise LawError(f"holdout = {rule!r}: column {col!r} missing; columns present: "
+                                   f"{', '.join(table.columns)}")
+                part &= _OPS[op](table.columns[col], parse_count(value))
+            mask |= part
+    if mask.all() or not mask.any():
+        ranges = "; ".join(f"{c} {table.columns[c].min():.4g}..{table.columns[c].max():.4g}" for c in inputs)
+        raise LawError(f"holdout = {rule!r} holds out {int(mask.sum())} of {len(table)} runs; accepted a rule "
+                       f"that leaves runs on both sides ({ranges})")
+    return mask
+
+
+def _rows(law, test: RunTable, interval=None) -> list[dict]:
+    rows = law.residuals(test)
+    for i, row in enumerate(rows):
+        if interval is not None:
+            lo, hi = float(interval[0][i]), float(interval[1][i])
+            row.update({"lo": lo, "hi": hi, "inside": bool(lo <= row["observed"] <= hi)})
+    return rows
+
+
+def _summary(rows: list[dict]) -> dict:
+    err = np.abs([r["rel_err"] for r in rows])
+    out = {"n_test": len(rows), "mare": float(err.mean()), "max_abs_rel": float(err.max())}
+    if rows and "inside" in rows[0]:
+        out["coverage"] = float(np.mean([r["inside"] for r in rows]))
+    return out
+
+
+def holdout_check(table: RunTable, form, rule: str = "largest", n_boot: int = 200, seed: int = 0,
+                  workers: int = 1, level: float = 0.9) -> dict:
+    """Fit on the runs the rule keeps, predict the held-out ones (with bootstrap intervals when
+    n_boot >= 2): per run predicted, observed, relative error, inside the interval or not."""
+    form = get_form(form)
+    table.require(form.inputs, f"form {form.name}")
+    mask = holdout_mask(table, rule, form.inputs)
+    train, test = table.subset(~mask), table.subset(mask)
+    with blas_single_thread():
+        law = fit_form(train, form)
+        interval = None
+        if n_boot:
+            bootstrap(train, law, n_boot, seed=seed, workers=workers, level=level)
+            interval = law.interval(test, level=level, noise=True)
+    rows = _rows(law, test, interval)
+    return {"rule": rule, "form": form.name, "n_train": len(train), "law": law, "rows": rows,
+            "level": level if n_boot else None, **_summary(rows)}
+
+
+def _select(results: list[dict]) -> tuple[Optional[str], str]:
+    ok = [r for r in results if "mare" in r and r["converged"]]
+    if not ok:
+        return None, "no form converged on the training runs"
+    best = min(ok, key=lambda r: r["mare"])
+    err = np.asarray(best["abs_err"])
+    se = float(np.std(err, ddof=1) / np.sqrt(len(err))) if len(err) > 1 else 0.0
+    chosen = min((r for r in ok if r["mare"] <= best["mare"] + se), key=lambda r: (r["n_params"], r["mare"]))
+    if chosen is best:
+        return best["form"], f"{best['form']} has the lowest held-out error"
+    return chosen["form"], (f"{chosen['form']} ({chosen['n_params']} parameters) is within one standard error "
+                            f"({100 * se:.2f}%) of the lowest held-out error, {best['form']}'s "
+                            f"({best['n_params']} parameters)")
+
+
+def compare_forms(table: RunTable, forms: Optional[Sequence] = None, rule: str = "largest") -> dict:
+    """Fit every form on the same training runs and score it on the same held-out runs."""
+    names = [get_form(f).name for f in forms] if forms else forms_for_columns(table.columns)
+    if not names:
+        raise LawError(f"no registered form fits the columns of {table.source}: "
+                       f"{', '.join(table.columns) or 'none'}")
+    inputs = sorted({c for n in names for c in get_form(n).inputs if c in table.columns})
+    mask = holdout_mask(table, rule, inputs)
+    train, test = table.subset(~mask), table.subset(mask)
+    results = []
+    with blas_single_thread():
+        for name in names:
+            form: Form = get_form(name)
+            try:
+                check_table(train, form)
+                law = fit_form(train, form)
+            except LawError as exc:
+                results.append({"form": name, "n_params": form.n_params, "skipped": str(exc)})
+                continue
+            rows = _rows(law, test)
+            results.append({"form": name, "n_params": form.n_params, "law": law,
+                            "converged": law.diagnostics["converged"], "rms_log_train": law.diagnostics["rms_log"],
+                            "aic": law.diagnostics["aic"], "bic": law.diagnostics["bic"],
+                            "abs_err": [abs(r["rel_err"]) for r in rows], "rows": rows, **_summary(rows)})
+    selected, why = _select(results)
+    return {"rule": rule, "n_train": len(train), "n_test": len(test), "results": results,
+            "selected": selected, "why": why}
+
+
+def expanding_window(table: RunTable, form, axis: str = "D2") -> list[dict]:
+    """Fit on runs with axis <= each value in turn, predict the runs at the next value."""
+    form = get_form(form)
+    table.require(list(form.inputs) + [axis], f"form {form.name}")
+    values = np.unique(table.columns[axis])
+    steps = []
+    with blas_single_thread():
+        for lo, nxt in zip(values[:-1], values[1:]):
+            train = table.subset(table.columns[axis] <= lo)
+            try:
+                check_table(train, form)
+            except LawError:
+                continue
+            law = fit_form(train, form)
+            rows = _rows(law, table.subset(table.columns[axis] == nxt))
+            steps.append({"axis": axis, "train_max": float(lo), "predict_at": float(nxt), "n_train": len(train),
+                          "converged": law.diagnostics["converged"], "rows": rows, **_summary(rows)})
+    if not steps:
+        raise LawError(f"expanding window over {axis}: no step has enough runs for form {form.name} "
+                       f"({form.n_params} parameters, 2 distinct values of each input)")
+    return steps
+
+
+def leave_one_out(table: RunTable, form) -> dict:
+    """Leave each run (or group) out in turn, fit the rest, predict it."""
+    form = get_form(form)
+    check_table(table, form)
+    full = fit_form(table, form)
+    rows, unconverged = [], 0
+    with blas_single_thread():
+        for g in np.unique(table.group):
+            out = table.group == g
+            try:
+                law = fit_form(table.subset(~out), form, starts=[full.theta])
+            except LawError:
+                continue
+            unconverged += not law.diagnostics["converged"]
+            rows += _rows(law, table.subset(out))
+    if not rows:
+        raise LawError(f"leave-one-out: no fold has enough runs for form {form.name}")
+    return {"form": form.name, "rows": rows, "n_unconverged": unconverged, **_summary(rows)}
