@@ -45,6 +45,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grow(args: argparse.Namespace) -> int:
+    from megareuse.reuse.growth import grow_checkpoint
+    try:
+        out = grow_checkpoint(args.from_, args.out, width=args.width, depth=args.depth,
+                              depth_method=args.depth_method, layer_map=args.layer_map,
+                              noise=args.noise, seed=args.seed)
+    except (ValueError, FileExistsError) as exc:  # growth requests are checked before writing
+        print(f"megareuse grow: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"grown checkpoint: {out} (train it with --init-from {out})")
+    return 0
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     from megareuse.reuse.records import collect
     csv_path, jsonl_path, n = collect(args.runs_dir, args.out)
@@ -104,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, help="tokens per domain")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("grow", help="grow a checkpoint (width, depth by stacking or identity)")
+    p.add_argument("--from", dest="from_", required=True, metavar="CKPT")
+    p.add_argument("--out", required=True, help="the grown checkpoint directory (must not exist)")
+    p.add_argument("--width", type=int, default=1, help="width factor k (d, heads, FFN x k)")
+    p.add_argument("--depth", type=int, default=1, help="depth factor g (layers x g)")
+    p.add_argument("--depth-method", choices=("stack", "identity"), default="stack")
+    p.add_argument("--layer-map", default=None, help='explicit source layer per new layer, e.g. "0,1,0,1"')
+    p.add_argument("--noise", type=float, default=0.0, help="function-preserving symmetry-breaking noise")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_grow)
 
     p = sub.add_parser("collect", help="gather run records (record.json) into a CSV/JSONL table")
     p.add_argument("runs_dir")

@@ -174,6 +174,7 @@ class RunConfig:
     eval_tokens: int = 65_536  # per validation domain
     save_interval: int = 100  # steps; the last step always saves
     keep_last: int = 2
+    save_tokens: list[int] = field(default_factory=list)  # extra checkpoints kept for branching
     log_interval: int = 10
     seed: int = 1234
     device: str = "cpu"
@@ -194,6 +195,9 @@ class RunConfig:
         for name in ("train_tokens", "micro_batch_size", "grad_accum", "eval_interval",
                      "eval_tokens", "save_interval", "keep_last", "log_interval"):
             _positive(f"{prefix}.{name}", getattr(self, name))
+        for tokens in self.save_tokens:
+            if not 0 < tokens <= self.train_tokens:
+                _fail(f"{prefix}.save_tokens", self.save_tokens, f"token counts in (0, train_tokens={self.train_tokens}]")
         for name in ("seed", "threads", "peak_tflops"):
             if getattr(self, name) < 0:
                 _fail(f"{prefix}.{name}", getattr(self, name), "a non-negative number")

@@ -97,10 +97,12 @@ def write_object(tmp: Path, name: str, obj: Any) -> None:
 
 def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
                       keep_last: Optional[int] = None,
-                      extra_files: Optional[dict[str, Path]] = None) -> Path:
+                      extra_files: Optional[dict[str, Path]] = None,
+                      pinned: frozenset[int] = frozenset()) -> Path:
     """Finish a checkpoint: copy ``extra_files`` (name -> source, e.g. the tokenizer), write
     meta.json, fsync every file, write manifest.json (size and sha256 of every file) last,
-    rename into place; then apply ``keep_last`` retention. Called by one process."""
+    rename into place; then apply ``keep_last`` retention (never to the steps in ``pinned``).
+    Called by one process."""
     root, tmp = Path(root), Path(tmp)
     final = checkpoint_dir(root, step)
     for name, source in (extra_files or {}).items():
@@ -124,7 +126,9 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
         os.rename(tmp, final)
     _fsync_dir(root)
     if keep_last:
-        for stale in complete_checkpoints(root, verify=False)[:-keep_last]:
+        rotating = [p for p in complete_checkpoints(root, verify=False)
+                    if int(_STEP_DIR.match(p.name).group(1)) not in pinned]
+        for stale in rotating[:-keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
 

@@ -108,6 +108,11 @@ class Trainer:
             raise ConfigError(f"config error: run.train_tokens = {cfg.run.train_tokens}: accepted at "
                              f"least one step of {self.tokens_per_step} tokens at DP={self.pstate.dp_size}")
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.total_steps)
+        bad = [t for t in cfg.run.save_tokens if t % self.tokens_per_step]
+        if bad:
+            raise ConfigError(f"config error: run.save_tokens = {bad}: accepted multiples of the "
+                              f"{self.tokens_per_step} tokens of one step")
+        self.save_steps = frozenset(t // self.tokens_per_step for t in cfg.run.save_tokens)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.state = TrainState()
@@ -280,7 +285,7 @@ class Trainer:
         self._barrier()
         if self.is_main:
             path = ckpt.commit_checkpoint(self.ckpt_root, tmp, step, self.meta(),
-                                          keep_last=self.cfg.run.keep_last,
+                                          keep_last=self.cfg.run.keep_last, pinned=self.save_steps,
                                           extra_files={"tokenizer.model": Path(self.data.tokenizer.path)})
         self._barrier()
         return path
@@ -362,7 +367,7 @@ class Trainer:
                     log.write({"kind": "eval", "step": step, "tokens": self.state.tokens,
                                **{f"valid_loss/{d}": v for d, v in last_eval.items()}})
                 self.emit(f"eval step {step}: " + ", ".join(f"{d} {v:.4f}" for d, v in last_eval.items()))
-            if step % run.save_interval == 0 or last or step == stop:
+            if step % run.save_interval == 0 or last or step == stop or step in self.save_steps:
                 self.emit(f"saved {self.save()}")
         wall = time.perf_counter() - t_start
         summary = {"steps": self.state.step, "total_steps": self.total_steps,
