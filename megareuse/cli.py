@@ -20,8 +20,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from megareuse.engine.checkpoint import CheckpointError
     from megareuse.engine.inputs import DataError
     from megareuse.parallel.launch import LaunchError
+    from megareuse.sweep.local import SweepError
     return (ConfigError, DataError, CheckpointError, CorruptDatasetError, PrepareError,
-            FileNotFoundError, LaunchError)
+            FileNotFoundError, LaunchError, SweepError)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -55,6 +56,32 @@ def cmd_grow(args: argparse.Namespace) -> int:
         print(f"megareuse grow: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     print(f"grown checkpoint: {out} (train it with --init-from {out})")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megareuse.reuse.records import collect
+    from megareuse.sweep.grid import format_plan, load_experiment, plan_experiment
+    from megareuse.sweep.local import run_sweep
+    if args.workers < 1 or args.dp < 1:
+        raise ConfigError(f"config error: --workers = {args.workers}, --dp = {args.dp}: accepted integers >= 1")
+    exp = load_experiment(args.config, args.overrides)
+    runs = plan_experiment(exp, dp=args.dp)
+    if args.dry_run:
+        print(format_plan(runs))
+        return 0
+    if args.slurm:
+        from megareuse.sweep.slurm import write_slurm
+        submit = write_slurm(runs, Path(args.config), Path(args.out), Path(args.slurm),
+                             extra_overrides=tuple(args.overrides))
+        print(f"wrote SLURM scripts; submit them with: bash {submit}")
+        return 0
+    run_sweep(exp.train, runs, Path(args.out), workers=args.workers, only=args.run)
+    if args.run is None:
+        csv_path, _, n = collect(Path(args.out))
+        print(f"{n} runs -> {csv_path}")
     return 0
 
 
@@ -128,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.0, help="function-preserving symmetry-breaking noise")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_grow)
+
+    p = sub.add_parser("sweep", help="plan and run a D1 x D2 grid (locally, or write SLURM jobs)")
+    p.add_argument("--config", required=True, help="experiment YAML (see configs/experiments/)")
+    p.add_argument("--out", required=True, help="root directory of the sweep's runs")
+    p.add_argument("--dry-run", action="store_true", help="print the plan with token and FLOP totals")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time (local)")
+    p.add_argument("--run", default=None, metavar="RUN_ID", help="execute this one run of the plan")
+    p.add_argument("--slurm", default=None, metavar="DIR", help="write sbatch job arrays to DIR instead")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks per run (token accounting)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every run's training config")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("collect", help="gather run records (record.json) into a CSV/JSONL table")
     p.add_argument("runs_dir")

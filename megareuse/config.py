@@ -175,6 +175,8 @@ class RunConfig:
     save_interval: int = 100  # steps; the last step always saves
     keep_last: int = 2
     save_tokens: list[int] = field(default_factory=list)  # extra checkpoints kept for branching
+    series: str = ""  # a label for the run table (e.g. the sweep series: base, cpt, scratch_code)
+    write_record: bool = True  # write record.json at the end (sweeps switch it off for trunks)
     log_interval: int = 10
     seed: int = 1234
     device: str = "cpu"

@@ -245,7 +245,7 @@ class Trainer:
         cfg = self.cfg
         samples = self.data.samples_per_domain(self.state.samples)
         return build_record(
-            run_id=self.out_dir.name, stage=self.stage, method=self.method,
+            run_id=self.out_dir.name, series=cfg.run.series or self.method, stage=self.stage, method=self.method,
             n_params=non_embedding_param_count(cfg.model), n_total=param_count(cfg.model),
             d1=self.D1, d2=self.D2, tokens=self.state.tokens,
             tokens_per_domain={d: n * cfg.data.seq_len for d, n in samples.items()},
@@ -380,6 +380,7 @@ class Trainer:
                 tmp = self.out_dir / "summary.json.tmp"
                 tmp.write_text(json.dumps(summary, indent=2))
                 os.replace(tmp, self.out_dir / "summary.json")
-                write_record(self.out_dir, self.record(Path(summary["checkpoint"])))
+                if self.cfg.run.write_record:
+                    write_record(self.out_dir, self.record(Path(summary["checkpoint"])))
                 self.emit(f"done: {self.state.tokens:,} tokens in {format_duration(wall)}")
         return summary

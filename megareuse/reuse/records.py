@@ -2,7 +2,7 @@
 
 Every finished run writes ``<out_dir>/record.json``; ``megareuse collect RUNS_DIR`` gathers them
 into a table (CSV and JSONL) whose columns the fitter reads: run_id, stage, method, N (non-
-embedding parameters), N_total, D1, D2, tokens, valid_loss_<domain>, best_valid_loss_<domain>,
+embedding parameters), N_total, series, D1, D2, tokens, valid_loss_<domain>, best_valid_loss_<domain>,
 tokens_<domain>, wall_s, tokens_per_s, flops, flops_6ND, out_dir, checkpoint.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ RECORD = "record.json"
 SCHEMA = "megareuse-run-record/1"
 
 
-def build_record(*, run_id: str, stage: str, method: str, n_params: int, n_total: int, d1: int,
+def build_record(*, run_id: str, series: str, stage: str, method: str, n_params: int, n_total: int, d1: int,
                  d2: int, tokens: int, tokens_per_domain: dict[str, int], history: list[dict],
                  wall_s: float, flops_per_token: float, config: dict, out_dir: Path,
                  checkpoint: Path, init_from: dict | None) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def build_record(*, run_id: str, stage: str, method: str, n_params: int, n_total
     final = {d: history[-1].get(f"valid_loss/{d}") for d in domains} if history else {}
     best = {d: min(r[f"valid_loss/{d}"] for r in history if f"valid_loss/{d}" in r) for d in domains}
     return {
-        "schema": SCHEMA, "run_id": run_id, "stage": stage, "method": method,
+        "schema": SCHEMA, "run_id": run_id, "series": series, "stage": stage, "method": method,
         "N": n_params, "N_total": n_total, "D1": d1, "D2": d2, "tokens": tokens,
         "tokens_per_domain": tokens_per_domain, "valid_loss": final, "best_valid_loss": best,
         "history": [{"step": r["step"], "tokens": r["tokens"],
@@ -67,7 +67,7 @@ def read_records(runs_dir: Path) -> list[dict[str, Any]]:
 
 def flatten(record: dict[str, Any]) -> dict[str, Any]:
     """One table row: scalar fields plus per-domain columns."""
-    row = {k: record[k] for k in ("run_id", "stage", "method", "N", "N_total", "D1", "D2", "tokens",
+    row = {k: record[k] for k in ("run_id", "series", "stage", "method", "N", "N_total", "D1", "D2", "tokens",
                                   "wall_s", "tokens_per_s", "flops", "flops_6ND", "out_dir", "checkpoint")}
     for domain, value in record["valid_loss"].items():
         row[f"valid_loss_{domain}"] = value

@@ -1,0 +1,144 @@
+"""Run a planned sweep locally: skip what is done, resume what was interrupted, run the rest.
+
+A run is done when its ``record.json`` exists (train runs with a data point), its
+``summary.json`` says finished (trunks), or its grown checkpoint verifies (grow). An interrupted
+run resumes from its own latest checkpoint; a branch that never started starts from its trunk's
+checkpoint. Runs execute in dependency order, one at a time in this process, or ``workers`` at a
+time in worker processes (each run still single-process; a run starts when its dependencies are
+done).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, Optional
+
+from megareuse.sweep.grid import RunSpec
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot proceed (unknown run, unmet dependency): one line."""
+
+
+def run_dir(root: Path, run: RunSpec) -> Path:
+    return Path(root) / run.run_id
+
+
+def is_done(root: Path, run: RunSpec) -> bool:
+    out = run_dir(root, run)
+    if run.kind == "grow":
+        from megareuse.engine.checkpoint import verify_checkpoint
+        return out.is_dir() and verify_checkpoint(out, checksums=False) is None
+    summary = out / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("finished", False)
+
+
+def _overrides(root: Path, run: RunSpec) -> list[str]:
+    out = [o.replace("{root}", str(root)) for o in run.overrides]
+    return out + [f"run.out_dir={run_dir(root, run)}"]
+
+
+def execute(train: dict, root: str, run: RunSpec, emit: Callable[[str], None] = print) -> str:
+    """Execute one run in this process (also under srun/torchrun: the Trainer reads the launcher
+    environment). Returns the run id."""
+    from megareuse.config import Config, apply_overrides
+    from megareuse.engine import checkpoint as ckpt
+    from megareuse.engine.trainer import Trainer
+
+    root_path = Path(root)
+    if run.kind == "grow":
+        from megareuse.reuse.growth import grow_checkpoint
+        args = dict(run.grow)
+        source = root_path / args.pop("from")
+        out = run_dir(root_path, run)
+        if not out.exists():
+            grow_checkpoint(source, out, **args)
+        return run.run_id
+    cfg = Config.from_dict(apply_overrides(train, _overrides(root_path, run))).validate()
+    if ckpt.latest_checkpoint(Path(cfg.run.out_dir) / "checkpoints") is not None:
+        resume: Optional[str] = "auto"
+    elif run.resume_from:
+        resume = str(root_path / run.resume_from)
+    else:
+        resume = None
+    Trainer(cfg, resume=resume, emit=emit).run()
+    return run.run_id
+
+
+def _quiet_execute(train: dict, root: str, run: RunSpec, log_dir: str) -> str:
+    """Worker-process entry: one run, its output in <log_dir>/<run id>.log."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # inherited from the parent's own single-process start-up
+    log = Path(log_dir) / (run.run_id.replace("/", "__") + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        try:
+            return execute(train, root, run, emit=lambda s: (fh.write(s + "\n"), fh.flush()))
+        except Exception:
+            fh.write(traceback.format_exc())
+            raise
+
+
+def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
+              only: Optional[str] = None, emit: Callable[[str], None] = print) -> list[str]:
+    """Run every run of the plan that is not done (or just ``only``); returns the ids run."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    by_id = {r.run_id: r for r in runs}
+    if only is not None:
+        if only not in by_id:
+            raise SweepError(f"sweep error: --run {only!r} is not in the plan; accepted one of "
+                           + ", ".join(by_id))
+        missing = [d for d in by_id[only].depends_on if not is_done(root, by_id[d])]
+        if missing:
+            raise SweepError(f"sweep error: run {only!r} waits for {', '.join(missing)}")
+        execute(train, str(root), by_id[only], emit)
+        return [only]
+    todo = [r for r in runs if not is_done(root, r)]
+    skipped = len(runs) - len(todo)
+    emit(f"sweep: {len(runs)} runs planned, {skipped} already done, {len(todo)} to run")
+    done_ids = {r.run_id for r in runs} - {r.run_id for r in todo}
+    ran: list[str] = []
+    t0 = time.perf_counter()
+
+    def progress(run_id: str) -> None:
+        ran.append(run_id)
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / len(ran) * (len(todo) - len(ran))
+        emit(f"sweep: [{len(ran)}/{len(todo)}] {run_id} done ({elapsed:.0f}s elapsed, ~{eta:.0f}s left)")
+
+    if workers <= 1:
+        for run in todo:
+            emit(f"sweep: [{len(ran) + 1}/{len(todo)}] {run.run_id}")
+            execute(train, str(root), run, emit=lambda s: None)
+            done_ids.add(run.run_id)
+            progress(run.run_id)
+        return ran
+    pending = list(todo)
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {}
+        while pending or futures:
+            ready = [r for r in pending if all(d in done_ids for d in r.depends_on)]
+            for run in ready[: max(0, workers - len(futures))]:
+                pending.remove(run)
+                futures[pool.submit(_quiet_execute, train, str(root), run, str(root / "logs"))] = run
+            if not futures:
+                raise SweepError("sweep error: runs wait on dependencies that cannot finish: "
+                                   + ", ".join(r.run_id for r in pending))
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = futures.pop(future)
+                future.result()  # a failed run stops the sweep (its log names the error)
+                done_ids.add(run.run_id)
+                progress(run.run_id)
+    return ran

@@ -1,0 +1,117 @@
+"""Sweeps: the plan matches a hand-computed grid; WSD branches equal independent runs; an
+interrupted sweep resumes without re-running finished runs; the table feeds the fitter."""
+import json
+import textwrap
+
+import pytest
+
+from megareuse.config import ConfigError, load_config
+from megareuse.engine.metrics import read_metrics
+from megareuse.engine.trainer import Trainer
+from megareuse.reuse.records import collect
+from megareuse.sweep import local
+from megareuse.sweep.grid import load_experiment, plan_experiment, totals
+
+from test_train import CONFIG, quiet
+
+TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+        "model.n_layers=2", "model.ffn_hidden=64", "model.max_seq_len=32", "data.seq_len=32",
+        "run.micro_batch_size=4", "run.eval_tokens=512", "run.eval_interval=1000",
+        "run.save_interval=1000", "run.log_interval=1000", "run.threads=1",
+        "schedule.warmup_steps=3", "optim.lr=1e-2"]  # 128 tokens per step
+
+
+def experiment(tmp_path, prepared):
+    path = tmp_path / "exp.yaml"
+    overrides = "\n".join(f"  - {o}" for o in TINY + [f"data.dir={prepared}"])
+    path.write_text(textwrap.dedent(f"""\
+        name: tiny
+        train_config: {CONFIG}
+        overrides:
+        """) + overrides + textwrap.dedent("""
+        base: {domains: {prose: 1}, D1: [2560, 5120]}
+        stage2:
+          - {name: cpt, method: cpt, domains: {code: 1}, D2: [1280, 2560]}
+          - {name: stack, method: stack, domains: {prose: 1}, D1: [2560], D2: [1280], growth: {depth: 2}}
+        scratch:
+          - {name: scratch_code, domains: {code: 1}, D: [1280, 2560], schedule: cosine}
+        """))
+    return load_experiment(path)
+
+
+def test_plan_matches_hand_computed_grid(tmp_path, prepared):
+    runs = plan_experiment(experiment(tmp_path, prepared))
+    ids = [r.run_id for r in runs]
+    assert ids == [
+        "base/trunk", "base/D=2560", "base/D=5120",
+        "cpt/D1=2560/trunk", "cpt/D1=2560/D=1280", "cpt/D1=2560/D=2560",
+        "cpt/D1=5120/trunk", "cpt/D1=5120/D=1280", "cpt/D1=5120/D=2560",
+        "stack/D1=2560/grown", "stack/D1=2560/trunk", "stack/D1=2560/D=1280",
+        "scratch_code/D=1280", "scratch_code/D=2560"]
+    # WSD, decay 20%: a budget of n steps branches at n - round(0.2 n): 20 -> 16, 40 -> 32, 10 -> 8
+    step = 128
+    base = 32 * step + (20 - 16) * step + (40 - 32) * step
+    cpt = 2 * (16 * step + (10 - 8) * step + (20 - 16) * step)
+    stack = 8 * step + 2 * step
+    scratch = 1280 + 2560
+    assert totals(runs)[0] == base + cpt + stack + scratch
+    by_id = {r.run_id: r for r in runs}
+    assert by_id["base/D=2560"].resume_from == "base/trunk/checkpoints/step_00000016"
+    assert "run.save_tokens=[2048, 4096]" in by_id["base/trunk"].overrides
+    assert by_id["stack/D1=2560/trunk"].depends_on == ["stack/D1=2560/grown"]
+    assert "model.n_layers=4" in by_id["stack/D1=2560/trunk"].overrides
+    assert sum(r.data_point for r in runs) == 2 + 4 + 1 + 2
+
+
+def test_bad_experiment(tmp_path, prepared):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"train_config: {CONFIG}\nbase: {{domains: {{prose: 1}}, D1: [2000, 1000]}}\n")
+    with pytest.raises(ConfigError, match="base.D1 = \\[2000, 1000\\]: accepted strictly increasing"):
+        load_experiment(bad)
+    bad.write_text(f"train_config: {CONFIG}\nbase: {{domains: {{prose: 1}}, D1: [1000]}}\nstage3: []\n")
+    with pytest.raises(ConfigError, match="stage3"):
+        load_experiment(bad)
+
+
+def test_sweep_runs_resumes_and_branches_equal_independent_runs(tmp_path, prepared, monkeypatch):
+    exp = experiment(tmp_path, prepared)
+    runs = plan_experiment(exp)
+    root = tmp_path / "sweep"
+    real = local.execute
+
+    def crash_on_stack(train, r, run, emit=print):
+        if run.run_id == "stack/D1=2560/trunk":
+            raise RuntimeError("simulated crash")
+        return real(train, r, run, emit)
+
+    monkeypatch.setattr(local, "execute", crash_on_stack)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        local.run_sweep(exp.train, runs, root, emit=quiet)
+    finished = {r.run_id: (root / r.run_id / "record.json").stat().st_mtime_ns
+                for r in runs if (root / r.run_id / "record.json").exists()}
+    assert "cpt/D1=5120/D=2560" in finished and "stack/D1=2560/D=1280" not in finished
+    monkeypatch.setattr(local, "execute", real)
+    ran = local.run_sweep(exp.train, runs, root, emit=quiet)
+    assert ran == ["stack/D1=2560/trunk", "stack/D1=2560/D=1280", "scratch_code/D=1280",
+                   "scratch_code/D=2560"]
+    for run_id, mtime in finished.items():  # finished runs were not run again
+        assert (root / run_id / "record.json").stat().st_mtime_ns == mtime
+
+    # a cooldown branch of the trunk is the same computation as an independent WSD run
+    cfg = load_config(CONFIG, TINY + [f"data.dir={prepared}", f"run.out_dir={tmp_path / 'alone'}",
+                                      "schedule.kind=wsd", "run.train_tokens=2560"])
+    Trainer(cfg, emit=quiet).run()
+    alone = [r["loss"] for r in read_metrics(tmp_path / "alone") if r["kind"] == "train"]
+    branch = [r["loss"] for r in read_metrics(root / "base" / "D=2560") if r["kind"] == "train"]
+    assert branch == alone[16:]
+    rec = json.loads((root / "base" / "D=2560" / "record.json").read_text())
+    assert rec["valid_loss"]["prose"] == json.loads((tmp_path / "alone" / "record.json").read_text())["valid_loss"]["prose"]
+
+    csv_path, _, n = collect(root)
+    assert n == 9  # data points only: trunks write no record
+    from megareuse.law import load_table
+    table = load_table(csv_path, loss_col="valid_loss_code", where={"series": "cpt"})
+    assert len(table.loss) == 4
+    rows = {(r["D1"], r["D2"]) for r in map(json.loads, (root / "runs.jsonl").read_text().splitlines())
+            if r["series"] == "cpt"}
+    assert rows == {(2560, 1280), (2560, 2560), (5120, 1280), (5120, 2560)}
