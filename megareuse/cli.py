@@ -105,7 +105,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from megareuse.demo import run_demo
-    run_demo(args.out, fresh=args.fresh, overrides=args.overrides)
+    if args.workers < 1:
+        raise ConfigError(f"config error: --workers = {args.workers}: accepted an integer >= 1")
+    run_demo(args.out, fresh=args.fresh, overrides=args.overrides, preset=args.preset, workers=args.workers)
     return 0
 
 
@@ -176,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_law(sub)  # fit, plan
 
-    p = sub.add_parser("demo", help="the main job at laptop scale: prepare, train, evaluate, summary")
+    p = sub.add_parser("demo", help="the whole study at laptop scale: prepare, sweep, fit, plan, report")
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--fresh", action="store_true", help="discard an earlier demo run in --out")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for the training config")
+    p.add_argument("--fresh", action="store_true", help="discard the earlier demo runs in --out")
+    p.add_argument("--preset", default="laptop", help="laptop (default, ~12 min on 2 cores) or workstation")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every run's training config")
     p.set_defaults(func=cmd_demo)
     return parser
 

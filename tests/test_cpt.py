@@ -137,3 +137,21 @@ def test_collect_table(prepared, base, tmp_path):
     assert json.loads(jsonl_path.read_text().splitlines()[0])["run_id"] == "base"
     with pytest.raises(FileNotFoundError, match="no record.json"):
         collect(tmp_path)
+
+
+def test_width_growth_then_training_lowers_prose_loss(prepared, base, tmp_path):
+    from megareuse.reuse.growth import grow_checkpoint
+    base_dir, base_summary = base
+    grown = grow_checkpoint(base_dir / "checkpoints" / "step_00000040", tmp_path / "grown",
+                            width=2, noise=1e-3, seed=0)
+    wide = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+            "model.tie_embeddings=false"]
+    cfg = tiny(prepared, tmp_path / "wide", *wide, "run.train_tokens=5120", f"run.init_from={grown}",
+               "optim.lr=3e-3")
+    trainer = Trainer(cfg, emit=quiet)
+    start = trainer.evaluate()["prose"]
+    assert start == pytest.approx(base_summary["valid_loss"]["prose"], abs=1e-4)  # function preserved
+    summary = trainer.run()
+    assert summary["valid_loss"]["prose"] < start - 0.02
+    record = json.loads((tmp_path / "wide" / "record.json").read_text())
+    assert (record["stage"], record["method"], record["D1"], record["D2"]) == ("grow", "width", 40 * 256, 5120)
