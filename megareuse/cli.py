@@ -174,9 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output path stem (default RUNS_DIR/runs)")
     p.set_defaults(func=cmd_collect)
 
+    from megareuse.engine.estimate_cli import register as register_estimate
     from megareuse.law.commands import register as register_law
 
     register_law(sub)  # fit, plan
+    register_estimate(sub)
 
     p = sub.add_parser("demo", help="the whole study at laptop scale: prepare, sweep, fit, plan, report")
     p.add_argument("--out", default="runs/demo", help="output directory")

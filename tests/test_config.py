@@ -83,7 +83,14 @@ def test_overrides_do_not_mutate_input():
 
 def test_shipped_configs_validate():
     from pathlib import Path
-    configs = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
-    assert configs
+
+    from megareuse.sweep.grid import load_experiment, plan_experiment
+    root = Path(__file__).parent.parent / "configs"
+    configs = sorted((root / "train").glob("*.yaml")) + sorted((root / "model").glob("*.yaml"))
+    assert len(configs) >= 2
     for path in configs:
         load_config(path)
+    experiments = sorted((root / "experiments").glob("*.yaml"))
+    assert experiments
+    for path in experiments:
+        assert plan_experiment(load_experiment(path))

@@ -119,7 +119,8 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
     if workers <= 1:
         for run in todo:
             emit(f"sweep: [{len(ran) + 1}/{len(todo)}] {run.run_id}")
-            execute(train, str(root), run, emit=lambda s: None)
+            execute(train, str(root), run,
+                    emit=lambda s, rid=run.run_id: emit(f"  {rid}: {s}") if s.startswith(("step", "eval")) else None)
             done_ids.add(run.run_id)
             progress(run.run_id)
         return ran
