@@ -153,3 +153,19 @@ def test_launch_script_and_cli_resume(prepared, tmp_path):
     assert "step 2/2" in proc.stdout and json.loads(proc.stdout.strip().splitlines()[-1])
     again = run_cli("train", *args, "--resume", cwd=tmp_path)
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr
+
+
+def test_logged_grad_norm_equals_autograd(prepared, tmp_path):
+    import copy
+
+    from megareuse.model import cross_entropy
+    cfg = tiny(prepared, tmp_path / "run", "run.train_tokens=256", "run.grad_accum=1",
+               "run.micro_batch_size=8", "optim.grad_clip=0.01")
+    trainer = Trainer(cfg, emit=quiet)
+    reference = copy.deepcopy(trainer.model)
+    batch = trainer.data.train.batch(0, 8)
+    cross_entropy(reference(batch[:, :-1]), batch[:, 1:]).backward()
+    norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in reference.parameters())).item()
+    trainer.run()
+    logged = [r["grad_norm"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert logged == pytest.approx([norm], rel=1e-5)  # the norm before clipping

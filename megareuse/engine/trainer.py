@@ -300,17 +300,24 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         losses = torch.zeros(1, dtype=torch.float64)
-        for _ in range(run.grad_accum):
+        norm_before_step = None
+        for micro in range(run.grad_accum):
             first = self.state.samples + ps.dp_rank * run.micro_batch_size
             batch = self.data.train.batch(first, run.micro_batch_size).to(self.device)
             loss = self.batch_loss(batch)
             self.engine.backward(loss)
+            if micro == run.grad_accum - 1 and self.cfg.parallel.zero_stage == 0:
+                # ZeRO-0 clips without keeping the norm: measure it (TP-aware; no clipping at inf)
+                from deepspeed.runtime.utils import clip_grad_norm_
+                norm_before_step = clip_grad_norm_(list(self.engine.module.parameters()), math.inf,
+                                                   mpu=self.engine.mpu)
             self.engine.step()
             losses += float(loss.detach())
             self.state.samples += run.micro_batch_size * ps.dp_size
         if ps.dp_size > 1:
             dist.all_reduce(losses, group=ps.dp_group)
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = norm_before_step if grad_norm is None else grad_norm
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         loss = float(losses[0]) / (run.grad_accum * ps.dp_size)
