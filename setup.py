@@ -28,10 +28,13 @@ setup(
         "scipy>=1.10",  # the law fitter
         "threadpoolctl>=3",  # one BLAS thread per bootstrap worker
         "deepspeed>=0.17",  # the training engine (ZeRO, data parallelism)
+        "safetensors>=0.4",  # Hugging Face checkpoints (import-hf / export-hf)
     ],
     extras_require={
         # tests: Triton kernels under the interpreter, the mpirun launcher, the figures
-        "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "mpi4py>=3.1", "matplotlib>=3.7"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "mpi4py>=3.1", "matplotlib>=3.7",
+                "transformers>=4.40", "tokenizers>=0.15"],
+        "hf": ["transformers>=4.40", "tokenizers>=0.15"],
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
     },

@@ -1,7 +1,8 @@
 """`megareuse <command>`: the command-line entry point.
 
 Commands: prepare (corpora -> tokenizer + indexed datasets), train (one stage of training),
-evaluate (validation loss of a checkpoint), demo (the laptop-scale main job).
+evaluate (validation loss of a checkpoint), grow, sweep, collect, fit, plan, estimate,
+import-hf / export-hf / prepare-hf (Hugging Face Llama checkpoints), demo (the whole study).
 Every user error ends with one line on stderr and exit code 2; nothing is written before the
 inputs have been checked.
 """
@@ -177,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     from megareuse.engine.estimate_cli import register as register_estimate
     from megareuse.law.commands import register as register_law
 
+    from megareuse.interop.hf_cli import register as register_hf
+
     register_law(sub)  # fit, plan
     register_estimate(sub)
+    register_hf(sub)  # import-hf, export-hf, prepare-hf
 
     p = sub.add_parser("demo", help="the whole study at laptop scale: prepare, sweep, fit, plan, report")
     p.add_argument("--out", default="runs/demo", help="output directory")

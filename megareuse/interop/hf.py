@@ -1,0 +1,413 @@
+"""Hugging Face Llama checkpoints <-> megareuse checkpoints, streamed one tensor at a time.
+
+``import_hf(src, out, d1=...)`` reads a local HF directory (config.json, model.safetensors or
+model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json) and writes the megareuse
+checkpoint directory ``out`` (model.pt in fp32, meta.json, manifest.json, config.yaml, and the
+tokenizer files), ready for ``megareuse train --init-from out``. ``export_hf(ckpt, out)`` writes
+config.json + safetensors shards (+ tokenizer files) that ``LlamaForCausalLM.from_pretrained``
+loads. megareuse checkpoints always hold the consolidated single-device weights (model.pt),
+whatever TP degree / ZeRO stage trained them and after growth, so export needs no resharding.
+
+Weight names (no permutation is needed: megareuse's RoPE uses HF Llama's rotate-half layout)::
+
+    model.embed_tokens.weight                  tok_embeddings.weight
+    model.layers.N.input_layernorm.weight      layers.N.attention_norm.weight
+    model.layers.N.self_attn.{q,k,v,o}_proj    layers.N.attention.{wq,wk,wv,wo}
+    model.layers.N.post_attention_layernorm    layers.N.ffn_norm
+    model.layers.N.mlp.{gate,up,down}_proj     layers.N.feed_forward.{w1,w3,w2}
+    model.norm.weight / lm_head.weight         norm.weight / output.weight
+
+Only what ``megareuse.model.GPT`` computes is accepted: SiLU, no biases, head_dim =
+hidden_size / num_attention_heads, unscaled RoPE. Anything else raises ``HFError`` with one line
+naming the config.json field and the accepted values, before anything is written. Neither
+direction imports ``transformers``; ``safetensors`` is needed (``pip install safetensors``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+
+from megareuse.config import Config, ConfigError, ModelConfig
+from megareuse.engine import checkpoint as ckpt
+from megareuse.model import non_embedding_param_count, param_count
+
+PathLike = Union[str, os.PathLike]
+MODEL_TYPES = ("llama", "mistral")
+# tokenizer / generation files carried from an HF directory into the checkpoint and back out
+CARRIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "generation_config.json")
+EXPORT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_LOADABLE = {"F32", "F16", "BF16", "F64"}
+_LAYER_NAMES = (("input_layernorm", "attention_norm"), ("self_attn.q_proj", "attention.wq"),
+                ("self_attn.k_proj", "attention.wk"), ("self_attn.v_proj", "attention.wv"),
+                ("self_attn.o_proj", "attention.wo"), ("post_attention_layernorm", "ffn_norm"),
+                ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"),
+                ("mlp.down_proj", "feed_forward.w2"))
+_TO_OURS = dict(_LAYER_NAMES)
+_TO_HF = {ours: hf for hf, ours in _LAYER_NAMES}
+_GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "output.weight"}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+
+
+class HFError(ValueError):
+    """An HF directory or checkpoint cannot be converted; the message is one line."""
+
+
+def _safetensors():
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+    except ImportError:
+        raise HFError("HF interop needs the safetensors package: pip install safetensors") from None
+    return safe_open, save_file
+
+
+# --------------------------------------------------------------------------- names and shapes
+def to_megareuse_name(name: str) -> Optional[str]:
+    """megareuse key of an HF Llama weight name; None for names we do not know."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    match = _HF_LAYER.match(name)
+    if match and match.group(2) in _TO_OURS:
+        return f"layers.{match.group(1)}.{_TO_OURS[match.group(2)]}.weight"
+    return None
+
+
+def to_hf_name(key: str) -> str:
+    """HF Llama weight name of a megareuse state-dict key (KeyError for unknown keys)."""
+    reverse = {v: k for k, v in _GLOBAL.items()}
+    if key in reverse:
+        return reverse[key]
+    match = _OUR_LAYER.match(key)
+    if match and match.group(2) in _TO_HF:
+        return f"model.layers.{match.group(1)}.{_TO_HF[match.group(2)]}.weight"
+    raise KeyError(key)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """megareuse key -> shape of every weight of ``GPT(cfg)``, in HF file order."""
+    d, f, q, kv = cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    layer = dict(zip((ours for _, ours in _LAYER_NAMES),
+                     [(d,), (q, d), (kv, d), (kv, d), (d, q), (d,), (f, d), (f, d), (d, f)]))
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"layers.{i}.{name}.weight": shape for name, shape in layer.items()})
+    shapes.update({"norm.weight": (d,), "output.weight": (cfg.vocab_size, d)})
+    return shapes
+
+
+# --------------------------------------------------------------------------- config mapping
+def _field(raw: dict, name: str, accepted: str, value: Any = None) -> HFError:
+    value = raw.get(name) if value is None else value
+    return HFError(f"config.json field {name} = {value!r}: accepted {accepted}")
+
+
+def _rope_theta(raw: dict) -> float:
+    """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling``
+    (transformers 4); any scaling other than the default is refused, naming the field."""
+    params, scaling = raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}
+    for where, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(spec, dict):
+            raise _field(raw, where, "null or a mapping with rope_type 'default'")
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind != "default":
+            raise HFError(f"config.json field {where}.rope_type = {kind!r}: accepted null or 'default' "
+                          "(megareuse's ModelConfig has no RoPE scaling fields yet; the lead can add them)")
+        if spec.get("partial_rotary_factor", 1.0) != 1.0:
+            raise HFError(f"config.json field {where}.partial_rotary_factor = "
+                          f"{spec['partial_rotary_factor']!r}: accepted 1.0 (rotary on the whole head)")
+    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+
+
+def model_config_from_hf(raw: dict, max_seq_len: Optional[int] = None) -> ModelConfig:
+    """The megareuse ModelConfig of an HF Llama config.json dict (``max_seq_len`` overrides
+    max_position_embeddings, e.g. to keep RoPE tables small). Raises HFError naming the field."""
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise _field(raw, "model_type", "one of " + ", ".join(repr(t) for t in MODEL_TYPES))
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if isinstance(raw.get(name), bool) or not isinstance(raw.get(name), int) or raw[name] <= 0:
+            raise _field(raw, name, "a positive integer")
+    if raw.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise _field(raw, "hidden_act", "'silu' (SwiGLU; megareuse has no other activation)")
+    for name in ("attention_bias", "mlp_bias"):
+        if raw.get(name, False):
+            raise _field(raw, name, "false (megareuse layers have no biases)")
+    if raw.get("sliding_window") is not None and raw.get("use_sliding_window", True):
+        raise _field(raw, "sliding_window", "null (megareuse attention is full causal)")
+    d, heads = raw["hidden_size"], raw["num_attention_heads"]
+    if d % heads:
+        raise _field(raw, "num_attention_heads", f"a divisor of hidden_size={d}")
+    if raw.get("head_dim") not in (None, d // heads):
+        raise _field(raw, "head_dim", f"null or hidden_size / num_attention_heads = {d // heads}")
+    kv = raw.get("num_key_value_heads") or heads
+    if not isinstance(kv, int) or heads % kv:
+        raise _field(raw, "num_key_value_heads", f"null or a divisor of num_attention_heads={heads}")
+    seq = raw.get("max_position_embeddings", 2048) if max_seq_len is None else max_seq_len
+    cfg = ModelConfig(
+        vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=None if kv == heads else kv, ffn_hidden=raw["intermediate_size"], max_seq_len=int(seq),
+        rope_theta=_rope_theta(raw), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        init_std=float(raw.get("initializer_range", 0.02)))
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise HFError(f"config.json maps to an invalid megareuse model: {exc}") from None
+    return cfg
+
+
+def hf_config_from_model(cfg: ModelConfig, dtype: str = "float32", source: Optional[dict] = None,
+                         special_ids: Optional[dict] = None) -> dict[str, Any]:
+    """The config.json of ``LlamaForCausalLM`` for ``cfg``, readable by transformers 4.40+ and 5
+    (``rope_theta`` and ``rope_parameters`` both written). bos/eos/pad ids come from ``source``
+    (the imported config.json) when given, else from ``special_ids`` (the tokenizer's)."""
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, **(special_ids or {})}
+    if source:
+        ids = {key: source.get(key) for key in ids}
+    source = source or {}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": max(cfg.max_seq_len, int(source.get("max_position_embeddings") or 0)),
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
+        **ids, "dtype": dtype, "torch_dtype": dtype,
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+def parse_size(text: Union[str, int]) -> int:
+    """``"2GB"``, ``"500MB"``, ``"10KB"`` or a byte count -> bytes (> 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", str(text).upper())
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    if not match or (match.group(2) or "") not in units or float(match.group(1)) <= 0:
+        raise HFError(f"--max-shard-size = {text!r}: accepted a positive size such as 2GB, 500MB, 4GiB")
+    return int(float(match.group(1)) * units[match.group(2) or ""])
+
+
+def _weight_index(src: Path) -> dict[str, Path]:
+    """HF tensor name -> safetensors file, from the index json or the single file."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HFError(f"{index} has no weight_map; accepted the sharded safetensors index format")
+        files = {name: src / file for name, file in weight_map.items()}
+        missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
+        if missing:
+            raise HFError(f"{index} names missing shard {missing[0]}")
+        return files
+    single = src / "model.safetensors"
+    if not single.is_file():
+        found = "pytorch_model.bin" if (src / "pytorch_model.bin").exists() else "none"
+        raise HFError(f"{src} has no model.safetensors or model.safetensors.index.json (found: {found}); "
+                      "accepted safetensors weights (convert .bin files with save_pretrained)")
+    safe_open, _ = _safetensors()
+    with safe_open(str(single), framework="pt") as fh:
+        return {name: single for name in fh.keys()}
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the finished ``staging`` directory to ``out`` (new, or an empty directory)."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory the user made
+    if out.exists():
+        raise HFError(f"--out {str(out)!r} appeared while writing; nothing written")
+    os.rename(staging, out)
+    ckpt._fsync_dir(out.parent)
+
+
+def _check_new(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise HFError(f"--out {str(out)!r} already exists; accepted a new path or an empty directory")
+
+
+# --------------------------------------------------------------------------- import
+def import_hf(src: PathLike, out: PathLike, *, d1: int, max_seq_len: Optional[int] = None) -> Path:
+    """Convert the HF directory ``src`` into the megareuse checkpoint directory ``out``.
+
+    ``d1`` is the number of tokens the model was pretrained on (meta D1 = tokens_seen; stage 2
+    refuses a base with D1 = 0). Every name, shape and dtype is checked from the safetensors
+    headers before any tensor is read; tensors are then read one at a time (fp32 in model.pt).
+    The checkpoint is written into a temporary sibling and renamed to ``out``. Returns ``out``.
+    """
+    from megareuse.interop.hf_data import file_sha256, tokenizer_entry
+
+    src, out = Path(src), Path(out)
+    if not (src / "config.json").is_file():
+        raise HFError(f"--from {str(src)!r} has no config.json; accepted a Hugging Face model directory")
+    _check_new(out)
+    if isinstance(d1, bool) or not isinstance(d1, int) or d1 < 0:
+        raise HFError(f"--d1 = {d1!r}: accepted a non-negative token count")
+    raw = json.loads((src / "config.json").read_text())
+    cfg = model_config_from_hf(raw, max_seq_len)
+    files = _weight_index(src)
+    want = expected_shapes(cfg)
+    plan: dict[Path, list[tuple[str, str]]] = {}  # file -> (our key, HF name), checked
+    safe_open, _ = _safetensors()
+    for path in sorted(set(files.values())):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                key = to_megareuse_name(name)
+                if key is None:
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue  # a buffer older transformers saved; recomputed from rope_theta
+                    raise HFError(f"{path.name}: tensor {name} is not a Llama weight megareuse knows; "
+                                  "accepted model.embed_tokens, model.layers.N.{self_attn,mlp,*_layernorm}, "
+                                  "model.norm, lm_head")
+                if key == "output.weight" and cfg.tie_embeddings:
+                    continue  # tied: the head is the embedding
+                if key not in want:
+                    raise HFError(f"{path.name}: tensor {name} does not fit config.json "
+                                  f"(num_hidden_layers={cfg.n_layers})")
+                info = fh.get_slice(name)
+                shape, dtype = tuple(info.get_shape()), info.get_dtype()
+                if shape != want[key]:
+                    raise HFError(f"{path.name}: tensor {name} has shape {shape}, config.json gives {want[key]}")
+                if dtype not in _LOADABLE:
+                    raise HFError(f"{path.name}: tensor {name} has dtype {dtype}; accepted "
+                                  f"{', '.join(sorted(_LOADABLE))} (quantized weights are not supported)")
+                plan.setdefault(path, []).append((key, name))
+    found = {key for items in plan.values() for key, _ in items}
+    missing = [k for k in want if k not in found and not (k == "output.weight" and cfg.tie_embeddings)]
+    if missing:
+        hint = " (config.json field tie_word_embeddings = false)" if missing[0] == "output.weight" else ""
+        raise HFError(f"{src}: no tensor {to_hf_name(missing[0])} in the safetensors files{hint}")
+    tokenizer = tokenizer_entry(src)
+    if tokenizer and tokenizer["vocab_size"] > cfg.vocab_size:
+        raise HFError(f"{tokenizer['file']} has {tokenizer['vocab_size']} tokens, more than config.json "
+                      f"vocab_size={cfg.vocab_size}")
+    if tokenizer is None:
+        warnings.warn(f"import-hf: {src} has no tokenizer.model or tokenizer.json; stage 2 will need data "
+                      "prepared with the base model's tokenizer", stacklevel=2)
+    if d1 == 0:
+        warnings.warn("import-hf: D1 = 0 recorded; `megareuse train --init-from` refuses a base without "
+                      "pretraining tokens (pass --d1)", stacklevel=2)
+
+    sd: dict[str, torch.Tensor] = {}
+    for path, items in plan.items():  # one open per shard, one tensor in flight
+        with safe_open(str(path), framework="pt") as fh:
+            for key, name in items:
+                sd[key] = fh.get_tensor(name).to(torch.float32)
+    sd = {k: sd[k] for k in want if k in sd}
+    if cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]  # one storage, as in GPT
+
+    full = Config(model=cfg).to_dict()
+    meta = {"stage": "base", "method": "hf-import", "tokens_seen": d1, "D1": d1, "D2": 0,
+            "params": param_count(cfg), "non_embedding_params": non_embedding_param_count(cfg),
+            "config": full, "layout": None, "tokenizer": tokenizer,
+            "source": {"format": "huggingface", "dir": str(src.resolve()),
+                       "config_sha256": file_sha256(src / "config.json"), "hf_config": raw,
+                       "files": {p.name: p.stat().st_size for p in sorted(set(files.values()))}},
+            "git_revision": ckpt.git_revision(), "torch_version": torch.__version__}
+    extra = {name: src / name for name in CARRIED_FILES if (src / name).is_file()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging_root = out.parent / f".tmp-import-{out.name}-{os.getpid()}"
+    try:
+        tmp = ckpt.begin_checkpoint(staging_root, 0)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+        ckpt.write_object(tmp, "model.pt", sd)
+        _publish(ckpt.commit_checkpoint(staging_root, tmp, 0, meta, extra_files=extra), out)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------- export
+def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
+              max_shard_size: Union[str, int] = "2GB") -> Path:
+    """Write the megareuse checkpoint ``src`` as an HF Llama directory ``out`` (new or empty).
+
+    model.pt is memory-mapped and tensors are cast one shard at a time (``max_shard_size``,
+    e.g. "2GB"; more than one shard adds model.safetensors.index.json). ``dtype`` is float32,
+    bfloat16 or float16. Tokenizer files of the checkpoint are copied. Returns ``out``.
+    """
+    from megareuse.interop.hf_data import hf_lineage, special_ids
+
+    src, out = Path(src), Path(out)
+    if dtype not in EXPORT_DTYPES:
+        raise HFError(f"--dtype = {dtype!r}: accepted one of {', '.join(EXPORT_DTYPES)}")
+    torch_dtype, limit = EXPORT_DTYPES[dtype], parse_size(max_shard_size)
+    dtype_name = str(torch_dtype).replace("torch.", "")
+    _check_new(out)
+    problem = ckpt.verify_checkpoint(src) if src.is_dir() else "no such directory"
+    if problem or not (src / "model.pt").is_file():
+        raise HFError(f"--from {str(src)!r} is not a usable checkpoint: {problem or 'no model.pt'}; "
+                      "accepted a checkpoint directory written by megareuse")
+    meta = ckpt.read_meta(src)
+    try:
+        cfg = Config.from_dict(meta["config"]).model
+        cfg.validate()
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise HFError(f"{src}/meta.json has no valid model config ({exc})") from None
+    sd = torch.load(src / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    want = expected_shapes(cfg)
+    unknown = sorted(set(sd) - set(want))
+    if unknown:
+        raise HFError(f"model.pt holds {unknown[0]}, which the config's model has no place for")
+    for key, shape in want.items():
+        if key == "output.weight" and cfg.tie_embeddings and key not in sd:
+            continue
+        if key not in sd:
+            raise HFError(f"model.pt has no {key}; the meta.json config needs it")
+        if tuple(sd[key].shape) != shape:
+            raise HFError(f"model.pt tensor {key} has shape {tuple(sd[key].shape)}, the meta.json "
+                          f"config (model section) gives {shape}")
+    if cfg.tie_embeddings and "output.weight" in sd and not torch.equal(sd["output.weight"],
+                                                                         sd["tok_embeddings.weight"]):
+        raise HFError("model.tie_embeddings = true but model.pt's output.weight differs from "
+                      "tok_embeddings.weight; accepted equal (tied) tensors")
+    shards: list[list[str]] = [[]]
+    size, item = 0, torch.tensor([], dtype=torch_dtype).element_size()
+    for key in (k for k in want if not (k == "output.weight" and cfg.tie_embeddings)):
+        nbytes = sd[key].numel() * item  # greedy plan from shapes: no tensor is touched
+        if shards[-1] and size + nbytes > limit:
+            shards, size = shards + [[]], 0
+        shards[-1].append(key)
+        size += nbytes
+    _, save_file = _safetensors()
+    source, lineage = hf_lineage(src, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        weight_map, total = {}, 0
+        for n, group in enumerate(shards, 1):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {to_hf_name(k): sd[k].to(torch_dtype).contiguous() for k in group}
+            save_file(tensors, str(staging / name), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update({hf: name for hf in tensors})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        hf_cfg = hf_config_from_model(cfg, dtype_name, source, special_ids(src / "tokenizer.model"))
+        (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        for name in CARRIED_FILES:  # the checkpoint's own, else its HF base's (same tokenizer)
+            found = next((d / name for d in lineage if (d / name).is_file()), None)
+            if found is not None:
+                shutil.copyfile(found, staging / name)
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
