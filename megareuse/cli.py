@@ -74,11 +74,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(format_plan(runs))
         return 0
     if args.slurm:
-        from megareuse.sweep.slurm import write_slurm
-        submit = write_slurm(runs, Path(args.config), Path(args.out), Path(args.slurm),
+        from megareuse.sweep.slurm import runtime_dp, write_slurm
+        job_dp = runtime_dp(Path(args.config), tuple(args.overrides), args.nodes, args.gpus_per_node)
+        runs = plan_experiment(exp, dp=job_dp)  # checkpoint steps depend on the jobs' DP
+        submit = write_slurm(runs, Path(args.config), Path(args.out), Path(args.slurm), dp=job_dp,
+                             nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+                             partition=args.partition, account=args.account,
                              extra_overrides=tuple(args.overrides))
         print(f"wrote SLURM scripts; submit them with: bash {submit}")
         return 0
+    if args.run is not None:  # one run of the plan, possibly multi-rank under a launcher
+        from megareuse.parallel.launch import discover
+        from megareuse.sweep.local import SweepError
+        world, tp = discover().world_size, exp.train.get("parallel", {}).get("tp", 1)
+        if world // tp != args.dp:
+            raise SweepError(f"sweep error: --dp = {args.dp} but this job has {world} ranks at TP={tp} "
+                             f"(DP={world // tp}); accepted --dp {world // tp}, or the plan's token "
+                             "budgets would not match the run's steps")
     run_sweep(exp.train, runs, Path(args.out), workers=args.workers, only=args.run)
     if args.run is None:
         csv_path, _, n = collect(Path(args.out))
@@ -164,9 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="root directory of the sweep's runs")
     p.add_argument("--dry-run", action="store_true", help="print the plan with token and FLOP totals")
     p.add_argument("--workers", type=int, default=1, help="runs at a time (local)")
-    p.add_argument("--run", default=None, metavar="RUN_ID", help="execute this one run of the plan")
-    p.add_argument("--slurm", default=None, metavar="DIR", help="write sbatch job arrays to DIR instead")
+    p.add_argument("--run", "--run-id", dest="run", default=None, metavar="RUN_ID",
+                   help="execute this one run of the plan")
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks per run (token accounting)")
+    p.add_argument("--slurm", default=None, metavar="DIR", help="write sbatch job arrays to DIR instead")
+    p.add_argument("--nodes", type=int, default=1, help="--slurm: nodes per run")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="--slurm: GPUs (ranks) per node")
+    p.add_argument("--time", default="24:00:00", help="--slurm: time limit per job")
+    p.add_argument("--partition", default=None, help="--slurm: partition")
+    p.add_argument("--account", default=None, help="--slurm: account")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run's training config")
     p.set_defaults(func=cmd_sweep)
 
