@@ -16,3 +16,4 @@ def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "data"
     prepare_default(out, vocab_size=512, progress=False)
     return out
+

@@ -281,7 +281,7 @@ def test_tp2_shards_grow_like_full(variant):
 
 
 def _tp_rank(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)  # before any op: forked children hang on the parent's OpenMP pool
+    torch.set_num_threads(1)  # 2-4 ranks share 2 cores
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     try:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
@@ -302,7 +302,7 @@ def _tp_rank(rank: int, tmp: str) -> None:
 
 
 def test_tp2_gloo_gathered_growth(tmp_path):
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # a clean child: the test process may hold a process group
     procs = [ctx.Process(target=_tp_rank, args=(r, str(tmp_path)), daemon=True) for r in range(2)]
     for p in procs:
         p.start()

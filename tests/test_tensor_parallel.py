@@ -1,6 +1,6 @@
 """Tensor parallelism against single-device math.
 
-Two multi-process jobs (2 and 4 gloo ranks on CPU, forked, each bounded in time) run every
+Two multi-process jobs (2 and 4 gloo ranks on CPU, spawned, each bounded in time) run every
 distributed check inside one process group and save their results to files; the parent process
 computes the single-device references (a plain GPT built from the same seed, torch's
 F.cross_entropy) and asserts. Nothing is compared against its own code path.
@@ -160,7 +160,7 @@ def rank_job(world: int) -> dict:
 
 
 def rank_main(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)  # before any op: forked children hang on the parent's OpenMP pool
+    torch.set_num_threads(1)  # 2-4 ranks share 2 cores
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     try:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
@@ -177,7 +177,7 @@ def rank_main(rank: int, world: int, tmp: str) -> None:
 
 def run_job(world: int, tmp) -> list[dict]:
     """Fork ``world`` ranks, wait (bounded), kill stragglers, return each rank's results."""
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # a clean child: the test process may hold a process group
     procs = [ctx.Process(target=rank_main, args=(r, world, str(tmp)), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
