@@ -25,7 +25,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -48,6 +48,26 @@ class PrepareError(ValueError):
 
 
 # --------------------------------------------------------------------------- layout helpers
+def write_splits(stage: Path, domain: str, encoded: Iterable[np.ndarray], is_valid: np.ndarray,
+                 dtype: np.dtype) -> dict:
+    """Write a domain's tokenized documents (in order; ``is_valid[k]`` puts document k in the
+    valid split) as <domain>_{train,valid}.{bin,idx}, reopen them to validate, return counts."""
+    counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
+    with IndexedDatasetBuilder(domain_prefix(stage, domain, "train"), dtype) as train_b, \
+            IndexedDatasetBuilder(domain_prefix(stage, domain, "valid"), dtype) as valid_b:
+        for k, ids in enumerate(encoded):
+            split = "valid" if is_valid[k] else "train"
+            (valid_b if is_valid[k] else train_b).add_document(ids)
+            counts[split]["documents"] += 1
+            counts[split]["tokens"] += int(ids.size)
+        train_b.finalize()
+        valid_b.finalize()
+    for split in SPLITS:  # reopen: validates what was written
+        if IndexedDataset(domain_prefix(stage, domain, split)).num_tokens != counts[split]["tokens"]:
+            raise PrepareError(f"prepare: {domain}_{split} does not hold the tokens written")
+    return counts
+
+
 def domain_prefix(data_dir: PathLike, domain: str, split: str) -> Path:
     """Path prefix (no extension) of one domain's split in a prepared directory."""
     return Path(data_dir) / f"{domain}_{split}"
@@ -254,23 +274,10 @@ def _prepare_into(stage: Path, files: dict[str, list[Path]], vocab_size: int, wo
             train_ids, valid_ids = splits[name]
             is_valid = np.zeros(len(paths), dtype=bool)
             is_valid[valid_ids] = True
-            counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
             jobs = [(str(p), dtype.str) for p in paths]
             encoded = pool.imap(_encode_file, jobs) if pool else map(_encode_file, jobs)
-            with IndexedDatasetBuilder(domain_prefix(stage, name, "train"), dtype) as train_b, \
-                    IndexedDatasetBuilder(domain_prefix(stage, name, "valid"), dtype) as valid_b:
-                bar = tqdm(encoded, total=len(jobs), desc=f"tokenize {name}", unit="doc",
-                           disable=not progress)
-                for k, ids in enumerate(bar):
-                    split = "valid" if is_valid[k] else "train"
-                    (valid_b if is_valid[k] else train_b).add_document(ids)
-                    counts[split]["documents"] += 1
-                    counts[split]["tokens"] += int(ids.size)
-                train_b.finalize()
-                valid_b.finalize()
-            for split in SPLITS:  # reopen: validates what was written
-                ds = IndexedDataset(domain_prefix(stage, name, split))
-                assert ds.num_tokens == counts[split]["tokens"], (name, split)
+            bar = tqdm(encoded, total=len(jobs), desc=f"tokenize {name}", unit="doc", disable=not progress)
+            counts = write_splits(stage, name, bar, is_valid, dtype)
             info["domains"][name] = {
                 "source_files": len(paths),
                 "source_bytes": sum(p.stat().st_size for p in paths),

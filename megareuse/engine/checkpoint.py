@@ -49,7 +49,8 @@ def git_revision() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -113,7 +114,7 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
     for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
         with open(file, "rb") as fh:  # files other ranks wrote are synced here
             os.fsync(fh.fileno())
-        manifest[file.relative_to(tmp).as_posix()] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        manifest[file.relative_to(tmp).as_posix()] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
     _write_bytes_synced(tmp / MANIFEST, lambda fh: fh.write(json.dumps({"files": manifest}, indent=2).encode()))
     for directory in sorted({p.parent for p in tmp.rglob("*")}, key=lambda d: -len(d.parts)):
         _fsync_dir(directory)
@@ -160,7 +161,7 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
             return f"{name} is missing"
         if file.stat().st_size != info["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, manifest says {info['bytes']}"
-        if checksums and _sha256(file) != info["sha256"]:
+        if checksums and file_sha256(file) != info["sha256"]:
             return f"{name} fails its sha256 checksum"
     return None
 

@@ -18,7 +18,6 @@ dummy prefix) encode each document whole (``WholeTextTokenizer``). tokenizer.jso
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -33,9 +32,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from megareuse.data import preprocess as pp
-from megareuse.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
+from megareuse.data.indexed import best_dtype
 from megareuse.data.tokenizer import MIN_VOCAB, Tokenizer
-from megareuse.engine.checkpoint import META, read_meta
+from megareuse.engine.checkpoint import META, file_sha256, read_meta
 from megareuse.interop.hf import HFError
 
 log = logging.getLogger(__name__)
@@ -66,13 +65,6 @@ def tokenizer_vocab_size(path: PathLike) -> int:
     return max(ids) + 1
 
 
-def file_sha256(path: PathLike) -> str:
-    """sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tokenizer_entry(model_dir: Path) -> Optional[dict[str, Any]]:
@@ -290,19 +282,7 @@ def _write_domain(stage: Path, domain: str, paths: Sequence[Path], tok, workers:
     _, valid_ids = pp.split_documents(len(paths), valid, seed, domain)
     is_valid = np.zeros(len(paths), dtype=bool)
     is_valid[valid_ids] = True
-    counts = {s: {"documents": 0, "tokens": 0} for s in pp.SPLITS}
-    with IndexedDatasetBuilder(pp.domain_prefix(stage, domain, "train"), dtype) as train_b, \
-            IndexedDatasetBuilder(pp.domain_prefix(stage, domain, "valid"), dtype) as valid_b:
-        for k, ids in enumerate(_encoded(list(paths), tok, workers, dtype)):
-            split = "valid" if is_valid[k] else "train"
-            (valid_b if is_valid[k] else train_b).add_document(ids)
-            counts[split]["documents"] += 1
-            counts[split]["tokens"] += int(ids.size)
-        train_b.finalize()
-        valid_b.finalize()
-    for split in pp.SPLITS:  # reopen: validates what was written
-        if IndexedDataset(pp.domain_prefix(stage, domain, split)).num_tokens != counts[split]["tokens"]:
-            raise pp.PrepareError(f"prepare: {domain}_{split} does not hold the tokens written")
+    counts = pp.write_splits(stage, domain, _encoded(list(paths), tok, workers, dtype), is_valid, dtype)
     if progress:
         log.info("tokenized %s: %s", domain, counts)
     info["domains"][domain] = {"source_files": len(paths), "source_bytes": sum(p.stat().st_size for p in paths),

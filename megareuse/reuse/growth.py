@@ -1,6 +1,6 @@
 """Model growth: pure operators on (ModelConfig, full state dict) pairs, and a checkpoint writer.
 
-Operators (see docs/growth.md and /work/shared/docs/GROWTH.md for the derivations):
+Operators (see docs/growth.md and the design notes on growth for the derivations):
 
 - ``grow_width`` (factor k): d_model, n_heads, n_kv_heads and ffn_hidden all times k, head dim
   unchanged. Every hidden unit is duplicated in blocks, so the wide residual stream is [h; h; ...]:
