@@ -69,13 +69,13 @@ def _plan(csv_path: Path, cpt_law, report_dir: Path, n_params: int, d1s: list[in
     return {"plan": plan, "scratch": scratch, "text": text}
 
 
-def _study_report(exp, rows, cpt, plan, times, tokens, n_runs, workers) -> str:
+def _study_report(exp, rows, cpt, plan, times, tokens, n_runs, n_points, workers, n_params) -> str:
     law = cpt["law"]
     boot = law.bootstrap or {}
     a3 = law.params.get("a3")
     a3_ci = (boot.get("intervals") or {}).get("a3")
     lines = ["# megareuse demo: reuse or from scratch, at laptop scale", "",
-             f"Experiment `{exp.path.name}`: {n_runs} runs, {tokens:,} training tokens, "
+             f"Experiment `{exp.path.name}`: {n_runs} runs ({n_points} data points), {tokens:,} training tokens, "
              f"{workers} worker(s). Wall time: " + ", ".join(f"{k} {format_duration(v)}" for k, v in times.items()) + ".",
              "", "## What was measured", "",
              "Continual pretraining on code (target: validation loss on code) after base training on prose:", ""]
@@ -112,9 +112,12 @@ def _study_report(exp, rows, cpt, plan, times, tokens, n_runs, workers) -> str:
                      f"{split['D1']:.4g}, D2 = {split['D2']:.4g} (loss {split['loss']:.4g}); from scratch: "
                      f"{split['scratch_loss']:.4g}. Decision: **{split['decision']}**.")
     lines += ["", "![plan](plan/plan.png)", "", "## Caveats", "",
-              "- Laptop scale: ~0.3M non-embedding parameters, bases trained for at most a few tokens per "
-              "parameter x 10, far from the over-trained regime where the paper finds saturation; "
-              "`--preset workstation` trains longer bases.",
+              f"- Scale: {n_params:,} non-embedding parameters; the longest base saw "
+              f"{max(exp.base.budgets) / n_params:.1f} tokens per parameter, far from the over-trained "
+              "regime (tens to hundreds) where the paper finds saturation; `--preset workstation` "
+              "trains longer bases.",
+              "- The planner's numbers outside the measured D1/D2/D ranges are extrapolations of the "
+              "fitted laws (plan.md marks them).",
               "- Seed noise is about 0.0075 nats per run at this scale (measured in the pilot); compare it to "
               "the fit's RMS error in the fit report.", ""]
     lines += [f"- {n}" for n in cpt.get("notes", [])]
@@ -170,7 +173,7 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, overrides: Sequ
     times["plan"] = time.perf_counter() - t0
 
     rows = [json.loads(line) for line in (sweep_dir / "runs.jsonl").read_text().splitlines()]
-    text = _study_report(exp, rows, cpt, plan, times, tokens, n, workers)
+    text = _study_report(exp, rows, cpt, plan, times, tokens, len(runs), n, workers, n_params(exp))
     (report_dir / "report.md").write_text(text)
     shutil.copy(csv_path, report_dir / "runs.csv")
     _section("summary")
