@@ -11,7 +11,8 @@
 Names are imported on first use, so `megareuse.law.commands.register` (called for every
 `megareuse` command line) does not pay for scipy.
 """
-import importlib
+
+from megareuse._lazy import lazy_exports
 
 _WHERE = {
     "bootstrap": ["bootstrap"],
@@ -25,17 +26,4 @@ _WHERE = {
     "report": ["fit_report", "plan_report"],
     "validate": ["compare_forms", "expanding_window", "holdout_check", "leave_one_out"],
 }
-_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'megareuse.law' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"megareuse.law.{_MODULE_OF[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, globals(), _WHERE)

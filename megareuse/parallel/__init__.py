@@ -10,8 +10,8 @@ stays light (no torch import).
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megareuse._lazy import lazy_exports
+
 
 _EXPORTS = {
     "state": ["ParallelState", "init_parallel_state", "single_process_state", "grid_ranks", "MPU"],
@@ -23,17 +23,4 @@ _EXPORTS = {
     "tensor_parallel": ["parallelize_model", "check_tp_compatible", "shard_state_dict", "merge_state_dicts",
                         "gather_full_state_dict", "loss_fn", "clip_grad_norm_"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = list(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

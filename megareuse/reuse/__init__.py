@@ -9,24 +9,11 @@ package does not import torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megareuse._lazy import lazy_exports
+
 
 _EXPORTS = {
     "growth": ["grow", "grow_width", "stack_depth", "insert_identity", "grow_checkpoint", "describe_growth",
                "parse_layer_map"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = list(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
