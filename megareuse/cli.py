@@ -83,7 +83,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              extra_overrides=tuple(args.overrides))
         print(f"wrote SLURM scripts; submit them with: bash {submit}")
         return 0
-    if args.run is not None:  # one run of the plan, possibly multi-rank under a launcher
+    kind = next((r.kind for r in runs if r.run_id == args.run), None)
+    if kind == "train":  # one training run of the plan, possibly multi-rank under a launcher
         from megareuse.parallel.launch import discover
         from megareuse.sweep.local import SweepError
         world, tp = discover().world_size, exp.train.get("parallel", {}).get("tp", 1)

@@ -115,3 +115,13 @@ def test_sweep_runs_resumes_and_branches_equal_independent_runs(tmp_path, prepar
     rows = {(r["D1"], r["D2"]) for r in map(json.loads, (root / "runs.jsonl").read_text().splitlines())
             if r["series"] == "cpt"}
     assert rows == {(2560, 1280), (2560, 2560), (5120, 1280), (5120, 2560)}
+
+
+def test_run_refuses_a_dp_the_job_does_not_have(tmp_path, prepared, capsys):
+    from megareuse.cli import main
+    exp = experiment(tmp_path, prepared)
+    code = main(["sweep", "--config", str(exp.path), "--out", str(tmp_path / "root"), "--dp", "2",
+                 "--run", "base/trunk"])
+    assert code == 2
+    assert "--dp = 2 but this job has 1 ranks at TP=1" in capsys.readouterr().err
+    assert not (tmp_path / "root" / "base").exists()
