@@ -4,7 +4,9 @@ Commands: prepare (corpora -> tokenizer + indexed datasets), train (one stage of
 evaluate (validation loss of a checkpoint), grow, sweep, collect, fit, plan, estimate,
 import-hf / export-hf / prepare-hf (Hugging Face Llama checkpoints), demo (the whole study).
 Every user error ends with one line on stderr and exit code 2; nothing is written before the
-inputs have been checked.
+inputs have been checked. Training stops that are not errors of the input exit with their own
+codes (megareuse/engine/guard.py): 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 3 stopped by
+the divergence guard, 124 another rank died or hung.
 """
 from __future__ import annotations
 
@@ -218,9 +220,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"megareuse {args.command}: {message}", file=sys.stderr)
+        _one_line(args.command, exc)
         return 2
+    except _run_stops() as exc:  # preempted (75), diverged (3), a rank died or hung (124)
+        from megareuse.engine import guard
+        _one_line(args.command, exc)
+        return {guard.Preempted: guard.EXIT_REQUEUE, guard.DivergenceError: guard.EXIT_DIVERGED}.get(
+            type(exc), guard.EXIT_RANK_FAILURE)
+
+
+def _one_line(command: str, exc: BaseException) -> None:
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    print(f"megareuse {command}: {message}", file=sys.stderr, flush=True)
+
+
+def _run_stops() -> tuple[type[BaseException], ...]:
+    from megareuse.engine.guard import DivergenceError, Preempted
+    from megareuse.engine.watchdog import RankFailure
+    return (Preempted, DivergenceError, RankFailure)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Typed run configuration: dataclasses, YAML loading, dotted overrides, validation.
 
-A config file is YAML with up to six sections (model, data, optim, schedule, run, parallel) and an
+A config file is YAML with up to seven sections (model, data, optim, schedule, run, parallel,
+guard) and an
 optional ``base: other.yaml`` key naming a file (relative to this one) whose values it
 overrides. Command-line overrides are ``section.field=value`` with the value parsed as YAML.
 ``Config.validate()`` runs before anything is built or written and raises ``ConfigError``
@@ -163,6 +164,37 @@ class ParallelConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Reliability: divergence guard, loss-spike log, preemption signals (docs/reliability.md)."""
+    max_skips: int = 5  # steps with a non-finite loss or gradient norm tolerated in skip_window
+    skip_window: int = 100  # steps; reaching max_skips inside it triggers on_divergence
+    on_divergence: str = "rollback"  # rollback: to the last checkpoint, lr x lr_factor | stop
+    lr_factor: float = 0.5  # learning-rate multiplier applied at each rollback
+    max_rollbacks: int = 3  # rollbacks allowed in one run before it stops
+    spike_window: int = 100  # train losses in the running median
+    spike_ratio: float = 1.5  # loss > ratio x running median is logged as a spike; 0 disables
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint + exit 75
+
+    ACTIONS = ("rollback", "stop")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+
+    def validate(self, prefix: str = "guard") -> None:
+        for name in ("max_skips", "skip_window", "spike_window"):
+            _positive(f"{prefix}.{name}", getattr(self, name))
+        if self.skip_window < self.max_skips:
+            _fail(f"{prefix}.skip_window", self.skip_window, f"at least max_skips={self.max_skips}")
+        _choice(f"{prefix}.on_divergence", self.on_divergence, self.ACTIONS)
+        if not 0 < self.lr_factor <= 1:
+            _fail(f"{prefix}.lr_factor", self.lr_factor, "a number in (0, 1]")
+        if self.max_rollbacks < 0:
+            _fail(f"{prefix}.max_rollbacks", self.max_rollbacks, "a non-negative integer")
+        if self.spike_ratio != 0 and self.spike_ratio <= 1:
+            _fail(f"{prefix}.spike_ratio", self.spike_ratio, "0 (off) or a number > 1")
+        for name in self.signals:
+            _choice(f"{prefix}.signals", name, self.SIGNALS)
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs/base"
     train_tokens: int = 1_000_000  # D for this stage; steps = train_tokens // tokens_per_step
@@ -215,6 +247,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

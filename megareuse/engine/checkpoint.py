@@ -126,12 +126,69 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
+    _VERIFIED[final] = final.joinpath(MANIFEST).stat().st_mtime_ns  # hashed from disk just now
     if keep_last:
-        rotating = [p for p in complete_checkpoints(root, verify=False)
-                    if int(_STEP_DIR.match(p.name).group(1)) not in pinned]
-        for stale in rotating[:-keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
+        apply_retention(root, keep_last, pinned)
     return final
+
+
+# checkpoints this process has checksummed: path -> manifest mtime (each is read once)
+_VERIFIED: dict[Path, int] = {}
+
+
+def _verified(path: Path) -> bool:
+    try:
+        stamp = path.joinpath(MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return False
+    if _VERIFIED.get(path) == stamp:
+        return True
+    if verify_checkpoint(path) is not None:
+        return False
+    _VERIFIED[path] = stamp
+    return True
+
+
+def apply_retention(root: Path, keep_last: int, pinned: frozenset[int] = frozenset()) -> list[Path]:
+    """Delete the rotating checkpoints older than the ``keep_last`` newest ones that verify
+    (checksums included). A newer checkpoint that fails verification does not count (and stays
+    for inspection), so a corrupt copy never costs the last good one; pinned steps are never
+    touched. Returns what was deleted."""
+    kept, deleted = 0, []
+    for path in reversed(_step_dirs(root)):
+        if int(_STEP_DIR.match(path.name).group(1)) in pinned:
+            continue
+        if kept < keep_last:
+            kept += _verified(path)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        _VERIFIED.pop(path, None)
+        deleted.append(path)
+    return deleted
+
+
+def clean_stale(root: Path) -> list[str]:
+    """Tidy what a crash during a save leaves behind; returns notes on what was done.
+
+    ``.tmp-step_*`` (a write that never committed) is deleted. ``.old-step_*`` is the previous
+    copy of a step set aside while the same step was re-saved: it goes back into place when the
+    new copy never arrived, else it is deleted. Call from one process while nobody saves."""
+    root = Path(root)
+    notes = []
+    if not root.is_dir():
+        return notes
+    for entry in sorted(root.iterdir()):
+        old = re.match(r"^\.old-(step_\d{8})-\d+$", entry.name)
+        if entry.name.startswith(".tmp-step_"):
+            shutil.rmtree(entry, ignore_errors=True)
+            notes.append(f"removed {entry.name}, an unfinished checkpoint write")
+        elif old and not (root / old.group(1)).exists() and verify_checkpoint(entry) is None:
+            os.rename(entry, root / old.group(1))
+            notes.append(f"restored {old.group(1)} from {entry.name} (a re-save was interrupted)")
+        elif old:
+            shutil.rmtree(entry, ignore_errors=True)
+            notes.append(f"removed {entry.name}, a superseded copy")
+    return notes
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, Any], meta: dict[str, Any],

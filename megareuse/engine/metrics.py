@@ -28,8 +28,9 @@ def format_count(value: float) -> str:
 class MetricsLog:
     """Appends records to ``<out_dir>/metrics.jsonl``; mirrors scalars to TensorBoard if present.
 
-    ``truncate_after(step)`` drops records of steps after a resumed checkpoint, so the log of
-    a resumed run reads as if it had never been interrupted.
+    ``truncate_after(step)`` drops train/eval records of steps after a resumed checkpoint, so the
+    loss curve of a resumed run reads as if it had never been interrupted; event records
+    (rollback, preempted) are history and stay.
     """
 
     def __init__(self, out_dir: Path, tensorboard: bool = True):
@@ -44,10 +45,11 @@ class MetricsLog:
                 self._tb = None
 
     def truncate_after(self, step: int) -> None:
+        """Drop train/eval records after ``step``; events (skips, rollbacks, preemptions) stay."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and
+                (json.loads(line).get("step", 0) <= step or json.loads(line).get("kind") not in ("train", "eval"))]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

@@ -28,9 +28,12 @@ from megareuse.config import Config, ConfigError
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine.ds import deepspeed_config, init_distributed
 from megareuse.engine.evaluate import evaluate
+from megareuse.engine.guard import (DivergenceError, DivergenceGuard, GuardState, Preempted,
+                                    StopSignals)
 from megareuse.engine.inputs import open_training_data
 from megareuse.engine.metrics import MetricsLog, Progress, format_duration, read_metrics
 from megareuse.engine.schedule import LRSchedule
+from megareuse.engine.watchdog import RankFailure, Watchdog
 from megareuse.model import GPT, flops_per_token, non_embedding_param_count, param_count
 from megareuse.parallel.launch import discover
 from megareuse.parallel.state import MPU, init_parallel_state
@@ -75,6 +78,16 @@ def _layout(cfg: Config, dp_size: int) -> dict[str, int]:
     return {"tp": cfg.parallel.tp, "dp": dp_size, "zero_stage": cfg.parallel.zero_stage}
 
 
+@contextlib.contextmanager
+def _optimizer_step_skipped(optimizer):
+    """Make the engine's call of ``optimizer.step()`` a no-op (the gradients are still zeroed)."""
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None,
                  emit: Callable[[str], None] = lambda s: print(s, flush=True)):
@@ -116,7 +129,9 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.state = TrainState()
+        self.guard_state = GuardState()
         self.engine = self._build()
+        self.guard = DivergenceGuard(cfg.guard, self.guard_state)
 
     # ------------------------------------------------------------------ setup
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
@@ -193,12 +208,34 @@ class Trainer:
         else:
             self.emit(f"note: {path} was saved at {there}; its optimizer state cannot be carried to "
                       f"{here}: the optimizer restarts fresh, the model weights are loaded")
+        self._load_trainer_state(trainer)
+        self.guard_state = GuardState(**trainer.get("guard", {}))
+        self.emit(f"resumed from {path} at step {self.state.step} ({self.state.tokens} tokens)")
+
+    def _load_trainer_state(self, trainer: dict[str, Any]) -> None:
         self.state = TrainState(int(trainer["step"]), int(trainer["samples"]), int(trainer["tokens"]),
                                 float(trainer.get("wall_s", 0.0)))
         torch.set_rng_state(trainer["rng_cpu"])
         if torch.cuda.is_available() and "rng_cuda" in trainer:
             torch.cuda.set_rng_state(trainer["rng_cuda"])
-        self.emit(f"resumed from {path} at step {self.state.step} ({self.state.tokens} tokens)")
+
+    def _rollback(self, from_step: int) -> Path:
+        """Reload the last checkpoint's engine state and counters, keep the data cursor (the
+        batches since are not replayed) and lower the learning rate (guard.lr_factor)."""
+        last = ckpt.latest_checkpoint(self.ckpt_root)
+        problem = "no checkpoint has been written yet" if last is None else None
+        if last is not None:
+            objs, meta = ckpt.load_checkpoint(last, names=("trainer",))
+            if meta.get("layout") != _layout(self.cfg, self.pstate.dp_size) or not (last / "deepspeed").is_dir():
+                problem = f"{last} was saved at another layout ({meta.get('layout')})"
+        if problem:
+            raise DivergenceError(f"{self.guard.stop_message(from_step)} (no rollback possible: {problem})")
+        cursor, wall = self.state.samples, self.state.wall_s
+        self.engine.load_checkpoint(str(last / "deepspeed"), tag="state")
+        self._load_trainer_state(objs["trainer"])
+        self.state.samples, self.state.wall_s = max(cursor, self.state.samples), wall
+        self.guard.rolled_back()
+        return last
 
     @property
     def model(self) -> torch.nn.Module:
@@ -277,7 +314,7 @@ class Trainer:
         weights = self.full_state_dict()
         path = ckpt.checkpoint_dir(self.ckpt_root, step)
         if self.is_main:
-            trainer = {**asdict(self.state), "rng_cpu": torch.get_rng_state()}
+            trainer = {**asdict(self.state), "guard": asdict(self.guard.state), "rng_cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 trainer["rng_cuda"] = torch.cuda.get_rng_state()
             ckpt.write_object(tmp, "model.pt", weights)
@@ -294,13 +331,18 @@ class Trainer:
     def batch_loss(self, batch: torch.Tensor) -> torch.Tensor:
         return loss_fn(self.engine(batch[:, :-1]), batch[:, 1:], self.pstate)
 
-    def train_step(self) -> tuple[float, float, float]:
+    def train_step(self) -> tuple[float, float, float, bool]:
+        """One optimizer step: (mean loss, lr, gradient norm before clipping, applied?).
+
+        A step whose gradient norm is not finite is not applied: ZeRO 1-3 skip it themselves
+        (DeepSpeed's overflow check); at ZeRO-0 the norm is measured before the engine steps
+        and the optimizer update is left out here. Data and step counters advance either way."""
         run, ps = self.cfg.run, self.pstate
-        lr = self.schedule(self.state.step)
+        lr = self.schedule(self.state.step) * self.guard.state.lr_scale
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         losses = torch.zeros(1, dtype=torch.float64)
-        norm_before_step = None
+        norm_before_step, skipped_before, applied = None, self.engine.skipped_steps, True
         for micro in range(run.grad_accum):
             first = self.state.samples + ps.dp_rank * run.micro_batch_size
             batch = self.data.train.batch(first, run.micro_batch_size).to(self.device)
@@ -311,9 +353,12 @@ class Trainer:
                 from deepspeed.runtime.utils import clip_grad_norm_
                 norm_before_step = clip_grad_norm_(list(self.engine.module.parameters()), math.inf,
                                                    mpu=self.engine.mpu)
-            self.engine.step()
+                applied = math.isfinite(float(norm_before_step))
+            with contextlib.nullcontext() if applied else _optimizer_step_skipped(self.engine.optimizer):
+                self.engine.step()
             losses += float(loss.detach())
             self.state.samples += run.micro_batch_size * ps.dp_size
+        applied = applied and self.engine.skipped_steps == skipped_before
         if ps.dp_size > 1:
             dist.all_reduce(losses, group=ps.dp_group)
         grad_norm = self.engine.get_global_grad_norm()
@@ -321,7 +366,7 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         loss = float(losses[0]) / (run.grad_accum * ps.dp_size)
-        return loss, lr, float("nan") if grad_norm is None else float(grad_norm)
+        return loss, lr, float("nan") if grad_norm is None else float(grad_norm), applied
 
     def evaluate(self) -> dict[str, float]:
         run, ps = self.cfg.run, self.pstate
@@ -333,61 +378,157 @@ class Trainer:
         finally:
             self.engine.train()
 
+    def _open_log(self) -> Optional[MetricsLog]:
+        if not self.is_main:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        log = MetricsLog(self.out_dir)
+        log.truncate_after(self.state.step)
+        for note in ckpt.clean_stale(self.ckpt_root):
+            self.emit(f"note: {note}")
+        return log
+
+    def _start_watchdog(self) -> Optional[Watchdog]:
+        if self.pstate.world_size == 1:
+            return None
+        return Watchdog(self.pstate.rank, self.pstate.world_size, self.cfg.parallel.timeout_s,
+                        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])).start()
+
     def run(self, until_step: Optional[int] = None) -> dict[str, Any]:
-        """Train to the end (or stop after ``until_step``, saving a checkpoint there)."""
-        cfg, run = self.cfg, self.cfg.run
+        """Train to the end (or stop after ``until_step``, saving a checkpoint there).
+
+        Raises Preempted after a stop signal (a checkpoint was written), DivergenceError when
+        the divergence guard gives up, RankFailure when another rank died or hung."""
+        cfg, run, ps = self.cfg, self.cfg.run, self.pstate
         stop = self.total_steps if until_step is None else min(until_step, self.total_steps)
-        log = None
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            log = MetricsLog(self.out_dir)
-            log.truncate_after(self.state.step)
+        self._barrier()  # every rank has loaded its checkpoint before rank 0 tidies the directory
+        log = self._open_log()
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
         progress = Progress(self.total_steps, self.tokens_per_step, fpt,
-                            self.pstate.world_size * peak_flops(self.device, run.peak_tflops), self.emit)
-        ps = self.pstate
+                            ps.world_size * peak_flops(self.device, run.peak_tflops), self.emit)
         self.emit(f"training {param_count(cfg.model):,} parameters "
                   f"({non_embedding_param_count(cfg.model):,} non-embedding) for {self.total_steps} "
                   f"steps x {self.tokens_per_step} tokens on {ps.world_size} x {self.device} "
                   f"(TP={ps.tp_size}, DP={ps.dp_size}, ZeRO-{cfg.parallel.zero_stage}, {run.dtype})")
+        signals = StopSignals(cfg.guard.signals)
+        watchdog = self._start_watchdog()
+        t_start = time.perf_counter()
+        try:
+            last_eval = self._loop(stop, log, progress, signals, watchdog)
+        except RuntimeError as exc:
+            if watchdog is None or isinstance(exc, (DivergenceError, RankFailure, ckpt.CheckpointError)):
+                raise
+            watchdog.stop()
+            report = watchdog.diagnose()
+            if report is None:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RankFailure(f"rank failure seen by rank {ps.rank} at step {self.state.step}: {report} "
+                              f"(error: {first[:200]})") from exc
+        finally:
+            signals.close()
+            if watchdog is not None:
+                watchdog.stop()
+            if log:
+                log.close()
+        return self._finish(log, last_eval, time.perf_counter() - t_start)
+
+    def _loop(self, stop: int, log: Optional[MetricsLog], progress: Progress, signals: StopSignals,
+              watchdog: Optional[Watchdog]) -> dict[str, float]:
+        run = self.cfg.run
         t_start, last_eval = time.perf_counter(), {}
         wall_before = self.state.wall_s
         progress.start(self.state.step)
         self.engine.train()
+        beat = watchdog.progress if watchdog is not None else (lambda step, phase: None)
         while self.state.step < stop:
-            loss, lr, grad_norm = self.train_step()
+            beat(self.state.step, "train")
+            loss, lr, grad_norm, applied = self.train_step()
             self.state.wall_s = wall_before + time.perf_counter() - t_start
             step = self.state.step
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training diverged: loss {loss} at step {step}")
-            record = {"kind": "train", "step": step, "tokens": self.state.tokens, "loss": loss,
-                      "lr": lr, "grad_norm": grad_norm}
+            finite = applied and math.isfinite(loss)
+            record = {"kind": "train", "step": step, "tokens": self.state.tokens,
+                      "loss": loss if math.isfinite(loss) else None, "lr": lr,
+                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
+            if not finite:
+                record["skipped"] = True
+            elif (median := self.guard.spikes.observe(loss)) is not None:
+                self.guard.state.spikes += 1
+                record["spike_median"] = median
+                self.emit(f"loss spike at step {step}: {loss:.4f} > {self.cfg.guard.spike_ratio:g} x "
+                          f"running median {median:.4f}")
             last = step == self.total_steps
             if step % run.log_interval == 0 or last or step == stop:
-                record.update(progress.line(step, loss, lr))
+                skipped = self.guard.state.skipped_steps + (not finite)
+                record.update(progress.line(step, loss, lr, f"skipped {skipped}" if skipped else ""))
             if log:
                 log.write(record)
+            if not finite and self._on_bad_step(step, loss, grad_norm, log):
+                t_start, wall_before = time.perf_counter(), self.state.wall_s
+                progress.start(self.state.step)
+                continue
             if step % run.eval_interval == 0 or last:
+                beat(step, "eval")
                 last_eval = self.evaluate()
                 if log:
                     log.write({"kind": "eval", "step": step, "tokens": self.state.tokens,
                                **{f"valid_loss/{d}": v for d, v in last_eval.items()}})
                 self.emit(f"eval step {step}: " + ", ".join(f"{d} {v:.4f}" for d, v in last_eval.items()))
+            saved = None
             if step % run.save_interval == 0 or last or step == stop or step in self.save_steps:
-                self.emit(f"saved {self.save()}")
-        wall = time.perf_counter() - t_start
+                beat(step, "save")
+                saved = self.save()
+                self.emit(f"saved {saved}")
+            received = signals.agreed()
+            if received is not None:
+                beat(step, "save")
+                self._preempt(received, saved or self.save(), log)
+        return last_eval
+
+    def _on_bad_step(self, step: int, loss: float, grad_norm: float, log: Optional[MetricsLog]) -> bool:
+        """A skipped step: count it; roll back (returns True) or stop when the guard says so."""
+        self.emit(f"warning: step {step} skipped (loss {loss}, gradient norm {grad_norm}); "
+                  f"{self.guard.state.skipped_steps + 1} skipped so far")
+        action = self.guard.on_skip(step)
+        if action is None:
+            return False
+        if action == "stop":
+            raise DivergenceError(self.guard.stop_message(step))
+        path = self._rollback(step)
+        self.emit(f"rolled back to {path} (step {self.state.step}) after {self.cfg.guard.max_skips} skipped "
+                  f"steps; learning rate x {self.guard.state.lr_scale:g} from now on")
+        if log:
+            log.truncate_after(self.state.step)
+            log.write({"kind": "rollback", "step": step, "to_step": self.state.step, "checkpoint": str(path),
+                       "lr_scale": self.guard.state.lr_scale, "samples": self.state.samples})
+        return True
+
+    def _preempt(self, received: str, path: Path, log: Optional[MetricsLog]) -> None:
+        step = self.state.step
+        if log:
+            log.write({"kind": "preempted", "step": step, "signal": received, "checkpoint": str(path)})
+            note = {"signal": received, "step": step, "checkpoint": str(path),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            tmp = self.out_dir / "preempted.json.tmp"
+            tmp.write_text(json.dumps(note, indent=2))
+            os.replace(tmp, self.out_dir / "preempted.json")
+        self.emit(f"{received}: checkpointed step {step} to {path}; stopping (resume with --resume auto)")
+        raise Preempted(received, step, str(path))
+
+    def _finish(self, log: Optional[MetricsLog], last_eval: dict[str, float], wall: float) -> dict[str, Any]:
         summary = {"steps": self.state.step, "total_steps": self.total_steps,
                    "tokens": self.state.tokens, "valid_loss": last_eval, "wall_s": wall,
                    "finished": self.state.step >= self.total_steps,
+                   "skipped_steps": self.guard.state.skipped_steps, "rollbacks": self.guard.state.rollbacks,
+                   "loss_spikes": self.guard.state.spikes,
                    "checkpoint": str(ckpt.checkpoint_dir(self.ckpt_root, self.state.step))}
-        if log:
-            log.close()
-            if summary["finished"]:
-                tmp = self.out_dir / "summary.json.tmp"
-                tmp.write_text(json.dumps(summary, indent=2))
-                os.replace(tmp, self.out_dir / "summary.json")
-                if self.cfg.run.write_record:
-                    write_record(self.out_dir, self.record(Path(summary["checkpoint"])))
-                self.emit(f"done: {self.state.tokens:,} tokens in {format_duration(wall)}")
+        if log and summary["finished"]:
+            (self.out_dir / "preempted.json").unlink(missing_ok=True)
+            tmp = self.out_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.out_dir / "summary.json")
+            if self.cfg.run.write_record:
+                write_record(self.out_dir, self.record(Path(summary["checkpoint"])))
+            self.emit(f"done: {self.state.tokens:,} tokens in {format_duration(wall)}")
         return summary

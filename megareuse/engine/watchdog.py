@@ -1,0 +1,133 @@
+"""Hang guard: heartbeats through the job's rendezvous store name a dead or stuck rank.
+
+Every rank runs a daemon thread that writes ``megareuse/heartbeat/<rank>`` to the TCP store at
+MASTER_ADDR:MASTER_PORT (torchrun's agent store, or rank 0's) every ``interval_s``: a beat
+counter, the training step and phase the main thread last reported, its host and pid. Writes
+only; a rank reads the others only when something has gone wrong:
+
+* the main thread's collective raised (gloo: peer closed the connection, or the collective timed
+  out after ``parallel.timeout_s``): ``diagnose()`` watches the heartbeats for two intervals and
+  names the ranks whose beat stopped (dead or stopped process) or that lag behind the others
+  (stuck inside a step), and the trainer exits with that message;
+* the main thread made no progress for ``timeout_s`` + one interval (a collective that never
+  returns, a stuck data read): the thread itself diagnoses, prints the report and ends the
+  process with ``EXIT_RANK_FAILURE``, because the main thread cannot be interrupted.
+
+The store connection is this module's own client with a short timeout, so an unreachable store
+(the node holding rank 0 died) is reported as such instead of blocking.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Callable, Optional
+
+import torch.distributed as dist
+
+from megareuse.engine.guard import EXIT_RANK_FAILURE
+
+PREFIX = "megareuse/heartbeat/"
+
+
+class RankFailure(RuntimeError):
+    """A rank died or hung; the message names it."""
+
+
+class Watchdog:
+    def __init__(self, rank: int, world_size: int, timeout_s: float, master_addr: str,
+                 master_port: int, interval_s: Optional[float] = None,
+                 on_hang: Callable[[int], None] = os._exit):
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.interval_s = interval_s or min(10.0, max(0.5, timeout_s / 6))
+        self.address = f"{master_addr}:{master_port}"
+        self._on_hang = on_hang
+        self._store = dist.TCPStore(master_addr, master_port, is_master=False, wait_for_workers=False,
+                                    timeout=timedelta(seconds=max(5.0, 2 * self.interval_s)))
+        self._host, self._pid = socket.gethostname(), os.getpid()
+        self._beat = 0
+        self.step, self.phase = 0, "start"
+        self._progress_t = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="megareuse-watchdog", daemon=True)
+
+    # ------------------------------------------------------------------ main thread
+    def start(self) -> "Watchdog":
+        self._publish()
+        self._thread.start()
+        return self
+
+    def progress(self, step: int, phase: str) -> None:
+        """The main thread reached ``phase`` of ``step`` (train, eval, save)."""
+        self.step, self.phase, self._progress_t = step, phase, time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2 * self.interval_s)
+
+    # ------------------------------------------------------------------ heartbeat thread
+    def _publish(self) -> None:
+        self._beat += 1
+        record = {"beat": self._beat, "step": self.step, "phase": self.phase, "host": self._host,
+                  "pid": self._pid, "idle_s": round(time.monotonic() - self._progress_t, 1)}
+        self._store.set(f"{PREFIX}{self.rank}", json.dumps(record))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._publish()
+            except Exception:  # the store is gone: the main thread will find out and report
+                pass
+            idle = time.monotonic() - self._progress_t
+            if idle > self.timeout_s + self.interval_s and not self._stop.is_set():
+                report = self.diagnose() or "no rank could be blamed"
+                print(f"rank failure: rank {self.rank} made no progress for {idle:.0f} s "
+                      f"(step {self.step}, {self.phase}; parallel.timeout_s = {self.timeout_s:g}): "
+                      f"{report}", file=sys.stderr, flush=True)
+                self._on_hang(EXIT_RANK_FAILURE)
+                return
+
+    # ------------------------------------------------------------------ diagnosis
+    def _read_all(self) -> dict[int, Optional[dict]]:
+        out: dict[int, Optional[dict]] = {}
+        for rank in range(self.world_size):
+            key = f"{PREFIX}{rank}"
+            out[rank] = json.loads(self._store.get(key)) if self._store.check([key]) else None
+        return out
+
+    def diagnose(self, watch_s: Optional[float] = None) -> Optional[str]:
+        """Name the ranks that stopped beating or lag behind (None: every rank looks healthy)."""
+        watch_s = 2 * self.interval_s + 0.5 if watch_s is None else watch_s
+        try:
+            first = self._read_all()
+            time.sleep(watch_s)
+            second = self._read_all()
+        except Exception as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return (f"the job's rendezvous store at {self.address} is unreachable ({first_line}): "
+                    "the process or node holding it (rank 0's) died")
+        silent = [r for r in range(self.world_size) if r != self.rank and
+                  (second[r] is None or first[r] is None or second[r]["beat"] == first[r]["beat"])]
+        if silent:
+            return "; ".join(self._describe(r, second[r] or first[r], f"sent no heartbeat for {watch_s:.0f} s "
+                                                                      "(process dead or stopped)")
+                             for r in silent)
+        ahead = max(info["step"] for info in second.values())
+        behind = [r for r, info in second.items() if info["step"] < ahead]
+        if behind:
+            return "; ".join(self._describe(r, second[r], f"is stuck (alive, idle {second[r]['idle_s']:.0f} s) "
+                                                          f"while other ranks reached step {ahead}")
+                             for r in behind)
+        return None
+
+    @staticmethod
+    def _describe(rank: int, info: Optional[dict], what: str) -> str:
+        if info is None:
+            return f"rank {rank} {what}; it never reported"
+        return (f"rank {rank} (host {info['host']}, pid {info['pid']}) {what}; "
+                f"last at step {info['step']}, {info['phase']}")

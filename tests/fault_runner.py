@@ -1,0 +1,142 @@
+"""`megareuse train` with one fault injected, for the fault-injection tests (tests/test_faults.py).
+
+    python tests/fault_runner.py [--kill-at POINT --on-save N] [--nan-batches 5,6] -- <train args>
+
+--kill-at POINT   SIGKILL this process during its N-th checkpoint save, at POINT:
+                  deepspeed  after DeepSpeed wrote its engine state, before model.pt
+                  model      half-way through writing model.pt
+                  manifest   half-way through writing manifest.json (before the rename)
+                  rename     right after the rename that commits the checkpoint, before the
+                             directory fsync and retention
+                  retention  half-way through deleting a checkpoint that keep_last retires
+--nan-batches B   the training loss (and so every gradient) is NaN on the listed global
+                  batches of the data stream (1 = the first; without rollbacks, batch k is step k)
+
+Nothing here is imported by the package: the faults are injected by patching from outside.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+POINTS = ("deepspeed", "model", "manifest", "rename", "retention")
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_kill(point: str, on_save: int) -> None:
+    import shutil
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from megareuse.engine import checkpoint as ckpt
+    from megareuse.engine.trainer import Trainer
+
+    saves = [0]
+    original_save = Trainer.save
+
+    def counting_save(self):
+        saves[0] += 1
+        return original_save(self)
+
+    Trainer.save = counting_save
+    armed = lambda: saves[0] == on_save  # noqa: E731
+
+    if point == "deepspeed":
+        original = DeepSpeedEngine.save_checkpoint
+
+        def save_checkpoint(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if armed():
+                die()
+            return result
+        DeepSpeedEngine.save_checkpoint = save_checkpoint
+    elif point == "model":
+        original_write = ckpt.write_object
+
+        def write_object(tmp, name, obj):
+            if not (armed() and name == "model.pt"):
+                return original_write(tmp, name, obj)
+            buf = io.BytesIO()
+            import torch
+            torch.save(obj, buf)
+            with open(Path(tmp) / name, "wb") as fh:
+                fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+            die()
+        ckpt.write_object = write_object
+    elif point == "manifest":
+        original_bytes = ckpt._write_bytes_synced
+
+        def write_bytes_synced(path, write):
+            if not (armed() and Path(path).name == ckpt.MANIFEST):
+                return original_bytes(path, write)
+            buf = io.BytesIO()
+            write(buf)
+            Path(path).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+            die()
+        ckpt._write_bytes_synced = write_bytes_synced
+    elif point == "rename":
+        original_rename = os.rename
+
+        def rename(src, dst, *args, **kwargs):
+            original_rename(src, dst, *args, **kwargs)
+            if armed() and Path(src).name.startswith(".tmp-step_"):
+                die()
+        ckpt.os.rename = rename
+    elif point == "retention":
+        original_rmtree = shutil.rmtree
+
+        def rmtree(path, *args, **kwargs):
+            if armed() and Path(path).name.startswith("step_"):
+                files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+                for file in files[: len(files) // 2]:
+                    file.unlink()
+                die()
+            return original_rmtree(path, *args, **kwargs)
+        ckpt.shutil.rmtree = rmtree
+
+
+def install_nan(batches: set[int]) -> None:
+    from megareuse.engine.trainer import Trainer
+
+    original = Trainer.batch_loss
+
+    def batch_loss(self, batch):
+        loss = original(self, batch)
+        run = self.cfg.run
+        position = self.state.samples // (run.micro_batch_size * run.grad_accum * self.pstate.dp_size) + 1
+        return loss * float("nan") if position in batches and self.engine.training else loss
+    Trainer.batch_loss = batch_loss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kill-at", choices=POINTS)
+    parser.add_argument("--on-save", type=int, default=2)
+    parser.add_argument("--nan-batches", default="")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from megareuse.engine.ds import _select_accelerator
+    _select_accelerator()
+    if args.kill_at:
+        install_kill(args.kill_at, args.on_save)
+    if args.nan_batches:
+        install_nan({int(s) for s in args.nan_batches.split(",")})
+    from megareuse.cli import main as cli_main
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    return cli_main(["train", *train_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Fault injection: preemption signals, SIGKILL during checkpoint writes, corrupt files, NaN
+gradients, dead and stopped ranks. Every job is bounded in time and killed whole.
+
+The reference for "no work lost" is always an uninterrupted run of the same command: fp32
+training here is deterministic, so a resumed run must reproduce its losses bit for bit.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed_utils import REPO, TRAIN, base_env, run_job, tiny_args, train_losses
+from megareuse.engine import checkpoint as ckpt
+from megareuse.engine.guard import EXIT_DIVERGED, EXIT_RANK_FAILURE, EXIT_REQUEUE
+from megareuse.parallel.launch import free_port
+
+RUNNER = str(REPO / "tests" / "fault_runner.py")
+LONG = ("run.train_tokens=102400", "run.eval_interval=100000", "run.save_interval=100000")  # 400 steps
+
+
+def start(cmd, env=None):
+    return subprocess.Popen(cmd, env=env or base_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc, timeout=180) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"process did not end within {timeout}s:\n{out[-3000:]}")
+    return out
+
+
+def kill_all(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def wait_for_steps(out_dir: Path, n: int, procs, timeout=180) -> None:
+    metrics, deadline = Path(out_dir) / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= n):
+        assert time.monotonic() < deadline, f"fewer than {n} steps after {timeout}s"
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+
+
+def rank_envs(world: int):
+    port = free_port()
+    return [base_env(RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=world,
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in range(world)]
+
+
+def events(out_dir: Path, kind: str) -> list[dict]:
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+# ----------------------------------------------------------------------------- preemption
+@pytest.fixture(scope="module")
+def long_reference(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("long") / "run"
+    proc = run_job([sys.executable, TRAIN, *tiny_args(prepared, out, *LONG)])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return train_losses(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_exits_requeue_and_resumes_bit_identical(prepared, tmp_path, long_reference, sig):
+    out = tmp_path / "run"
+    args = tiny_args(prepared, out, *LONG)
+    proc = start([sys.executable, TRAIN, *args])
+    try:
+        wait_for_steps(out, 3, [proc])
+        proc.send_signal(sig)
+        log = finish(proc, timeout=60)
+    finally:
+        kill_all([proc])
+    assert proc.returncode == EXIT_REQUEUE, log[-3000:]
+    note = json.loads((out / "preempted.json").read_text())
+    assert note["signal"] == sig.name and 3 <= note["step"] < 400, note
+    assert ckpt.verify_checkpoint(Path(note["checkpoint"])) is None
+    assert f"stopped by {sig.name} at step {note['step']}" in log
+
+    resumed = run_job([sys.executable, TRAIN, *args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"at step {note['step']} " in resumed.stdout
+    assert train_losses(out) == long_reference  # exact float equality, all 400 steps
+    assert not (out / "preempted.json").exists()
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_and_resumes_bit_identical(prepared, tmp_path):
+    args = lambda out: tiny_args(prepared, out, *LONG, "run.micro_batch_size=4", "run.train_tokens=51200")  # noqa: E731
+    full = tmp_path / "full"
+    procs = [start([sys.executable, TRAIN, *args(full)], env) for env in rank_envs(2)]
+    try:
+        outs = [finish(p, 240) for p in procs]
+    finally:
+        kill_all(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+
+    part = tmp_path / "part"
+    procs = [start([sys.executable, TRAIN, *args(part)], env) for env in rank_envs(2)]
+    try:
+        wait_for_steps(part, 3, procs)
+        procs[1].send_signal(signal.SIGTERM)  # rank 1 only: the ranks agree at the step boundary
+        outs = [finish(p, 90) for p in procs]
+    finally:
+        kill_all(procs)
+    assert [p.returncode for p in procs] == [EXIT_REQUEUE] * 2, outs[0][-3000:] + outs[1][-3000:]
+    step = json.loads((part / "preempted.json").read_text())["step"]
+    assert 3 <= step < 200
+
+    procs = [start([sys.executable, TRAIN, *args(part), "--resume", "auto"], env) for env in rank_envs(2)]
+    try:
+        outs = [finish(p, 240) for p in procs]
+    finally:
+        kill_all(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    assert train_losses(part) == train_losses(full)
+
+
+# ----------------------------------------------------------------------------- crash safety
+@pytest.fixture(scope="module")
+def short_reference(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("short") / "run"
+    proc = run_job([sys.executable, TRAIN, *tiny_args(prepared, out, "run.save_interval=2")])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return train_losses(out)
+
+
+@pytest.mark.parametrize("point, resumes_at", [
+    ("deepspeed", 2), ("model", 2), ("manifest", 2), ("rename", 4), ("retention", 4)])
+def test_sigkill_during_checkpoint_write(prepared, tmp_path, short_reference, point, resumes_at):
+    out = tmp_path / "run"
+    args = tiny_args(prepared, out, "run.save_interval=2", "run.keep_last=1")  # saves at 2, 4, 6
+    killed = run_job([sys.executable, RUNNER, "--kill-at", point, "--on-save", "2", "--", *args])
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+
+    resumed = run_job([sys.executable, TRAIN, *args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"at step {resumes_at} " in resumed.stdout, resumed.stdout[-3000:]
+    assert train_losses(out) == short_reference  # same final loss: nothing but those steps lost
+    leftovers = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert leftovers == ["step_00000006"], leftovers  # temp dirs tidied, retention applied
+
+
+def test_flipped_byte_in_newest_checkpoint_falls_back_to_previous(prepared, tmp_path, short_reference):
+    out = tmp_path / "run"
+    args = tiny_args(prepared, out, "run.save_interval=2")  # saves 2, 4, 6; keeps 4 and 6
+    assert run_job([sys.executable, TRAIN, *args]).returncode == 0
+    newest = out / "checkpoints" / "step_00000006" / "model.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+
+    explicit = run_job([sys.executable, TRAIN, *args, "--resume", str(newest.parent)])
+    assert explicit.returncode == 2
+    assert "model.pt fails its sha256 checksum" in explicit.stdout.strip().splitlines()[-1]
+
+    resumed = run_job([sys.executable, TRAIN, *args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "skipping checkpoint" in resumed.stdout and "step_00000006: model.pt fails its sha256" in resumed.stdout
+    assert "at step 4 " in resumed.stdout  # steps 5 and 6 are trained again, step 6 re-saved
+    assert train_losses(out) == short_reference
+
+
+def test_truncated_bin_is_refused_with_one_line(prepared, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    with open(data / "code_valid.bin", "r+b") as fh:
+        fh.truncate(os.path.getsize(data / "code_valid.bin") - 3)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, TRAIN, *tiny_args(data, out)], env=base_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "code_valid.bin" in lines[0] and "truncated" in lines[0], proc.stderr
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- divergence
+def test_nan_steps_skipped_then_rollback_lowers_lr(prepared, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(prepared, out, "run.train_tokens=3072", "run.save_interval=4", "guard.max_skips=2",
+                     "guard.skip_window=3", "guard.lr_factor=0.5", "schedule.kind=constant",
+                     "schedule.warmup_steps=0")
+    proc = run_job([sys.executable, RUNNER, "--nan-batches", "3,6,7", "--", *args])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    train = events(out, "train")
+    skipped = [r["step"] for r in events(out, "train") if r.get("skipped")]
+    # batch 3 is skipped alone; 6 and 7 make two within 3 steps: roll back to step 4; the data
+    # cursor is not rewound, so steps 5-12 then train on batches 8-15 (no NaN among them)
+    (rollback,) = events(out, "rollback")
+    assert rollback["step"] == 7 and rollback["to_step"] == 4 and rollback["lr_scale"] == 0.5
+    assert skipped == [3], skipped  # the records of steps 5-7 were replaced after the rollback
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert {r["lr"] for r in train if r["step"] <= 4} == {1e-2} and {r["lr"] for r in train if r["step"] > 4} == {5e-3}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 3 and summary["rollbacks"] == 1
+    trainer = __import__("torch").load(out / "checkpoints" / "step_00000012" / "trainer.pt", weights_only=True)
+    assert trainer["samples"] == (12 + 3) * 8 and trainer["guard"]["lr_scale"] == 0.5
+
+
+def test_repeated_nans_stop_with_clear_message(prepared, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(prepared, out, "guard.max_skips=2", "guard.on_divergence=stop")
+    proc = subprocess.run([sys.executable, RUNNER, "--nan-batches", "2,3,4,5,6", "--", *args], env=base_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == EXIT_DIVERGED, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "training diverged: 2 steps with a non-finite loss or gradient norm" in lines[-1]
+    assert "guard.on_divergence = 'stop'" in lines[-1]
+
+
+# ----------------------------------------------------------------------------- dead and stuck ranks
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_dead_or_stopped_rank_named_by_survivor_within_timeout(prepared, tmp_path, how):
+    out, timeout_s = tmp_path / "run", 20
+    args = tiny_args(prepared, out, "run.micro_batch_size=4", "run.train_tokens=10000000",
+                     f"parallel.timeout_s={timeout_s}")
+    procs = [start([sys.executable, TRAIN, *args], env) for env in rank_envs(2)]
+    try:
+        wait_for_steps(out, 2, procs)
+        os.killpg(procs[1].pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        log = finish(procs[0], timeout=timeout_s + 60)
+        elapsed = time.monotonic() - t0
+    finally:
+        kill_all(procs)
+    assert procs[0].returncode == EXIT_RANK_FAILURE, log[-3000:]
+    assert elapsed < timeout_s + 30, elapsed
+    message = [line for line in log.splitlines() if "rank failure" in line]
+    assert message and "rank 1 (host" in message[-1] and "sent no heartbeat" in message[-1], log[-3000:]
