@@ -242,3 +242,74 @@ def test_dead_or_stopped_rank_named_by_survivor_within_timeout(prepared, tmp_pat
     assert elapsed < timeout_s + 30, elapsed
     message = [line for line in log.splitlines() if "rank failure" in line]
     assert message and "rank 1 (host" in message[-1] and "sent no heartbeat" in message[-1], log[-3000:]
+
+
+def test_slurm_script_usr1_checkpoints_requeues_and_next_start_resumes(prepared, tmp_path):
+    """base_1b.sh with real torchrun (2 ranks): SIGUSR1 to the batch script reaches the workers,
+    they checkpoint and exit 75, the script requeues (stand-in scontrol), the restart resumes."""
+    from distributed_utils import CONFIG, torchrun
+    overrides = tiny_args(prepared, tmp_path / "run", *LONG, "run.micro_batch_size=4",
+                          "run.train_tokens=51200")[2:]
+    full = tmp_path / "full"
+    reference = torchrun(2, ["--config", CONFIG, *overrides, f"run.out_dir={full}"])
+    assert reference.returncode == 0, reference.stdout[-3000:]
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[[ $1 == requeue ]] && echo "scontrol $*" >> "$LOG"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    out, log = tmp_path / "run", tmp_path / "scontrol.log"
+    env = base_env(PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=log, PYTHON=sys.executable, CONFIG=CONFIG,
+                   OUT_DIR=out, GPUS_PER_NODE=2, SLURM_JOB_ID=4242, SLURM_JOB_NODELIST="localhost",
+                   SLURM_NNODES=1, MASTER_PORT=free_port())
+    script = [str(REPO / "scripts" / "slurm" / "base_1b.sh"), *overrides]
+    proc = start(["bash", *script], env)
+    try:
+        wait_for_steps(out, 3, [proc])
+        proc.send_signal(signal.SIGUSR1)
+        first = finish(proc, timeout=90)
+    finally:
+        kill_all([proc])
+    assert proc.returncode == 0, first[-3000:]
+    assert log.read_text().splitlines() == ["scontrol requeue 4242"], first[-3000:]
+    step = json.loads((out / "preempted.json").read_text())["step"]
+    assert "requeueing job 4242" in first and 3 <= step < 200
+
+    again = run_job(["bash", *script], {**env, "SLURM_RESTART_COUNT": "1", "MASTER_PORT": str(free_port())})
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"at step {step} " in again.stdout and "restart 1 of job 4242" in again.stdout
+    assert train_losses(out) == train_losses(full)
+    assert log.read_text().splitlines() == ["scontrol requeue 4242"]  # finished: no second requeue
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_nonfinite_step_is_not_applied(prepared, tmp_path, stage):
+    """In-process, each ZeRO stage: after a NaN step the weights and optimizer state are those
+    of a run that skipped the batch by hand (cursor and step advanced, nothing else)."""
+    import torch
+
+    from distributed_utils import CONFIG
+    from megareuse.config import load_config
+    from megareuse.engine.trainer import Trainer
+    make = lambda name: Trainer(load_config(CONFIG, tiny_args(prepared, tmp_path / name,  # noqa: E731
+                                                             f"parallel.zero_stage={stage}")[2:]),
+                                emit=lambda s: None)
+    weights = lambda t: {k: v.detach().clone() for k, v in t.full_state_dict().items()}  # noqa: E731
+    poisoned, by_hand = make("poisoned"), make("by_hand")
+    poisoned.train_step()
+    by_hand.train_step()
+    before = weights(poisoned)
+    original = poisoned.batch_loss
+    poisoned.batch_loss = lambda batch: original(batch) * float("nan")
+    loss, _, _, applied = poisoned.train_step()
+    assert not applied and loss != loss
+    after = weights(poisoned)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    by_hand.state.step += 1
+    by_hand.state.samples += 8
+    by_hand.state.tokens += 256
+    poisoned.batch_loss = original
+    for _ in range(2):
+        assert poisoned.train_step()[3] and by_hand.train_step()[3]
+    got, want = weights(poisoned), weights(by_hand)
+    assert all(torch.equal(got[k], want[k]) for k in want)

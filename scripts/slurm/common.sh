@@ -39,9 +39,12 @@
 #
 # Signals and requeue: `mr_launch` starts the launcher in the background and waits. SIGUSR1 (sent
 # by `sbatch --signal=B:USR1@300` five minutes before the time limit) is forwarded to the training
-# processes, which checkpoint and stop; then the job is requeued with `scontrol requeue` and the
-# next start continues with `--resume auto`. SIGTERM/SIGINT (scancel, preemption) are forwarded
-# and nothing is requeued by the script (SLURM's preemption requeue restarts the job itself).
+# processes, which checkpoint at the next step boundary and exit with code 75 after writing
+# OUT_DIR/preempted.json; then the job is requeued with `scontrol requeue` and the next start
+# continues with `--resume auto`. The same happens when the trainers get SIGUSR1 directly
+# (`--signal=USR1@300` without B:): preempted.json names the signal. SIGTERM/SIGINT (scancel,
+# preemption) are forwarded, the trainers checkpoint the same way, and nothing is requeued by the
+# script (SLURM's preemption requeue restarts the job itself).
 
 MR_SCRIPT="${MR_SCRIPT:-slurm}"
 MR_CMD=()
@@ -270,15 +273,24 @@ mr_launch() {
         fi
         return 0
     fi
-    local rc=0
+    local rc=0 marker="${out_dir:+$out_dir/preempted.json}"
+    if [[ -n $marker && $MR_NODE_STEP != 1 ]]; then rm -f "$marker"; fi
     if [[ $MR_GOT_USR1 == 1 ]]; then
         mr_log "SIGUSR1 arrived before the launch: not starting it"
     else
         mr_run_forwarding "${MR_CMD[@]}" || rc=$?
     fi
-    if [[ $MR_GOT_USR1 == 1 && $MR_NODE_STEP != 1 ]]; then
+    # The trainers stop after SIGTERM/SIGUSR1 with a checkpoint, exit code 75 and preempted.json
+    # (torchrun reports any worker's non-zero exit as 1, so the file is what counts). Requeue
+    # after SIGUSR1, whether this script or the trainers got it; after SIGTERM (scancel, or a
+    # preemption that SLURM requeues itself) do not.
+    if [[ $MR_NODE_STEP != 1 ]] && { [[ $MR_GOT_USR1 == 1 ]] ||
+        { [[ -n $marker && -f $marker ]] && grep -q '"signal": "SIGUSR1"' "$marker"; }; }; then
         mr_requeue "$out_dir"
         return 0
+    fi
+    if [[ -n $marker && -f $marker ]]; then
+        mr_log "training checkpointed and stopped on a signal ($(tr -d '\n ' <"$marker")); not requeued"
     fi
     return "$rc"
 }
