@@ -1,6 +1,6 @@
 """`megareuse train` with one fault injected, for the fault-injection tests (tests/test_faults.py).
 
-    python tests/fault_runner.py [--kill-at POINT --on-save N] [--nan-batches 5,6] -- <train args>
+    python tests/fault_runner.py [--kill-at POINT --on-save N] [--nan-batches 5,6] [--spike-batches 9] -- <train args>
 
 --kill-at POINT   SIGKILL this process during its N-th checkpoint save, at POINT:
                   deepspeed  after DeepSpeed wrote its engine state, before model.pt
@@ -11,6 +11,7 @@
                   retention  half-way through deleting a checkpoint that keep_last retires
 --nan-batches B   the training loss (and so every gradient) is NaN on the listed global
                   batches of the data stream (1 = the first; without rollbacks, batch k is step k)
+--spike-batches B the training loss is 4x its value on the listed batches (a loss spike)
 
 Nothing here is imported by the package: the faults are injected by patching from outside.
 """
@@ -106,7 +107,8 @@ def install_kill(point: str, on_save: int) -> None:
         ckpt.shutil.rmtree = rmtree
 
 
-def install_nan(batches: set[int]) -> None:
+def install_loss_scale(batches: set[int], factor: float) -> None:
+    """Multiply the training loss (and so the gradients) by ``factor`` on the listed batches."""
     from megareuse.engine.trainer import Trainer
 
     original = Trainer.batch_loss
@@ -115,7 +117,7 @@ def install_nan(batches: set[int]) -> None:
         loss = original(self, batch)
         run = self.cfg.run
         position = self.state.samples // (run.micro_batch_size * run.grad_accum * self.pstate.dp_size) + 1
-        return loss * float("nan") if position in batches and self.engine.training else loss
+        return loss * factor if position in batches and self.engine.training else loss
     Trainer.batch_loss = batch_loss
 
 
@@ -124,6 +126,7 @@ def main() -> int:
     parser.add_argument("--kill-at", choices=POINTS)
     parser.add_argument("--on-save", type=int, default=2)
     parser.add_argument("--nan-batches", default="")
+    parser.add_argument("--spike-batches", default="")
     parser.add_argument("train_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -131,8 +134,9 @@ def main() -> int:
     _select_accelerator()
     if args.kill_at:
         install_kill(args.kill_at, args.on_save)
-    if args.nan_batches:
-        install_nan({int(s) for s in args.nan_batches.split(",")})
+    for batches, factor in ((args.nan_batches, float("nan")), (args.spike_batches, 4.0)):
+        if batches:
+            install_loss_scale({int(b) for b in batches.split(",")}, factor)
     from megareuse.cli import main as cli_main
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     return cli_main(["train", *train_args])

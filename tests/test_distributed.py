@@ -1,16 +1,12 @@
 """Multi-process training on CPU (gloo): TP x DP with ZeRO 1-3 against one process, resume and
-resharding, every launcher, and a dead rank. Each job is bounded in time.
+resharding, every launcher. Each job is bounded in time (dead and stopped ranks: test_faults.py).
 
 Tolerance: TP and DP change the order of floating-point sums (all-reduces of partial matmul
 results and of gradients), so fp32 losses agree with the single-process run to rounding, not
 bit for bit; over 6 steps at lr 1e-2 that stays below 1e-5 relative (measured: ~1e-6).
 """
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
@@ -109,30 +105,3 @@ def test_mpirun_launcher(prepared, tmp_path, reference):
     proc = run_job(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert train_losses(out)[:2] == pytest.approx(reference[0][:2], rel=RTOL)
-
-
-def test_dead_rank_ends_job_nonzero(prepared, tmp_path):
-    out = tmp_path / "run"
-    port = free_port()
-    envs = [base_env(RANK=r, WORLD_SIZE=2, LOCAL_RANK=r, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=port) for r in range(2)]
-    args = tiny_args(prepared, out, "run.micro_batch_size=4", "run.train_tokens=1000000",
-                     "parallel.timeout_s=30")
-    procs = [subprocess.Popen([sys.executable, TRAIN, *args], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for env in envs]
-    try:
-        deadline = time.monotonic() + 180
-        metrics = out / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-            assert time.monotonic() < deadline, "training never started"
-            assert procs[0].poll() is None, procs[0].communicate()[0][-3000:]
-            time.sleep(0.5)
-        os.killpg(procs[1].pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        out0, _ = procs[0].communicate(timeout=120)
-        assert procs[0].returncode != 0, out0[-3000:]
-        assert time.monotonic() - killed_at < 100
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)

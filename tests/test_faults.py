@@ -190,12 +190,13 @@ def test_truncated_bin_is_refused_with_one_line(prepared, tmp_path):
 
 
 # ----------------------------------------------------------------------------- divergence
-def test_nan_steps_skipped_then_rollback_lowers_lr(prepared, tmp_path):
+def test_nan_steps_skipped_then_rollback_lowers_lr_and_spike_logged(prepared, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(prepared, out, "run.train_tokens=3072", "run.save_interval=4", "guard.max_skips=2",
                      "guard.skip_window=3", "guard.lr_factor=0.5", "schedule.kind=constant",
                      "schedule.warmup_steps=0")
-    proc = run_job([sys.executable, RUNNER, "--nan-batches", "3,6,7", "--", *args])
+    proc = run_job([sys.executable, RUNNER, "--nan-batches", "3,6,7", "--spike-batches", "10", "--",
+                    *args, "guard.spike_window=4"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     train = events(out, "train")
     skipped = [r["step"] for r in events(out, "train") if r.get("skipped")]
@@ -206,8 +207,11 @@ def test_nan_steps_skipped_then_rollback_lowers_lr(prepared, tmp_path):
     assert skipped == [3], skipped  # the records of steps 5-7 were replaced after the rollback
     assert [r["step"] for r in train] == list(range(1, 13))
     assert {r["lr"] for r in train if r["step"] <= 4} == {1e-2} and {r["lr"] for r in train if r["step"] > 4} == {5e-3}
+    (spike,) = [r for r in train if "spike_median" in r]  # batch 10 was trained at step 7
+    assert spike["step"] == 7 and spike["loss"] > 1.5 * spike["spike_median"]
+    assert "loss spike at step 7" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["skipped_steps"] == 3 and summary["rollbacks"] == 1
+    assert summary["skipped_steps"] == 3 and summary["rollbacks"] == 1 and summary["loss_spikes"] == 1
     trainer = __import__("torch").load(out / "checkpoints" / "step_00000012" / "trainer.pt", weights_only=True)
     assert trainer["samples"] == (12 + 3) * 8 and trainer["guard"]["lr_scale"] == 0.5
 
