@@ -1,0 +1,198 @@
+"""The training loop and its reliability policy (docs/reliability.md), mixed into Trainer.
+
+Per step: train, log (with spike detection), skip/rollback/stop for non-finite steps, evaluate,
+save, then one all-reduce on which every rank learns whether any of them got a stop signal; if
+so, all of them checkpoint that step and stop with ``Preempted``. With more than one rank a
+watchdog thread publishes heartbeats; a collective that fails is explained by naming the dead or
+stuck rank (``RankFailure``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megareuse.engine import checkpoint as ckpt
+from megareuse.engine.guard import DivergenceError, Preempted, StopSignals
+from megareuse.engine.metrics import MetricsLog, Progress, format_duration
+from megareuse.engine.watchdog import RankFailure, Watchdog
+from megareuse.model import flops_per_token, non_embedding_param_count, param_count
+from megareuse.reuse.records import write_record
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device: torch.device, configured_tflops: float) -> float:
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+    return 0.0
+
+
+class TrainingLoop:
+    """Needs the Trainer's cfg, pstate, state, guard, engine, emit, is_main, out_dir, ckpt_root,
+    total_steps, tokens_per_step, save_steps, device and its train_step/evaluate/save/_rollback."""
+
+    def _open_log(self) -> Optional[MetricsLog]:
+        if not self.is_main:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        log = MetricsLog(self.out_dir)
+        log.truncate_after(self.state.step)
+        for note in ckpt.clean_stale(self.ckpt_root):
+            self.emit(f"note: {note}")
+        return log
+
+    def _start_watchdog(self) -> Optional[Watchdog]:
+        if self.pstate.world_size == 1:
+            return None
+        return Watchdog(self.pstate.rank, self.pstate.world_size, self.cfg.parallel.timeout_s,
+                        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])).start()
+
+    def run(self, until_step: Optional[int] = None) -> dict[str, Any]:
+        """Train to the end (or stop after ``until_step``, saving a checkpoint there).
+
+        Raises Preempted after a stop signal (a checkpoint was written), DivergenceError when
+        the divergence guard gives up, RankFailure when another rank died or hung."""
+        cfg, run, ps = self.cfg, self.cfg.run, self.pstate
+        stop = self.total_steps if until_step is None else min(until_step, self.total_steps)
+        self._barrier()  # every rank has loaded its checkpoint before rank 0 tidies the directory
+        log = self._open_log()
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        progress = Progress(self.total_steps, self.tokens_per_step, fpt,
+                            ps.world_size * peak_flops(self.device, run.peak_tflops), self.emit)
+        self.emit(f"training {param_count(cfg.model):,} parameters "
+                  f"({non_embedding_param_count(cfg.model):,} non-embedding) for {self.total_steps} "
+                  f"steps x {self.tokens_per_step} tokens on {ps.world_size} x {self.device} "
+                  f"(TP={ps.tp_size}, DP={ps.dp_size}, ZeRO-{cfg.parallel.zero_stage}, {run.dtype})")
+        signals = StopSignals(cfg.guard.signals)
+        watchdog = self._start_watchdog()
+        t_start = time.perf_counter()
+        try:
+            last_eval = self._loop(stop, log, progress, signals, watchdog)
+        except RuntimeError as exc:
+            if watchdog is None or isinstance(exc, (DivergenceError, RankFailure, ckpt.CheckpointError)):
+                raise
+            watchdog.stop()
+            report = watchdog.diagnose()
+            if report is None:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RankFailure(f"rank failure seen by rank {ps.rank} at step {self.state.step}: {report} "
+                              f"(error: {first[:200]})") from exc
+        finally:
+            signals.close()
+            if watchdog is not None:
+                watchdog.stop()
+            if log:
+                log.close()
+        return self._finish(log, last_eval, time.perf_counter() - t_start)
+
+    def _loop(self, stop: int, log: Optional[MetricsLog], progress: Progress, signals: StopSignals,
+              watchdog: Optional[Watchdog]) -> dict[str, float]:
+        run = self.cfg.run
+        t_start, last_eval = time.perf_counter(), {}
+        wall_before = self.state.wall_s
+        progress.start(self.state.step)
+        self.engine.train()
+        beat = watchdog.progress if watchdog is not None else (lambda step, phase: None)
+        while self.state.step < stop:
+            beat(self.state.step, "train")
+            loss, lr, grad_norm, applied = self.train_step()
+            self.state.wall_s = wall_before + time.perf_counter() - t_start
+            step = self.state.step
+            finite = applied and math.isfinite(loss)
+            record = {"kind": "train", "step": step, "tokens": self.state.tokens,
+                      "loss": loss if math.isfinite(loss) else None, "lr": lr,
+                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
+            if not finite:
+                record["skipped"] = True
+            elif (median := self.guard.spikes.observe(loss)) is not None:
+                self.guard.state.spikes += 1
+                record["spike_median"] = median
+                self.emit(f"loss spike at step {step}: {loss:.4f} > {self.cfg.guard.spike_ratio:g} x "
+                          f"running median {median:.4f}")
+            last = step == self.total_steps
+            if step % run.log_interval == 0 or last or step == stop:
+                skipped = self.guard.state.skipped_steps + (not finite)
+                record.update(progress.line(step, loss, lr, f"skipped {skipped}" if skipped else ""))
+            if log:
+                log.write(record)
+            if not finite and self._on_bad_step(step, loss, grad_norm, log):
+                t_start, wall_before = time.perf_counter(), self.state.wall_s
+                progress.start(self.state.step)
+                continue
+            if step % run.eval_interval == 0 or last:
+                beat(step, "eval")
+                last_eval = self.evaluate()
+                if log:
+                    log.write({"kind": "eval", "step": step, "tokens": self.state.tokens,
+                               **{f"valid_loss/{d}": v for d, v in last_eval.items()}})
+                self.emit(f"eval step {step}: " + ", ".join(f"{d} {v:.4f}" for d, v in last_eval.items()))
+            saved = None
+            if step % run.save_interval == 0 or last or step == stop or step in self.save_steps:
+                beat(step, "save")
+                saved = self.save()
+                self.emit(f"saved {saved}")
+            received = signals.agreed()
+            if received is not None:
+                beat(step, "save")
+                self._preempt(received, saved or self.save(), log)
+        return last_eval
+
+    def _on_bad_step(self, step: int, loss: float, grad_norm: float, log: Optional[MetricsLog]) -> bool:
+        """A skipped step: count it; roll back (returns True) or stop when the guard says so."""
+        self.emit(f"warning: step {step} skipped (loss {loss}, gradient norm {grad_norm}); "
+                  f"{self.guard.state.skipped_steps + 1} skipped so far")
+        action = self.guard.on_skip(step)
+        if action is None:
+            return False
+        if action == "stop":
+            raise DivergenceError(self.guard.stop_message(step))
+        path = self._rollback(step)
+        self.emit(f"rolled back to {path} (step {self.state.step}) after {self.cfg.guard.max_skips} skipped "
+                  f"steps; learning rate x {self.guard.state.lr_scale:g} from now on")
+        if log:
+            log.truncate_after(self.state.step)
+            log.write({"kind": "rollback", "step": step, "to_step": self.state.step, "checkpoint": str(path),
+                       "lr_scale": self.guard.state.lr_scale, "samples": self.state.samples})
+        return True
+
+    def _preempt(self, received: str, path: Path, log: Optional[MetricsLog]) -> None:
+        step = self.state.step
+        if log:
+            log.write({"kind": "preempted", "step": step, "signal": received, "checkpoint": str(path)})
+            note = {"signal": received, "step": step, "checkpoint": str(path),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            tmp = self.out_dir / "preempted.json.tmp"
+            tmp.write_text(json.dumps(note, indent=2))
+            os.replace(tmp, self.out_dir / "preempted.json")
+        self.emit(f"{received}: checkpointed step {step} to {path}; stopping (resume with --resume auto)")
+        raise Preempted(received, step, str(path))
+
+    def _finish(self, log: Optional[MetricsLog], last_eval: dict[str, float], wall: float) -> dict[str, Any]:
+        summary = {"steps": self.state.step, "total_steps": self.total_steps,
+                   "tokens": self.state.tokens, "valid_loss": last_eval, "wall_s": wall,
+                   "finished": self.state.step >= self.total_steps,
+                   "skipped_steps": self.guard.state.skipped_steps, "rollbacks": self.guard.state.rollbacks,
+                   "loss_spikes": self.guard.state.spikes,
+                   "checkpoint": str(ckpt.checkpoint_dir(self.ckpt_root, self.state.step))}
+        if log and summary["finished"]:
+            (self.out_dir / "preempted.json").unlink(missing_ok=True)
+            tmp = self.out_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.out_dir / "summary.json")
+            if self.cfg.run.write_record:
+                write_record(self.out_dir, self.record(Path(summary["checkpoint"])))
+            self.emit(f"done: {self.state.tokens:,} tokens in {format_duration(wall)}")
+        return summary
