@@ -74,7 +74,7 @@ def long_reference(prepared, tmp_path_factory):
     return train_losses(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_checkpoints_exits_requeue_and_resumes_bit_identical(prepared, tmp_path, long_reference, sig):
     out = tmp_path / "run"
     args = tiny_args(prepared, out, *LONG)
@@ -242,6 +242,7 @@ def test_dead_or_stopped_rank_named_by_survivor_within_timeout(prepared, tmp_pat
         elapsed = time.monotonic() - t0
     finally:
         kill_all(procs)
+    print(f"rank 1 {how}: rank 0 exited {procs[0].returncode} after {elapsed:.1f} s:", log.strip().splitlines()[-1])
     assert procs[0].returncode == EXIT_RANK_FAILURE, log[-3000:]
     assert elapsed < timeout_s + 30, elapsed
     message = [line for line in log.splitlines() if "rank failure" in line]
