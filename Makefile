@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow test-multinode venv clean
 
 demo: $(STAMP)
 	$(VENV)/bin/megareuse demo
@@ -22,6 +22,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m megareuse.engine.ds --prebuild
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# only the two-host tests (network namespaces; root), which `make test` includes when run as root
+test-multinode: $(STAMP)
+	$(PY) -m megareuse.engine.ds --prebuild
+	$(PY) -m pytest -m multinode $(PYTEST_ARGS)
 
 venv: $(STAMP)
 

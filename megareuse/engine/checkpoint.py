@@ -259,10 +259,12 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, names: tuple[str, ...] = ("model", "optimizer", "trainer"),
-                    map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify and load a checkpoint; returns (objects by stem, meta)."""
+                    map_location: str | torch.device = "cpu",
+                    checksums: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify (``checksums=False``: sizes only, for a checkpoint verified just before) and load
+    a checkpoint; returns (objects by stem, meta)."""
     path = Path(path)
-    problem = verify_checkpoint(path)
+    problem = verify_checkpoint(path, checksums=checksums)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
     objs = {}

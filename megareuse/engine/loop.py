@@ -83,8 +83,9 @@ class TrainingLoop:
         except RuntimeError as exc:
             if watchdog is None or isinstance(exc, (DivergenceError, RankFailure, ckpt.CheckpointError)):
                 raise
+            watchdog.reporting()
+            report = watchdog.diagnose()  # while this rank's own heartbeat goes on
             watchdog.stop()
-            report = watchdog.diagnose()
             if report is None:
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

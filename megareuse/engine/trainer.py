@@ -92,7 +92,6 @@ class Trainer(TrainingLoop):
                 self.data = open_training_data(cfg.data, cfg.model, weights)
         self.stage = "base" if self.init is None else self.init.stage
         self.method = "base" if self.init is None else self.init.method
-        self.resume_from = self._resolve_resume(resume)
         init_distributed(launch, cfg.parallel.backend, cfg.parallel.timeout_s)
         try:
             self.pstate = init_parallel_state(cfg.parallel.tp)
@@ -101,6 +100,8 @@ class Trainer(TrainingLoop):
         self.is_main = self.pstate.rank == 0
         self.emit = emit if self.is_main else (lambda s: None)
         self.device = resolve_device(cfg.run.device, launch.local_rank)
+        # rank 0 picks the checkpoint (checksumming it once, not once per rank); all ranks agree
+        self.resume_from = self._on_rank0(lambda: self._resolve_resume(resume))
         self.tokens_per_step = cfg.tokens_per_step * self.pstate.dp_size
         self.total_steps = cfg.run.train_tokens // self.tokens_per_step
         if self.total_steps < 1:
@@ -137,6 +138,22 @@ class Trainer(TrainingLoop):
                                        "or a complete checkpoint directory")
         return path
 
+    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on global rank 0 only; every rank returns its result or raises its error."""
+        if self.pstate.world_size == 1:
+            return fn()
+        box: list[Any] = [None]
+        if self.pstate.rank == 0:
+            try:
+                box[0] = ("ok", fn())
+            except (ckpt.CheckpointError, ConfigError) as exc:
+                box[0] = ("error", exc)
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise value
+        return value
+
     def _build(self):
         """Full model on every rank (same seed) -> resumed weights -> TP shards -> engine."""
         import deepspeed
@@ -146,7 +163,8 @@ class Trainer(TrainingLoop):
         model = GPT(cfg.model)
         saved = None
         if self.resume_from is not None:
-            objs, meta = ckpt.load_checkpoint(self.resume_from, names=("model", "trainer"))
+            # verified with checksums by rank 0 in _resolve_resume; sizes only here
+            objs, meta = ckpt.load_checkpoint(self.resume_from, names=("model", "trainer"), checksums=False)
             diff = model_diff(meta["config"]["model"], asdict(cfg.model))
             if diff:
                 raise ckpt.CheckpointError(f"run error: checkpoint {self.resume_from} was saved for "
@@ -208,10 +226,10 @@ class Trainer(TrainingLoop):
     def _rollback(self, from_step: int) -> Path:
         """Reload the last checkpoint's engine state and counters, keep the data cursor (the
         batches since are not replayed) and lower the learning rate (guard.lr_factor)."""
-        last = ckpt.latest_checkpoint(self.ckpt_root)
+        last = self._on_rank0(lambda: ckpt.latest_checkpoint(self.ckpt_root))
         problem = "no checkpoint has been written yet" if last is None else None
         if last is not None:
-            objs, meta = ckpt.load_checkpoint(last, names=("trainer",))
+            objs, meta = ckpt.load_checkpoint(last, names=("trainer",), checksums=False)
             if meta.get("layout") != _layout(self.cfg, self.pstate.dp_size) or not (last / "deepspeed").is_dir():
                 problem = f"{last} was saved at another layout ({meta.get('layout')})"
         if problem:

@@ -10,8 +10,11 @@ only; a rank reads the others only when something has gone wrong:
   names the ranks whose beat stopped (dead or stopped process) or that lag behind the others
   (stuck inside a step), and the trainer exits with that message;
 * the main thread made no progress for ``timeout_s`` + one interval (a collective that never
-  returns, a stuck data read): the thread itself diagnoses, prints the report and ends the
+  returns, a stuck data read): a second thread diagnoses, prints the report and ends the
   process with ``EXIT_RANK_FAILURE``, because the main thread cannot be interrupted.
+
+The heartbeat goes on while a rank diagnoses, so survivors that diagnose at the same time see
+each other beating and blame only the silent or lagging ranks.
 
 The store connection is this module's own client with a short timeout, so an unreachable store
 (the node holding rank 0 died) is reported as such instead of blocking.
@@ -53,7 +56,9 @@ class Watchdog:
         self.step, self.phase = 0, "start"
         self._progress_t = time.monotonic()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # one store operation at a time
         self._thread = threading.Thread(target=self._loop, name="megareuse-watchdog", daemon=True)
+        self._hang: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ main thread
     def start(self) -> "Watchdog":
@@ -65,6 +70,10 @@ class Watchdog:
         """The main thread reached ``phase`` of ``step`` (train, eval, save)."""
         self.step, self.phase, self._progress_t = step, phase, time.monotonic()
 
+    def reporting(self) -> None:
+        """The main thread reports a failure itself: no hang report from the thread."""
+        self._hang = self._hang or threading.current_thread()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
@@ -75,7 +84,8 @@ class Watchdog:
         self._beat += 1
         record = {"beat": self._beat, "step": self.step, "phase": self.phase, "host": self._host,
                   "pid": self._pid, "idle_s": round(time.monotonic() - self._progress_t, 1)}
-        self._store.set(f"{PREFIX}{self.rank}", json.dumps(record))
+        with self._lock:
+            self._store.set(f"{PREFIX}{self.rank}", json.dumps(record))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -84,20 +94,27 @@ class Watchdog:
             except Exception:  # the store is gone: the main thread will find out and report
                 pass
             idle = time.monotonic() - self._progress_t
-            if idle > self.timeout_s + self.interval_s and not self._stop.is_set():
-                report = self.diagnose() or "no rank could be blamed"
-                print(f"rank failure: rank {self.rank} made no progress for {idle:.0f} s "
-                      f"(step {self.step}, {self.phase}; parallel.timeout_s = {self.timeout_s:g}): "
-                      f"{report}", file=sys.stderr, flush=True)
-                self._on_hang(EXIT_RANK_FAILURE)
-                return
+            if idle > self.timeout_s + self.interval_s and self._hang is None:
+                self._hang = threading.Thread(target=self._report_hang, args=(idle,), daemon=True,
+                                              name="megareuse-watchdog-hang")
+                self._hang.start()
+
+    def _report_hang(self, idle: float) -> None:
+        report = self.diagnose() or "no rank could be blamed"
+        if self._stop.is_set():
+            return  # the main thread finished or is reporting itself
+        print(f"rank failure: rank {self.rank} made no progress for {idle:.0f} s "
+              f"(step {self.step}, {self.phase}; parallel.timeout_s = {self.timeout_s:g}): "
+              f"{report}", file=sys.stderr, flush=True)
+        self._on_hang(EXIT_RANK_FAILURE)
 
     # ------------------------------------------------------------------ diagnosis
     def _read_all(self) -> dict[int, Optional[dict]]:
         out: dict[int, Optional[dict]] = {}
         for rank in range(self.world_size):
             key = f"{PREFIX}{rank}"
-            out[rank] = json.loads(self._store.get(key)) if self._store.check([key]) else None
+            with self._lock:
+                out[rank] = json.loads(self._store.get(key)) if self._store.check([key]) else None
         return out
 
     def diagnose(self, watch_s: Optional[float] = None) -> Optional[str]:

@@ -273,8 +273,10 @@ mr_launch() {
         fi
         return 0
     fi
-    local rc=0 marker="${out_dir:+$out_dir/preempted.json}"
-    if [[ -n $marker && $MR_NODE_STEP != 1 ]]; then rm -f "$marker"; fi
+    local rc=0 marker="${out_dir:+$out_dir/preempted.json}" primary=0
+    # the batch step decides about requeueing (with FANOUT=0 every node runs this: node 0 decides)
+    if [[ $MR_NODE_STEP != 1 && $NODE_RANK == 0 ]]; then primary=1; fi
+    if [[ -n $marker && $primary == 1 ]]; then rm -f "$marker"; fi
     if [[ $MR_GOT_USR1 == 1 ]]; then
         mr_log "SIGUSR1 arrived before the launch: not starting it"
     else
@@ -284,12 +286,12 @@ mr_launch() {
     # (torchrun reports any worker's non-zero exit as 1, so the file is what counts). Requeue
     # after SIGUSR1, whether this script or the trainers got it; after SIGTERM (scancel, or a
     # preemption that SLURM requeues itself) do not.
-    if [[ $MR_NODE_STEP != 1 ]] && { [[ $MR_GOT_USR1 == 1 ]] ||
+    if [[ $primary == 1 ]] && { [[ $MR_GOT_USR1 == 1 ]] ||
         { [[ -n $marker && -f $marker ]] && grep -q '"signal": "SIGUSR1"' "$marker"; }; }; then
         mr_requeue "$out_dir"
         return 0
     fi
-    if [[ -n $marker && -f $marker ]]; then
+    if [[ $primary == 1 && -n $marker && -f $marker ]]; then
         mr_log "training checkpointed and stopped on a signal ($(tr -d '\n ' <"$marker")); not requeued"
     fi
     return "$rc"
