@@ -34,16 +34,27 @@ def base_env(**extra) -> dict:
     return env
 
 
-def run_job(cmd, env=None, timeout=240, cwd=None) -> subprocess.CompletedProcess:
-    """Run a launcher command in its own process group; kill the whole group on timeout."""
-    proc = subprocess.Popen(cmd, env=env or base_env(), cwd=cwd or REPO, stdout=subprocess.PIPE,
+def start(cmd, env=None, cwd=None) -> subprocess.Popen:
+    """Start a command in its own process group (output: stdout and stderr together)."""
+    return subprocess.Popen(cmd, env=env or base_env(), cwd=cwd or REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    """Wait for ``proc`` and return its output; on timeout kill its whole group and fail."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"job timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-4000:]}")
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(map(str, proc.args))}\n{out[-4000:]}")
+    return out
+
+
+def run_job(cmd, env=None, timeout=240, cwd=None) -> subprocess.CompletedProcess:
+    """Run a launcher command in its own process group; kill the whole group on timeout."""
+    proc = start(cmd, env, cwd)
+    out = finish(proc, timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 

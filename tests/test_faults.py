@@ -14,28 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from distributed_utils import REPO, TRAIN, base_env, run_job, tiny_args, train_losses
+from distributed_utils import REPO, TRAIN, base_env, finish, run_job, start, tiny_args, train_losses
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine.guard import EXIT_DIVERGED, EXIT_RANK_FAILURE, EXIT_REQUEUE
 from megareuse.parallel.launch import free_port
 
 RUNNER = str(REPO / "tests" / "fault_runner.py")
 LONG = ("run.train_tokens=102400", "run.eval_interval=100000", "run.save_interval=100000")  # 400 steps
-
-
-def start(cmd, env=None):
-    return subprocess.Popen(cmd, env=env or base_env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def finish(proc, timeout=180) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"process did not end within {timeout}s:\n{out[-3000:]}")
-    return out
 
 
 def kill_all(procs) -> None:
