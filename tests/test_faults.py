@@ -229,7 +229,7 @@ def test_dead_or_stopped_rank_named_by_survivor_within_timeout(prepared, tmp_pat
         kill_all(procs)
     print(f"rank 1 {how}: rank 0 exited {procs[0].returncode} after {elapsed:.1f} s:", log.strip().splitlines()[-1])
     assert procs[0].returncode == EXIT_RANK_FAILURE, log[-3000:]
-    assert elapsed < timeout_s + 30, elapsed
+    assert elapsed < timeout_s + 40, elapsed  # timeout, then a watch of two heartbeats (2 x 3.3 s)
     message = [line for line in log.splitlines() if "rank failure" in line]
     assert message and "rank 1 (host" in message[-1] and "sent no heartbeat" in message[-1], log[-3000:]
 
