@@ -210,6 +210,11 @@ class TwoHosts:
         return [line for family in ("-4", "-6") for line in
                 _ip("-n", node.netns, family, "route", "show", "table", "all").stdout.splitlines()]
 
+    def cut(self, index: int) -> None:
+        """Take the node's veth down: the network drops with no connection closed (no RST, no FIN)."""
+        node = self.nodes[index]
+        _ip("-n", node.netns, "link", "set", node.ifname, "down")
+
     def kill_node(self, index: int, timeout: float = 30) -> None:
         """SIGKILL every process inside the node, as if it lost power; returns once none is left.
 

@@ -114,7 +114,7 @@ def test_watchdog_names_silent_and_lagging_ranks(store):
     port, server = store
     dog = Watchdog(rank=0, world_size=3, timeout_s=3.0, master_addr="127.0.0.1", master_port=port)
     dog.progress(7, "train")
-    dog._publish()
+    dog._store_op(dog._publish_record)
     _beat(server, 1, 5, 7)
     _beat(server, 2, 9, 7)
     report = dog.diagnose(watch_s=0.1)  # nobody beat in between: 1 and 2 are silent
@@ -127,7 +127,7 @@ def test_watchdog_names_silent_and_lagging_ranks(store):
     timer = threading.Timer(0.2, advance, args=(7, 8))
     timer.start()
     dog.progress(8, "train")
-    dog._publish()
+    dog._store_op(dog._publish_record)
     report = dog.diagnose(watch_s=0.6)
     timer.join()
     assert report.startswith("rank 1 (host h1, pid 101) is stuck (alive, idle 12 s) while other ranks reached step 8")

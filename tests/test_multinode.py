@@ -71,11 +71,11 @@ def node_env(hosts: netns.TwoHosts, index: int, **extra) -> dict:
     return base_env(GLOO_SOCKET_IFNAME=hosts.nodes[index].ifname, LOGLEVEL="INFO", **extra)
 
 
-def start_torchrun(hosts, index, logdir: Path, port: int, args, join_timeout=JOIN_TIMEOUT):
+def start_torchrun(hosts, index, logdir: Path, port: int, args, join_timeout=JOIN_TIMEOUT, rdzv_conf=""):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
            "--node_rank", str(index), "--rdzv_backend", "c10d",
            "--rdzv_endpoint", f"{hosts.nodes[0].addr}:{port}", "--rdzv_id", f"mn{port}",
-           "--max_restarts", "0", "--rdzv_conf", f"join_timeout={join_timeout}", TRAIN, *args]
+           "--max_restarts", "0", "--rdzv_conf", f"join_timeout={join_timeout}{rdzv_conf}", TRAIN, *args]
     return hosts.start(index, cmd, node_env(hosts, index), logdir / f"node{index}.log", REPO)
 
 
@@ -274,3 +274,51 @@ def test_killed_node_fails_job_then_resume_matches(hosts, prepared, tmp_path, to
     assert "resumed from" in run.logs[0]
     assert train_losses(out) == pytest.approx(train_losses(torchrun_run.out), rel=1e-6, abs=0)
     assert eval_losses(out)[-1]["valid_loss/prose"] == eval_losses(torchrun_run.out)[-1]["valid_loss/prose"]
+
+
+def training_pids(hosts, index: int) -> list[int]:
+    """The training workers (not the torchrun agent) alive on node ``index``."""
+    found = []
+    for pid in hosts.pids(index):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        except OSError:
+            continue
+        if "torch.distributed.run" not in argv and any(a.endswith("train.py") for a in argv):
+            found.append(pid)
+    return found
+
+
+def test_network_cut_ends_the_training_on_both_sides(hosts, prepared, tmp_path):
+    """Node 1's link goes down mid-run (no connection is closed, so nothing fails at once).
+    Within parallel.timeout_s plus the heartbeat watch every training process exits: node 0's name
+    node 1's ranks, node 1's find the job's store unreachable; node 0's torchrun exits non-zero.
+    (Node 1's torchrun agent keeps retrying its own rendezvous store; under SLURM, srun
+    --kill-on-bad-exit ends it when node 0's step fails.)"""
+    timeout_s, out = 20, tmp_path / "run"
+    args = tiny_args(prepared, out, *LAYOUT, "run.train_tokens=10000000", f"parallel.timeout_s={timeout_s}")
+    first, port = logdir(tmp_path, "cut"), next(_ports)
+    procs = [start_torchrun(hosts, i, first, port, args, rdzv_conf=",read_timeout=10") for i in (0, 1)]
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while len(logged_steps(out)) < 2:
+            assert all(p.poll() is None for p in procs), "\n".join(p.output()[-3000:] for p in procs)
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        hosts.cut(1)
+        cut = time.monotonic()
+        while training_pids(hosts, 0) or training_pids(hosts, 1):
+            assert time.monotonic() - cut < DEATH_BOUND, "training processes still alive"
+            time.sleep(0.2)
+        seconds = time.monotonic() - cut
+        rc0 = procs[0].wait(30)
+    finally:
+        for index in (0, 1):
+            hosts.kill_node(index)
+    report("every training process exits after node 1's network was cut", seconds)
+    logs = [p.output() for p in procs]
+    assert rc0 != 0, logs[0][-3000:]
+    reports = "\n".join(line for line in logs[0].splitlines() if "rank failure" in line)
+    assert set(re.findall(r"rank \d+ \(host (\S+),", reports)) == {"mrnode1"}, reports or logs[0][-3000:]
+    reports = [line for line in logs[1].splitlines() if "rank failure" in line]
+    assert len(reports) == 2 and all("store at mrnode0" in r and "unreachable" in r for r in reports), logs[1][-3000:]

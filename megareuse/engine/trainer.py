@@ -94,7 +94,7 @@ class Trainer(TrainingLoop):
         self.method = "base" if self.init is None else self.init.method
         init_distributed(launch, cfg.parallel.backend, cfg.parallel.timeout_s)
         try:
-            self.pstate = init_parallel_state(cfg.parallel.tp)
+            self.pstate = init_parallel_state(cfg.parallel.tp, cfg.parallel.timeout_s)
         except ValueError as exc:
             raise ConfigError(f"config error: parallel.tp = {cfg.parallel.tp}: {exc}") from None
         self.is_main = self.pstate.rank == 0

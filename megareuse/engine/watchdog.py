@@ -16,8 +16,10 @@ only; a rank reads the others only when something has gone wrong:
 The heartbeat goes on while a rank diagnoses, so survivors that diagnose at the same time see
 each other beating and blame only the silent or lagging ranks.
 
-The store connection is this module's own client with a short timeout, so an unreachable store
-(the node holding rank 0 died) is reported as such instead of blocking.
+The store connection is this module's own client, and every operation on it runs in a helper
+thread that is abandoned after a short timeout: a store that is gone, or behind a network that
+dropped without closing the connection, is reported as unreachable instead of blocking the
+report (a TCP store client can wait far longer than its configured timeout in that case).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
@@ -49,20 +51,22 @@ class Watchdog:
         self.interval_s = interval_s or min(10.0, max(0.5, timeout_s / 6))
         self.address = f"{master_addr}:{master_port}"
         self._on_hang = on_hang
+        self._op_timeout = max(5.0, 2 * self.interval_s)
         self._store = dist.TCPStore(master_addr, master_port, is_master=False, wait_for_workers=False,
-                                    timeout=timedelta(seconds=max(5.0, 2 * self.interval_s)))
+                                    timeout=timedelta(seconds=self._op_timeout))
         self._host, self._pid = socket.gethostname(), os.getpid()
         self._beat = 0
         self.step, self.phase = 0, "start"
         self._progress_t = time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one store operation at a time
+        self._publisher: Optional[threading.Thread] = None
         self._thread = threading.Thread(target=self._loop, name="megareuse-watchdog", daemon=True)
         self._hang: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ main thread
     def start(self) -> "Watchdog":
-        self._publish()
+        self._store_op(self._publish_record)
         self._thread.start()
         return self
 
@@ -79,20 +83,51 @@ class Watchdog:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=2 * self.interval_s)
 
-    # ------------------------------------------------------------------ heartbeat thread
-    def _publish(self) -> None:
+    # ------------------------------------------------------------------ store access
+    def _store_op(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (store calls) in a daemon thread; TimeoutError when it does not return soon."""
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with self._lock:
+                    box["value"] = fn()
+            except Exception as exc:  # re-raised in the caller
+                box["error"] = exc
+        worker = threading.Thread(target=run, daemon=True, name="megareuse-watchdog-store")
+        worker.start()
+        worker.join(self._op_timeout + 1.0)
+        if worker.is_alive():
+            raise TimeoutError(f"no answer within {self._op_timeout + 1.0:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def _publish_record(self) -> None:
         self._beat += 1
         record = {"beat": self._beat, "step": self.step, "phase": self.phase, "host": self._host,
                   "pid": self._pid, "idle_s": round(time.monotonic() - self._progress_t, 1)}
-        with self._lock:
-            self._store.set(f"{PREFIX}{self.rank}", json.dumps(record))
+        self._store.set(f"{PREFIX}{self.rank}", json.dumps(record))
 
+    def _publish(self) -> None:
+        """One heartbeat, fire and forget: skipped while the previous one is still in flight."""
+        if self._publisher is not None and self._publisher.is_alive():
+            return
+        self._publisher = threading.Thread(target=self._try_publish, daemon=True,
+                                           name="megareuse-watchdog-beat")
+        self._publisher.start()
+
+    def _try_publish(self) -> None:
+        try:
+            with self._lock:
+                self._publish_record()
+        except Exception:  # the store is gone: a diagnosis will say so
+            pass
+
+    # ------------------------------------------------------------------ heartbeat thread
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self._publish()
-            except Exception:  # the store is gone: the main thread will find out and report
-                pass
+            self._publish()
             idle = time.monotonic() - self._progress_t
             if idle > self.timeout_s + self.interval_s and self._hang is None:
                 self._hang = threading.Thread(target=self._report_hang, args=(idle,), daemon=True,
@@ -110,12 +145,13 @@ class Watchdog:
 
     # ------------------------------------------------------------------ diagnosis
     def _read_all(self) -> dict[int, Optional[dict]]:
-        out: dict[int, Optional[dict]] = {}
-        for rank in range(self.world_size):
-            key = f"{PREFIX}{rank}"
-            with self._lock:
+        def read() -> dict[int, Optional[dict]]:
+            out: dict[int, Optional[dict]] = {}
+            for rank in range(self.world_size):
+                key = f"{PREFIX}{rank}"
                 out[rank] = json.loads(self._store.get(key)) if self._store.check([key]) else None
-        return out
+            return out
+        return self._store_op(read)
 
     def diagnose(self, watch_s: Optional[float] = None) -> Optional[str]:
         """Name the ranks that stopped beating or lag behind (None: every rank looks healthy)."""
@@ -127,7 +163,7 @@ class Watchdog:
         except Exception as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return (f"the job's rendezvous store at {self.address} is unreachable ({first_line}): "
-                    "the process or node holding it (rank 0's) died")
+                    "the process or node holding it (rank 0's) died or is cut off")
         silent = [r for r in range(self.world_size) if r != self.rank and
                   (second[r] is None or first[r] is None or second[r]["beat"] == first[r]["beat"])]
         if silent:

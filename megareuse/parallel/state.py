@@ -13,6 +13,7 @@ group, in the same order, even groups it does not belong to. ``init_parallel_sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
@@ -38,6 +39,9 @@ class ParallelState:
     tp_ranks: tuple[int, ...] = (0,)
     dp_ranks: tuple[int, ...] = (0,)
     # groups created later by ``subgroup``, keyed by their rank lists (same on every rank)
+    # collectives of every group made here time out after this (torch's default for new groups
+    # is 30 min with gloo, not the world group's timeout)
+    timeout: Optional[timedelta] = None
     _subgroups: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def __deepcopy__(self, memo: dict) -> "ParallelState":
@@ -66,7 +70,7 @@ class ParallelState:
         if key not in self._subgroups:
             mine = None
             for ranks in key:
-                group = dist.new_group(ranks=list(ranks))
+                group = dist.new_group(ranks=list(ranks), timeout=self.timeout)
                 if self.rank in ranks:
                     mine = group
             self._subgroups[key] = mine
@@ -89,11 +93,11 @@ def grid_ranks(world_size: int, tp_size: int) -> tuple[list[list[int]], list[lis
     return tp_groups, dp_groups
 
 
-def init_parallel_state(tp_size: int) -> ParallelState:
+def init_parallel_state(tp_size: int, timeout_s: Optional[float] = None) -> ParallelState:
     """Create the TP and DP groups of the running torch.distributed job (collective).
 
     Call once, after ``torch.distributed`` is initialised, on every rank with the same
-    ``tp_size``. Raises ValueError (before any group is created) when tp does not divide the
+    ``tp_size``; ``timeout_s`` bounds every collective on the groups (None: torch's default). Raises ValueError (before any group is created) when tp does not divide the
     world size. Without torch.distributed, ``tp_size == 1`` returns ``single_process_state()``.
     """
     if not (dist.is_available() and dist.is_initialized()):
@@ -104,17 +108,18 @@ def init_parallel_state(tp_size: int) -> ParallelState:
     world, rank = dist.get_world_size(), dist.get_rank()
     tp_groups, dp_groups = grid_ranks(world, tp_size)
     tp_group = dp_group = None
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
     for ranks in tp_groups:
-        group = dist.new_group(ranks=ranks)
+        group = dist.new_group(ranks=ranks, timeout=timeout)
         if rank in ranks:
             tp_group, tp_ranks = group, tuple(ranks)
     for ranks in dp_groups:
-        group = dist.new_group(ranks=ranks)
+        group = dist.new_group(ranks=ranks, timeout=timeout)
         if rank in ranks:
             dp_group, dp_ranks = group, tuple(ranks)
     return ParallelState(tp_size=tp_size, dp_size=world // tp_size, tp_rank=rank % tp_size,
                          dp_rank=rank // tp_size, rank=rank, world_size=world, tp_group=tp_group,
-                         dp_group=dp_group, tp_ranks=tp_ranks, dp_ranks=dp_ranks)
+                         dp_group=dp_group, tp_ranks=tp_ranks, dp_ranks=dp_ranks, timeout=timeout)
 
 
 class MPU:
