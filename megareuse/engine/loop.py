@@ -38,6 +38,13 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float:
     return 0.0
 
 
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Replace ``path`` atomically (a reader sees the old file or the new one, never half)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 class TrainingLoop:
     """Needs the Trainer's cfg, pstate, state, guard, engine, emit, is_main, out_dir, ckpt_root,
     total_steps, tokens_per_step, save_steps, device and its train_step/evaluate/save/_rollback."""
@@ -173,11 +180,9 @@ class TrainingLoop:
         step = self.state.step
         if log:
             log.write({"kind": "preempted", "step": step, "signal": received, "checkpoint": str(path)})
-            note = {"signal": received, "step": step, "checkpoint": str(path),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            tmp = self.out_dir / "preempted.json.tmp"
-            tmp.write_text(json.dumps(note, indent=2))
-            os.replace(tmp, self.out_dir / "preempted.json")
+            _write_json(self.out_dir / "preempted.json",
+                        {"signal": received, "step": step, "checkpoint": str(path),
+                         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         self.emit(f"{received}: checkpointed step {step} to {path}; stopping (resume with --resume auto)")
         raise Preempted(received, step, str(path))
 
@@ -190,9 +195,7 @@ class TrainingLoop:
                    "checkpoint": str(ckpt.checkpoint_dir(self.ckpt_root, self.state.step))}
         if log and summary["finished"]:
             (self.out_dir / "preempted.json").unlink(missing_ok=True)
-            tmp = self.out_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, self.out_dir / "summary.json")
+            _write_json(self.out_dir / "summary.json", summary)
             if self.cfg.run.write_record:
                 write_record(self.out_dir, self.record(Path(summary["checkpoint"])))
             self.emit(f"done: {self.state.tokens:,} tokens in {format_duration(wall)}")

@@ -26,8 +26,8 @@ from megareuse.engine import checkpoint as ckpt
 from megareuse.engine.ds import deepspeed_config, init_distributed
 from megareuse.engine.evaluate import evaluate
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
-from megareuse.engine.loop import TrainingLoop
 from megareuse.engine.inputs import open_training_data
+from megareuse.engine.loop import TrainingLoop
 from megareuse.engine.metrics import read_metrics
 from megareuse.engine.schedule import LRSchedule
 from megareuse.model import GPT, flops_per_token, non_embedding_param_count, param_count
@@ -36,6 +36,7 @@ from megareuse.parallel.state import MPU, init_parallel_state
 from megareuse.parallel.tensor_parallel import gather_full_state_dict, loss_fn, parallelize_model
 from megareuse.reuse.cpt import InitSource, model_diff, open_init_source, replay_blend
 from megareuse.reuse.records import build_record
+
 
 @dataclass
 class TrainState:
@@ -116,9 +117,8 @@ class Trainer(TrainingLoop):
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.state = TrainState()
-        self.guard_state = GuardState()
+        self.guard = DivergenceGuard(cfg.guard)  # its state comes back with a resumed checkpoint
         self.engine = self._build()
-        self.guard = DivergenceGuard(cfg.guard, self.guard_state)
 
     # ------------------------------------------------------------------ setup
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
@@ -213,7 +213,7 @@ class Trainer(TrainingLoop):
             self.emit(f"note: {path} was saved at {there}; its optimizer state cannot be carried to "
                       f"{here}: the optimizer restarts fresh, the model weights are loaded")
         self._load_trainer_state(trainer)
-        self.guard_state = GuardState(**trainer.get("guard", {}))
+        self.guard.state = GuardState(**trainer.get("guard", {}))
         self.emit(f"resumed from {path} at step {self.state.step} ({self.state.tokens} tokens)")
 
     def _load_trainer_state(self, trainer: dict[str, Any]) -> None:
