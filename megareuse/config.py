@@ -53,8 +53,17 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02  # output projections use init_std / sqrt(2 * n_layers)
     attention: str = "sdpa"
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (every k-th)
+    checkpoint_every: int = 2  # selective: blocks k-1, 2k-1, ... are recomputed in the backward
+    loss: str = "auto"  # plain | chunked | fused | auto: how the head computes the training loss
+    loss_chunk_tokens: int = 1024  # chunked / fused: tokens (rows of logits) formed at a time
 
     ATTENTION_BACKENDS = ("sdpa", "eager", "triton", "auto")
+    CHECKPOINTING = ("none", "full", "selective")
+    LOSSES = ("plain", "chunked", "fused", "auto")
+    # how the model runs, not what it is: a checkpoint saved with other values (or without these
+    # keys) still resumes and serves as run.init_from (reuse/cpt.py model_diff skips them)
+    RUNTIME_FIELDS = ("attention", "activation_checkpointing", "checkpoint_every", "loss", "loss_chunk_tokens")
 
     @property
     def kv_heads(self) -> int:
@@ -66,7 +75,7 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len",
-                     "rope_theta", "norm_eps", "init_std"):
+                     "rope_theta", "norm_eps", "init_std", "checkpoint_every", "loss_chunk_tokens"):
             _positive(f"{prefix}.{name}", getattr(self, name))
         if self.d_model % self.n_heads:
             _fail(f"{prefix}.n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
@@ -75,6 +84,8 @@ class ModelConfig:
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             _fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"null or a divisor of n_heads={self.n_heads}")
         _choice(f"{prefix}.attention", self.attention, self.ATTENTION_BACKENDS)
+        _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, self.CHECKPOINTING)
+        _choice(f"{prefix}.loss", self.loss, self.LOSSES)
 
 
 @dataclass

@@ -3,8 +3,8 @@
     python tests/fault_runner.py [--kill-at POINT --on-save N] [--nan-batches 5,6] [--spike-batches 9] -- <train args>
 
 --kill-at POINT   SIGKILL this process during its N-th checkpoint save, at POINT:
-                  deepspeed  after DeepSpeed wrote its engine state, before model.pt
-                  model      half-way through writing model.pt
+                  deepspeed  after DeepSpeed wrote its engine state, before model.safetensors
+                  model      half-way through writing model.safetensors
                   manifest   half-way through writing manifest.json (before the rename)
                   rename     right after the rename that commits the checkpoint, before the
                              directory fsync and retention
@@ -64,7 +64,7 @@ def install_kill(point: str, on_save: int) -> None:
         original_write = ckpt.write_object
 
         def write_object(tmp, name, obj):
-            if not (armed() and name == "model.pt"):
+            if not (armed() and name == "model.safetensors"):
                 return original_write(tmp, name, obj)
             buf = io.BytesIO()
             import torch

@@ -24,9 +24,9 @@ def checkpoint(prepared, tmp_path_factory):
     good = root / "base" / "checkpoints" / "step_00000002"
     flipped = root / "flipped" / "checkpoints" / "step_00000002"
     shutil.copytree(good, flipped)
-    data = bytearray((flipped / "model.pt").read_bytes())
+    data = bytearray((flipped / "model.safetensors").read_bytes())
     data[100] ^= 0x10
-    (flipped / "model.pt").write_bytes(bytes(data))
+    (flipped / "model.safetensors").write_bytes(bytes(data))
     return good, flipped
 
 
@@ -51,7 +51,7 @@ def cases(prepared, good, flipped, tmp):
         "ds_config batch": ([*train, f"parallel.ds_config={tmp / 'ds.json'}"],
                             "train_micro_batch_size_per_gpu = 3 but the run config gives"),
         "resume missing": ([*train, "--resume", str(tmp / "none")], "no such directory"),
-        "resume corrupt": ([*train, "--resume", str(flipped)], "model.pt fails its sha256 checksum"),
+        "resume corrupt": ([*train, "--resume", str(flipped)], "model.safetensors fails its sha256 checksum"),
         "init from other shape": (["train", "--init-from", str(good), *train[1:], "model.n_layers=3"],
                                   "n_layers"),
         "init from corrupt": ([*train, "--init-from", str(flipped)], "fails its sha256"),

@@ -140,18 +140,30 @@ def test_collect_table(prepared, base, tmp_path):
 
 
 def test_width_growth_then_training_lowers_prose_loss(prepared, base, tmp_path):
+    """Grow the base 2x in width (function-preserving), then train the wide model on prose.
+
+    40 steps of 1024 tokens: the former 20 steps of 256 tokens lowered the loss by only
+    0.03 +- 0.02 nats over data orders (0.012 without the King James Bible in the prose corpus).
+    Measured over 5 data orders and growth seeds: the drop is 0.35 +- 0.02 nats without KJV and
+    0.42 +- 0.02 with it (min 0.32), far from the 0.15 bound, which is far from zero. A wide model
+    trained from scratch for the same 40 steps ends about as low, so the step-10 evaluation must
+    still be near the start: grown runs are 0.04-0.12 below it, fresh ones ~0.3 above.
+    """
     from megareuse.reuse.growth import grow_checkpoint
     base_dir, base_summary = base
     grown = grow_checkpoint(base_dir / "checkpoints" / "step_00000040", tmp_path / "grown",
                             width=2, noise=1e-3, seed=0)
     wide = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
             "model.tie_embeddings=false"]
-    cfg = tiny(prepared, tmp_path / "wide", *wide, "run.train_tokens=5120", f"run.init_from={grown}",
-               "optim.lr=3e-3")
+    cfg = tiny(prepared, tmp_path / "wide", *wide, "run.train_tokens=40960", "run.micro_batch_size=32",
+               f"run.init_from={grown}", "optim.lr=3e-3")
     trainer = Trainer(cfg, emit=quiet)
     start = trainer.evaluate()["prose"]
     assert start == pytest.approx(base_summary["valid_loss"]["prose"], abs=1e-4)  # function preserved
     summary = trainer.run()
-    assert summary["valid_loss"]["prose"] < start - 0.02
     record = json.loads((tmp_path / "wide" / "record.json").read_text())
-    assert (record["stage"], record["method"], record["D1"], record["D2"]) == ("grow", "width", 40 * 256, 5120)
+    history = [h["prose"] for h in record["history"]]
+    assert [h["step"] for h in record["history"]] == [10, 20, 30, 40]
+    assert history[0] < start + 0.1, (start, history)  # continued from the grown weights
+    assert summary["valid_loss"]["prose"] == history[-1] < start - 0.15, (start, history)
+    assert (record["stage"], record["method"], record["D1"], record["D2"]) == ("grow", "width", 40 * 256, 40960)

@@ -143,18 +143,18 @@ def test_flipped_byte_in_newest_checkpoint_falls_back_to_previous(prepared, tmp_
     out = tmp_path / "run"
     args = tiny_args(prepared, out, "run.save_interval=2")  # saves 2, 4, 6; keeps 4 and 6
     assert run_job([sys.executable, TRAIN, *args]).returncode == 0
-    newest = out / "checkpoints" / "step_00000006" / "model.pt"
+    newest = out / "checkpoints" / "step_00000006" / "model.safetensors"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0x01
     newest.write_bytes(bytes(data))
 
     explicit = run_job([sys.executable, TRAIN, *args, "--resume", str(newest.parent)])
     assert explicit.returncode == 2
-    assert "model.pt fails its sha256 checksum" in explicit.stdout.strip().splitlines()[-1]
+    assert "model.safetensors fails its sha256 checksum" in explicit.stdout.strip().splitlines()[-1]
 
     resumed = run_job([sys.executable, TRAIN, *args, "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "skipping checkpoint" in resumed.stdout and "step_00000006: model.pt fails its sha256" in resumed.stdout
+    assert "skipping checkpoint" in resumed.stdout and "step_00000006: model.safetensors fails its sha256" in resumed.stdout
     assert "at step 4 " in resumed.stdout  # steps 5 and 6 are trained again, step 6 re-saved
     assert train_losses(out) == short_reference
 

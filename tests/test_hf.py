@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from megareuse.config import Config, apply_overrides, load_config  # noqa: E402
 from megareuse.data import IndexedDataset, Tokenizer, train_tokenizer  # noqa: E402
 from megareuse.engine import checkpoint as ckpt  # noqa: E402
+from megareuse.engine.weights import load_state_dict  # noqa: E402
 from megareuse.interop import hf_cli  # noqa: E402
 from megareuse.interop.hf import HFError, export_hf, import_hf, model_config_from_hf  # noqa: E402
 from megareuse.interop.hf_data import JsonTokenizer, prepare_with_tokenizer  # noqa: E402
@@ -61,9 +62,10 @@ def hf_logits(model, tokens):
 
 
 def ours_logits(path: Path, tokens):
-    objs, meta = ckpt.load_checkpoint(path, names=("model",))
-    model = GPT(Config.from_dict(meta["config"]).model).eval()
-    model.load_state_dict(objs["model"])
+    assert ckpt.verify_checkpoint(path) is None
+    cfg = Config.from_dict(ckpt.read_meta(path)["config"]).model
+    model = GPT(cfg).eval()
+    model.load_state_dict(load_state_dict(path, cfg.tie_embeddings))
     with torch.no_grad():
         return model(tokens)
 

@@ -11,6 +11,7 @@ import torch
 from distributed_utils import base_env
 from megareuse.config import load_config
 from megareuse.engine import checkpoint as ckpt
+from megareuse.engine.weights import load_state_dict
 from megareuse.engine.metrics import read_metrics
 from megareuse.engine.trainer import Trainer
 
@@ -73,7 +74,7 @@ def test_resume_is_bit_identical_and_skips_half_written(prepared, tmp_path):
     # simulate a crash while writing a later checkpoint: a temp dir and one without manifest
     (root / ".tmp-step_00000009-999").mkdir()
     (root / "step_00000009").mkdir()
-    (root / "step_00000009" / "model.pt").write_bytes(b"\0" * 100)
+    (root / "step_00000009" / "model.safetensors").write_bytes(b"\0" * 100)
     with pytest.warns(UserWarning, match="step_00000009"):
         resumed = Trainer(tiny(prepared, part), resume="auto", emit=quiet)
     assert resumed.state.step == 5 and resumed.state.tokens == 5 * 256
@@ -81,8 +82,8 @@ def test_resume_is_bit_identical_and_skips_half_written(prepared, tmp_path):
 
     assert train_losses(part) == train_losses(full)  # exact float equality, every step
     assert eval_records(part) == eval_records(full)
-    m_full = torch.load(full / "checkpoints" / "step_00000012" / "model.pt")
-    m_part = torch.load(part / "checkpoints" / "step_00000012" / "model.pt")
+    m_full = load_state_dict(full / "checkpoints" / "step_00000012", tied=True)
+    m_part = load_state_dict(part / "checkpoints" / "step_00000012", tied=True)
     assert all(torch.equal(m_full[k], m_part[k]) for k in m_full)
 
 

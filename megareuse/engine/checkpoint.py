@@ -2,7 +2,8 @@
 
 Layout of a run directory::
 
-    <out_dir>/checkpoints/step_00000100/   model.pt, optimizer.pt, trainer.pt, meta.json,
+    <out_dir>/checkpoints/step_00000100/   model.safetensors, optimizer.safetensors, trainer.pt,
+                                           deepspeed/, tokenizer.model, meta.json,
                                            manifest.json (written last)
     <out_dir>/checkpoints/.tmp-step_00000100-<pid>/   a write in progress (ignored)
 
@@ -99,22 +100,25 @@ def write_object(tmp: Path, name: str, obj: Any) -> None:
 def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
                       keep_last: Optional[int] = None,
                       extra_files: Optional[dict[str, Path]] = None,
-                      pinned: frozenset[int] = frozenset()) -> Path:
+                      pinned: frozenset[int] = frozenset(),
+                      known: Optional[dict[str, dict[str, Any]]] = None) -> Path:
     """Finish a checkpoint: copy ``extra_files`` (name -> source, e.g. the tokenizer), write
     meta.json, fsync every file, write manifest.json (size and sha256 of every file) last,
     rename into place; then apply ``keep_last`` retention (never to the steps in ``pinned``).
-    Called by one process."""
+    ``known`` holds manifest entries (relative path -> bytes, sha256) of files already fsynced
+    and hashed where they were written (streamed weights; other ranks' engine files, see
+    ``hash_files``): they are not read again. Called by one process."""
     root, tmp = Path(root), Path(tmp)
     final = checkpoint_dir(root, step)
     for name, source in (extra_files or {}).items():
         _write_bytes_synced(tmp / name, lambda fh, source=source: fh.write(Path(source).read_bytes()))
     meta = dict(meta, step=step, saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_bytes_synced(tmp / META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-    manifest = {}
-    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        with open(file, "rb") as fh:  # files other ranks wrote are synced here
-            os.fsync(fh.fileno())
-        manifest[file.relative_to(tmp).as_posix()] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+    known = known or {}
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    manifest = {name: known[name] for name in files if name in known}
+    manifest.update(hash_files(tmp, [name for name in files if name not in known]))
+    manifest = dict(sorted(manifest.items()))
     _write_bytes_synced(tmp / MANIFEST, lambda fh: fh.write(json.dumps({"files": manifest}, indent=2).encode()))
     for directory in sorted({p.parent for p in tmp.rglob("*")}, key=lambda d: -len(d.parts)):
         _fsync_dir(directory)
@@ -130,6 +134,18 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
     if keep_last:
         apply_retention(root, keep_last, pinned)
     return final
+
+
+def hash_files(tmp: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """fsync and hash the files ``names`` (relative to ``tmp``): their manifest entries. Ranks
+    call this on disjoint shares of a checkpoint's files, so hashing is spread over the job."""
+    entries = {}
+    for name in names:
+        file = Path(tmp) / name
+        with open(file, "rb") as fh:  # files another process wrote are synced here
+            os.fsync(fh.fileno())
+        entries[name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+    return entries
 
 
 # checkpoints this process has checksummed: path -> manifest mtime (each is read once)

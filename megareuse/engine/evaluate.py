@@ -44,14 +44,18 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
                         device: str = "cpu") -> dict[str, float]:
     """Validation loss per domain of a saved checkpoint (its own config unless overridden).
 
-    Reads the consolidated single-device weights (model.pt), whatever the TP degree and ZeRO
+    Reads the consolidated single-device weights (model.safetensors), whatever the TP degree and ZeRO
     stage the checkpoint was trained with."""
     from megareuse.config import Config
-    from megareuse.engine.checkpoint import load_checkpoint
+    from megareuse.engine.checkpoint import CheckpointError, read_meta, verify_checkpoint
+    from megareuse.engine.weights import load_state_dict
     from megareuse.engine.inputs import open_training_data
     from megareuse.model import GPT
 
-    objs, meta = load_checkpoint(path, names=("model",), map_location=device)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
+    meta = read_meta(path)
     cfg = Config.from_dict(meta["config"])
     if data_dir is not None:
         cfg.data.dir = data_dir
@@ -61,7 +65,7 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
     cfg.validate()
     data = open_training_data(cfg.data, cfg.model)
     model = GPT(cfg.model).to(device)
-    model.load_state_dict(objs["model"])
+    model.load_state_dict(load_state_dict(path, cfg.model.tie_embeddings, device))
     model.eval()
     return {domain: evaluate(model_batch_loss(model), ds, max_tokens or cfg.run.eval_tokens,
                              batch_size or cfg.run.micro_batch_size, torch.device(device))

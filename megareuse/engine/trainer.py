@@ -23,6 +23,9 @@ import torch.distributed as dist
 
 from megareuse.config import Config, ConfigError
 from megareuse.engine import checkpoint as ckpt
+from megareuse.engine import weights
+from megareuse.engine.build import CheckpointWeights, build_model
+from megareuse.engine.consolidate import load_full, optimizer_step, stream_full, write_full
 from megareuse.engine.ds import deepspeed_config, init_distributed
 from megareuse.engine.evaluate import evaluate
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
@@ -30,10 +33,9 @@ from megareuse.engine.inputs import open_training_data
 from megareuse.engine.loop import TrainingLoop
 from megareuse.engine.metrics import read_metrics
 from megareuse.engine.schedule import LRSchedule
-from megareuse.model import GPT, flops_per_token, non_embedding_param_count, param_count
+from megareuse.model import flops_per_token, non_embedding_param_count, param_count
 from megareuse.parallel.launch import discover
 from megareuse.parallel.state import MPU, init_parallel_state
-from megareuse.parallel.tensor_parallel import gather_full_state_dict, loss_fn, parallelize_model
 from megareuse.reuse.cpt import InitSource, model_diff, open_init_source, replay_blend
 from megareuse.reuse.records import build_record
 
@@ -60,6 +62,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def _layout(cfg: Config, dp_size: int) -> dict[str, int]:
     return {"tp": cfg.parallel.tp, "dp": dp_size, "zero_stage": cfg.parallel.zero_stage}
+
+
+def make_optimizer(model: torch.nn.Module, o, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm gains excluded); torch's fused kernel."""
+    params = list(model.parameters())
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type in ("cpu", "cuda"))
 
 
 @contextlib.contextmanager
@@ -155,36 +167,29 @@ class Trainer(TrainingLoop):
         return value
 
     def _build(self):
-        """Full model on every rank (same seed) -> resumed weights -> TP shards -> engine."""
+        """The build as separate steps: weights source -> this rank's shard of the model ->
+        optimizer -> engine -> engine/optimizer state."""
         import deepspeed
 
         cfg = self.cfg
-        torch.manual_seed(cfg.run.seed)
-        model = GPT(cfg.model)
+        ds_config = deepspeed_config(cfg, self.pstate.dp_size)
         saved = None
         if self.resume_from is not None:
             # verified with checksums by rank 0 in _resolve_resume; sizes only here
-            objs, meta = ckpt.load_checkpoint(self.resume_from, names=("model", "trainer"), checksums=False)
+            objs, meta = ckpt.load_checkpoint(self.resume_from, names=("trainer",), checksums=False)
             diff = model_diff(meta["config"]["model"], asdict(cfg.model))
             if diff:
                 raise ckpt.CheckpointError(f"run error: checkpoint {self.resume_from} was saved for "
                                            f"another model shape: {'; '.join(diff)}")
-            model.load_state_dict(objs["model"])
             saved = (objs["trainer"], meta)
-        elif self.init is not None:
-            objs, _ = ckpt.load_checkpoint(self.init.path, names=("model",))
-            model.load_state_dict(objs["model"])
-        if self.pstate.tp_size > 1:
-            parallelize_model(model, self.pstate)
-        model.to(self.device)
-        o = cfg.optim
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=self.device.type in ("cpu", "cuda"))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MPU(self.pstate),
-                                          config=deepspeed_config(cfg, self.pstate.dp_size))
+        source_dir = self.resume_from if self.resume_from is not None else (self.init.path if self.init else None)
+        torch.manual_seed(cfg.run.seed)
+        source = None if source_dir is None else CheckpointWeights(
+            weights.open_weights(source_dir, cfg.model.tie_embeddings))
+        model = build_model(cfg.model, self.pstate, self.device, source, seed=cfg.run.seed,
+                            zero3_config=ds_config if cfg.parallel.zero_stage == 3 else None)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg.optim, self.device),
+                                          mpu=MPU(self.pstate), config=ds_config)
         if saved is not None:
             self._restore(engine, *saved)
         elif self.init is not None and cfg.run.keep_optimizer:
@@ -195,13 +200,25 @@ class Trainer(TrainingLoop):
                       f"lr re-warms to {cfg.optim.lr:g} over {cfg.schedule.warmup_steps} steps")
         return engine
 
+    def _load_layout_free_optimizer(self, engine, path: Path, trainer: Optional[dict[str, Any]] = None) -> bool:
+        """Load ``path``'s optimizer.safetensors (any layout); False when it has none."""
+        if not (path / weights.OPTIMIZER).is_file():
+            return False
+        step = int((trainer or ckpt.load_checkpoint(path, names=("trainer",), checksums=False)[0]
+                    .get("trainer", {})).get("optimizer_step", 0))
+        load_full(engine, engine.module, self.cfg.model, self.pstate,
+                  weights.LazyTensors(path / weights.OPTIMIZER), step,
+                  weights.open_weights(path, self.cfg.model.tie_embeddings))
+        return True
+
     def _keep_optimizer(self, engine) -> None:
         here, there = _layout(self.cfg, self.pstate.dp_size), self.init.meta.get("layout")
-        if there != here or not (self.init.path / "deepspeed").is_dir():
+        if there == here and (self.init.path / "deepspeed").is_dir():
+            engine.load_checkpoint(str(self.init.path / "deepspeed"), tag="state")
+        elif not self._load_layout_free_optimizer(engine, self.init.path):
             raise ckpt.CheckpointError(
-                f"run error: run.keep_optimizer needs the base's engine state at this layout {here}; "
-                f"{self.init.path} has {there if there else 'none'}; accepted keep_optimizer=false")
-        engine.load_checkpoint(str(self.init.path / "deepspeed"), tag="state")
+                f"run error: run.keep_optimizer needs the base's optimizer state; {self.init.path} has none "
+                f"for this layout {here} (saved at {there}) and no {weights.OPTIMIZER}; accepted keep_optimizer=false")
 
     def _restore(self, engine, trainer: dict[str, Any], meta: dict[str, Any]) -> None:
         path = self.resume_from
@@ -209,9 +226,11 @@ class Trainer(TrainingLoop):
         there = meta.get("layout")
         if there == here and (path / "deepspeed").is_dir():
             engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+        elif self._load_layout_free_optimizer(engine, path, trainer):
+            self.emit(f"note: {path} was saved at {there}; weights and optimizer state resharded to {here}")
         else:
-            self.emit(f"note: {path} was saved at {there}; its optimizer state cannot be carried to "
-                      f"{here}: the optimizer restarts fresh, the model weights are loaded")
+            self.emit(f"note: {path} was saved at {there} without {weights.OPTIMIZER}; its optimizer state "
+                      f"cannot be carried to {here}: the optimizer restarts fresh, the model weights are loaded")
         self._load_trainer_state(trainer)
         self.guard.state = GuardState(**trainer.get("guard", {}))
         self.emit(f"resumed from {path} at step {self.state.step} ({self.state.tokens} tokens)")
@@ -295,45 +314,61 @@ class Trainer(TrainingLoop):
             config=cfg.to_dict(), out_dir=self.out_dir, checkpoint=checkpoint,
             init_from=None if self.init is None else self.init.describe())
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The single-device (TP=1, unpartitioned) fp32 weights; collective over all ranks."""
-        import deepspeed
-
-        params = list(self.model.parameters())
-        gathered = (deepspeed.zero.GatheredParameters(params) if self.cfg.parallel.zero_stage == 3
-                    else contextlib.nullcontext())
-        with gathered:
-            if self.pstate.tp_size > 1:
-                full = gather_full_state_dict(self.model, self.pstate)
-            else:
-                full = self.model.state_dict()
-            return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in full.items()}
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """The single-device fp32 weights on rank 0 (None elsewhere), gathered one tensor at a
+        time; collective over all ranks. For tests and tools: saving streams to disk instead."""
+        full = {k: v for k, v in stream_full(self.engine, self.model, self.cfg.model, self.pstate)}
+        if not self.is_main:
+            return None
+        if self.cfg.model.tie_embeddings:
+            full["output.weight"] = full["tok_embeddings.weight"]
+        return full
 
     def save(self) -> Path:
-        step = self.state.step
+        """Every rank writes its part of DeepSpeed's sharded state in parallel, then the
+        layout-free weights and Adam moments are streamed to rank 0's files (hashed while
+        written), the ranks fsync and hash disjoint shares of the engine files, and rank 0
+        commits the checkpoint atomically."""
+        step, ps = self.state.step, self.pstate
         tmp = ckpt.begin_checkpoint(self.ckpt_root, step) if self.is_main else None
         self._barrier()
         tmp = self.ckpt_root / f".tmp-step_{step:08d}"
-        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-        weights = self.full_state_dict()
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=True)
+        known = {}
+        mine = (lambda name: tmp / name) if self.is_main else (lambda name: None)
+        known[weights.WEIGHTS] = write_full(mine(weights.WEIGHTS), self.engine, self.model, self.cfg.model, ps, False)
+        adam_step = optimizer_step(self.engine)
+        if adam_step > 0:
+            known[weights.OPTIMIZER] = write_full(mine(weights.OPTIMIZER), self.engine, self.model,
+                                                  self.cfg.model, ps, True)
+        self._barrier()  # every rank's engine files are on disk
+        engine_files = sorted(p.relative_to(tmp).as_posix() for p in (tmp / "deepspeed").rglob("*") if p.is_file())
+        entries = ckpt.hash_files(tmp, engine_files[ps.rank::ps.world_size])
+        gathered = [entries]
+        if ps.world_size > 1:
+            gathered = [None] * ps.world_size if self.is_main else None
+            dist.gather_object(entries, gathered, dst=0)
         path = ckpt.checkpoint_dir(self.ckpt_root, step)
         if self.is_main:
-            trainer = {**asdict(self.state), "guard": asdict(self.guard.state), "rng_cpu": torch.get_rng_state()}
+            for part in gathered:
+                known.update(part)
+            known = {k: {"bytes": v[0], "sha256": v[1]} if isinstance(v, tuple) else v for k, v in known.items()}
+            trainer = {**asdict(self.state), "guard": asdict(self.guard.state), "rng_cpu": torch.get_rng_state(),
+                       "optimizer_step": adam_step}
             if torch.cuda.is_available():
                 trainer["rng_cuda"] = torch.cuda.get_rng_state()
-            ckpt.write_object(tmp, "model.pt", weights)
             ckpt.write_object(tmp, "trainer.pt", trainer)
-        self._barrier()
-        if self.is_main:
             path = ckpt.commit_checkpoint(self.ckpt_root, tmp, step, self.meta(),
-                                          keep_last=self.cfg.run.keep_last, pinned=self.save_steps,
+                                          keep_last=self.cfg.run.keep_last, pinned=self.save_steps, known=known,
                                           extra_files={"tokenizer.model": Path(self.data.tokenizer.path)})
         self._barrier()
         return path
 
     # ------------------------------------------------------------------ loop
     def batch_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return loss_fn(self.engine(batch[:, :-1]), batch[:, 1:], self.pstate)
+        """Mean next-token loss of a batch [B, T+1]; the model's head computes it (model.loss:
+        chunked / fused / plain, vocab-parallel under TP) so no [B, T, V] logits need exist."""
+        return self.engine(batch[:, :-1], batch[:, 1:])
 
     def train_step(self) -> tuple[float, float, float, bool]:
         """One optimizer step: (mean loss, lr, gradient norm before clipping, applied?).

@@ -2,10 +2,10 @@
 
 ``import_hf(src, out, d1=...)`` reads a local HF directory (config.json, model.safetensors or
 model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json) and writes the megareuse
-checkpoint directory ``out`` (model.pt in fp32, meta.json, manifest.json, config.yaml, and the
+checkpoint directory ``out`` (model.safetensors in fp32, meta.json, manifest.json, config.yaml, and the
 tokenizer files), ready for ``megareuse train --init-from out``. ``export_hf(ckpt, out)`` writes
 config.json + safetensors shards (+ tokenizer files) that ``LlamaForCausalLM.from_pretrained``
-loads. megareuse checkpoints always hold the consolidated single-device weights (model.pt),
+loads. megareuse checkpoints always hold the consolidated single-device weights (model.safetensors),
 whatever TP degree / ZeRO stage trained them and after growth, so export needs no resharding.
 
 Weight names (no permutation is needed: megareuse's RoPE uses HF Llama's rotate-half layout)::
@@ -37,6 +37,7 @@ import yaml
 
 from megareuse.config import Config, ConfigError, ModelConfig
 from megareuse.engine import checkpoint as ckpt
+from megareuse.engine import weights
 from megareuse.model import non_embedding_param_count, param_count
 
 PathLike = Union[str, os.PathLike]
@@ -245,7 +246,7 @@ def import_hf(src: PathLike, out: PathLike, *, d1: int, max_seq_len: Optional[in
 
     ``d1`` is the number of tokens the model was pretrained on (meta D1 = tokens_seen; stage 2
     refuses a base with D1 = 0). Every name, shape and dtype is checked from the safetensors
-    headers before any tensor is read; tensors are then read one at a time (fp32 in model.pt).
+    headers before any tensor is read; tensors are then read one at a time (fp32 in model.safetensors).
     The checkpoint is written into a temporary sibling and renamed to ``out``. Returns ``out``.
     """
     from megareuse.interop.hf_data import file_sha256, tokenizer_entry
@@ -301,14 +302,8 @@ def import_hf(src: PathLike, out: PathLike, *, d1: int, max_seq_len: Optional[in
         warnings.warn("import-hf: D1 = 0 recorded; `megareuse train --init-from` refuses a base without "
                       "pretraining tokens (pass --d1)", stacklevel=2)
 
-    sd: dict[str, torch.Tensor] = {}
-    for path, items in plan.items():  # one open per shard, one tensor in flight
-        with safe_open(str(path), framework="pt") as fh:
-            for key, name in items:
-                sd[key] = fh.get_tensor(name).to(torch.float32)
-    sd = {k: sd[k] for k in want if k in sd}
-    if cfg.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]  # one storage, as in GPT
+    located = {key: (path, name) for path, items in plan.items() for key, name in items}
+    order = [k for k in want if k in located and not (cfg.tie_embeddings and k in weights.TIED)]
 
     full = Config(model=cfg).to_dict()
     meta = {"stage": "base", "method": "hf-import", "tokens_seen": d1, "D1": d1, "D2": 0,
@@ -324,11 +319,27 @@ def import_hf(src: PathLike, out: PathLike, *, d1: int, max_seq_len: Optional[in
     try:
         tmp = ckpt.begin_checkpoint(staging_root, 0)
         (tmp / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-        ckpt.write_object(tmp, "model.pt", sd)
-        _publish(ckpt.commit_checkpoint(staging_root, tmp, 0, meta, extra_files=extra), out)
+        written = _stream_import(tmp / weights.WEIGHTS, located, order, want)
+        known = {weights.WEIGHTS: {"bytes": written[0], "sha256": written[1]}}
+        _publish(ckpt.commit_checkpoint(staging_root, tmp, 0, meta, extra_files=extra, known=known), out)
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return out
+
+
+def _stream_import(path: Path, located: dict[str, tuple[Path, str]], order: list[str],
+                   want: dict[str, tuple[int, ...]]) -> tuple[int, str]:
+    """Copy the HF tensors into model.safetensors one at a time, as fp32 (never the whole state
+    dict in memory); returns (bytes, sha256)."""
+    safe_open, _ = _safetensors()
+    with weights.TensorWriter(path, {k: (want[k], torch.float32) for k in order}) as writer:
+        handles: dict[Path, Any] = {}
+        for key in order:
+            shard, name = located[key]
+            if shard not in handles:
+                handles[shard] = safe_open(str(shard), framework="pt")
+            writer.write(key, handles[shard].get_tensor(name).to(torch.float32))
+        return writer.close()
 
 
 # --------------------------------------------------------------------------- export
@@ -336,7 +347,7 @@ def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
               max_shard_size: Union[str, int] = "2GB") -> Path:
     """Write the megareuse checkpoint ``src`` as an HF Llama directory ``out`` (new or empty).
 
-    model.pt is memory-mapped and tensors are cast one shard at a time (``max_shard_size``,
+    model.safetensors is memory-mapped and tensors are cast one shard at a time (``max_shard_size``,
     e.g. "2GB"; more than one shard adds model.safetensors.index.json). ``dtype`` is float32,
     bfloat16 or float16. Tokenizer files of the checkpoint are copied. Returns ``out``.
     """
@@ -349,8 +360,8 @@ def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
     dtype_name = str(torch_dtype).replace("torch.", "")
     _check_new(out)
     problem = ckpt.verify_checkpoint(src) if src.is_dir() else "no such directory"
-    if problem or not (src / "model.pt").is_file():
-        raise HFError(f"--from {str(src)!r} is not a usable checkpoint: {problem or 'no model.pt'}; "
+    if problem or weights.weights_file(src) is None:
+        raise HFError(f"--from {str(src)!r} is not a usable checkpoint: {problem or 'no ' + weights.WEIGHTS}; "
                       "accepted a checkpoint directory written by megareuse")
     meta = ckpt.read_meta(src)
     try:
@@ -358,22 +369,22 @@ def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
         cfg.validate()
     except (KeyError, TypeError, ConfigError) as exc:
         raise HFError(f"{src}/meta.json has no valid model config ({exc})") from None
-    sd = torch.load(src / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    sd = weights.open_weights(src, tied=False)
     want = expected_shapes(cfg)
     unknown = sorted(set(sd) - set(want))
     if unknown:
-        raise HFError(f"model.pt holds {unknown[0]}, which the config's model has no place for")
+        raise HFError(f"model.safetensors holds {unknown[0]}, which the config's model has no place for")
     for key, shape in want.items():
         if key == "output.weight" and cfg.tie_embeddings and key not in sd:
             continue
         if key not in sd:
-            raise HFError(f"model.pt has no {key}; the meta.json config needs it")
+            raise HFError(f"model.safetensors has no {key}; the meta.json config needs it")
         if tuple(sd[key].shape) != shape:
-            raise HFError(f"model.pt tensor {key} has shape {tuple(sd[key].shape)}, the meta.json "
+            raise HFError(f"model.safetensors tensor {key} has shape {tuple(sd[key].shape)}, the meta.json "
                           f"config (model section) gives {shape}")
     if cfg.tie_embeddings and "output.weight" in sd and not torch.equal(sd["output.weight"],
                                                                          sd["tok_embeddings.weight"]):
-        raise HFError("model.tie_embeddings = true but model.pt's output.weight differs from "
+        raise HFError("model.tie_embeddings = true but model.safetensors's output.weight differs from "
                       "tok_embeddings.weight; accepted equal (tied) tensors")
     shards: list[list[str]] = [[]]
     size, item = 0, torch.tensor([], dtype=torch_dtype).element_size()

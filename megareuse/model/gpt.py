@@ -2,17 +2,26 @@
 
 The model knows nothing about parallelism: tensor parallelism swaps the named projections
 (attention.wq/wk/wv/wo, feed_forward.w1/w3/w2, tok_embeddings, output) for sharded layers.
+
+``GPT.forward(tokens, targets)`` returns the loss computed by the output head (``head.py``:
+plain, chunked or fused cross-entropy, ``ModelConfig.loss``). Activation checkpointing
+(``ModelConfig.activation_checkpointing``) recomputes the chosen blocks in the backward pass
+instead of keeping their intermediate activations: "full" every block, "selective" every
+``checkpoint_every``-th (blocks k-1, 2k-1, ...: torchtitan's selective layer checkpointing); only
+while training with gradients enabled. Recomputation is exact (same ops, same inputs; nothing
+random), so losses and gradients do not change.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megareuse.config import ModelConfig
 from megareuse.model.attention import Attention
+from megareuse.model.head import LMHead, cross_entropy  # noqa: F401 (cross_entropy re-exported)
 from megareuse.model.mlp import FeedForward
 from megareuse.model.norm import RMSNorm
 from megareuse.model.rope import RotaryEmbedding
@@ -38,7 +47,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token embedding -> n_layers Blocks -> final RMSNorm -> output head (fp32 logits).
+    """Token embedding -> n_layers Blocks -> final RMSNorm -> output head (fp32 logits, or the
+    loss when given targets).
 
     With ``cfg.tie_embeddings`` the head's weight *is* the embedding matrix (one Parameter).
     Weights are initialised in ``__init__`` from torch's global RNG (so deterministic under
@@ -52,7 +62,8 @@ class GPT(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # an nn.Linear subclass: constructed and initialised exactly as the former nn.Linear head
+        self.output = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss, cfg.loss_chunk_tokens)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.init_weights()
@@ -78,43 +89,59 @@ class GPT(nn.Module):
             torch.manual_seed(seed)
             self._init_all()
 
-    def _init_all(self) -> None:
+    def init_plan(self) -> list[tuple[str, nn.Module, float | None]]:
+        """(module name, module, std) in the order ``_init_all`` initialises them: std is the
+        N(0, std) of a drawn weight, None for a module reset by its own ``reset_parameters``
+        (norms to ones, RoPE tables). A tied head is left out (drawn with the embedding). The
+        sharded builder (megareuse/engine/build.py) replays the same draws one tensor at a time."""
         std = self.cfg.init_std
         scaled = std / math.sqrt(2 * self.cfg.n_layers)
-        seen: set[int] = set()
+        plan, seen = [], set()
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 if id(module.weight) in seen:  # tied head: already drawn with the embedding
                     continue
                 seen.add(id(module.weight))
-                leaf = name.rsplit(".", 1)[-1]
-                nn.init.normal_(module.weight, 0.0, scaled if leaf in OUTPUT_PROJECTIONS else std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                plan.append((name, module, scaled if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS else std))
             elif isinstance(module, (RMSNorm, RotaryEmbedding)):
-                module.reset_parameters()
+                plan.append((name, module, None))
+        return plan
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens LongTensor [B, T] (T <= max_seq_len) -> fp32 logits [B, T, vocab_size]."""
+    def _init_all(self) -> None:
+        for _, module, std in self.init_plan():
+            if std is None:
+                module.reset_parameters()
+                continue
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens LongTensor [B, T] (T <= max_seq_len) -> fp32 logits [B, T, vocab_size]; with
+        ``targets`` [B, T] the fp32 mean next-token cross-entropy instead (-100 targets left out)."""
         T = tokens.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        if targets is not None and targets.shape != tokens.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} and tokens {tuple(tokens.shape)} differ in shape")
         cos, sin = self.rope(T)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.output(self.norm(h)).float()
+        for i, layer in enumerate(self.layers):
+            if self._recomputed(i):
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        h = self.norm(h)
+        return self.output(h).float() if targets is None else self.output(h, targets)
+
+    def _recomputed(self, i: int) -> bool:
+        """Whether block ``i`` runs under activation checkpointing in this forward."""
+        mode = self.cfg.activation_checkpointing
+        if mode == "none" or not (self.training and torch.is_grad_enabled()):
+            return False
+        return mode == "full" or (i + 1) % self.cfg.checkpoint_every == 0
 
     def num_params(self) -> int:
         """Unique parameters actually held (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) over all tokens, computed in fp32.
-
-    logits [..., V], targets [...] (same leading shape); targets equal to ``ignore_index``
-    are left out of the mean.
-    """
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=ignore_index)

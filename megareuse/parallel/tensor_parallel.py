@@ -33,6 +33,7 @@ from torch import nn
 from megareuse.config import ModelConfig
 from megareuse.model.gpt import GPT, cross_entropy
 from megareuse.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megareuse.parallel.head import VocabParallelHead
 from megareuse.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, \
     is_tp_sharded, shard_range
 from megareuse.parallel.state import ParallelState
@@ -114,7 +115,7 @@ def parallelize_model(model: GPT, state: ParallelState) -> GPT:
         ffn.w3 = ColumnParallelLinear.from_linear(ffn.w3, state)
         ffn.w2 = RowParallelLinear.from_linear(ffn.w2, state)
     embedding = VocabParallelEmbedding.from_embedding(model.tok_embeddings, state)
-    head = ColumnParallelLinear.from_linear(model.output, state, gather_output=False)
+    head = VocabParallelHead.from_linear(model.output, state)
     if tied:
         head.weight = embedding.weight  # one Parameter: both shard the vocabulary identically
     model.tok_embeddings, model.output = embedding, head

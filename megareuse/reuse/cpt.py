@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from megareuse.config import Config
+from megareuse.config import Config, ModelConfig
 from megareuse.engine import checkpoint as ckpt
 
 
@@ -34,9 +34,13 @@ class InitSource:
 
 
 def model_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Fields where a checkpoint's model config differs from the run's, one string each."""
+    """Fields where a checkpoint's model config differs from the run's, one string each.
+
+    ``ModelConfig.RUNTIME_FIELDS`` (attention backend, activation checkpointing, loss
+    implementation) are not part of the model's shape and are ignored.
+    """
     return [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
-            for k, v in current.items() if saved.get(k) != v]
+            for k, v in current.items() if k not in ModelConfig.RUNTIME_FIELDS and saved.get(k) != v]
 
 
 def open_init_source(path: str | Path, cfg: Config, tokenizer_sha256: str) -> InitSource:

@@ -40,6 +40,7 @@ import torch
 
 from megareuse.config import Config, ModelConfig
 from megareuse.engine import checkpoint as ckpt
+from megareuse.engine import weights
 from megareuse.model import non_embedding_param_count, param_count
 
 StateDict = dict[str, torch.Tensor]
@@ -273,7 +274,7 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
     to give ``megareuse train --init-from``); returns ``out``.
 
     ``out`` must not exist. Everything is checked and computed before anything is written; the
-    checkpoint is written into a temporary sibling and renamed into place. It holds model.pt,
+    checkpoint is written into a temporary sibling and renamed into place. It holds model.safetensors,
     meta.json (stage "grow", D1 from the base, D2 = 0, the grown config, a "growth" record),
     the base's tokenizer.model, and no optimizer or trainer state (stage 2 starts fresh).
     """
@@ -281,14 +282,18 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"grow error: --out {str(out)!r} already exists; accepted a new path "
                               f"(growth never overwrites)")
-    objs, meta = ckpt.load_checkpoint(src, names=("model",))
-    if "model" not in objs or not isinstance(meta.get("config"), dict) or "model" not in meta["config"]:
-        raise ckpt.CheckpointError(f"grow error: --from {str(src)!r} holds no model.pt or no config in "
+    problem = ckpt.verify_checkpoint(src) if src.is_dir() else "no such directory"
+    if problem is not None:
+        raise ckpt.CheckpointError(f"checkpoint {src} is not usable: {problem}")
+    meta = ckpt.read_meta(src)
+    if weights.weights_file(src) is None or not isinstance(meta.get("config"), dict) or "model" not in meta["config"]:
+        raise ckpt.CheckpointError(f"grow error: --from {str(src)!r} holds no {weights.WEIGHTS} or no config in "
                                    f"meta.json; accepted a checkpoint written by megareuse train")
     base_cfg = Config.from_dict(meta["config"]).model
     base_cfg.validate()
+    base_sd = weights.load_state_dict(src, base_cfg.tie_embeddings)
     info = describe_growth(base_cfg, width, depth, depth_method, layer_map, noise, seed)
-    new_cfg, new_sd = grow(base_cfg, objs["model"], width, depth, depth_method, layer_map, noise, seed)
+    new_cfg, new_sd = grow(base_cfg, base_sd, width, depth, depth_method, layer_map, noise, seed)
     new_cfg.validate()
     # tokens the base saw: D1 plus any stage-2 tokens (D2) when the base was itself a stage-2 run
     d1 = meta["D1"] + (meta.get("D2") or 0) if meta.get("D1") is not None else meta.get("tokens_seen")
@@ -306,7 +311,10 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".tmp-grow-{out.name}-{os.getpid()}"
     try:
-        written = ckpt.save_checkpoint(staging, 0, {"model": new_sd}, new_meta, extra_files=extra)
+        tmp = ckpt.begin_checkpoint(staging, 0)
+        written_file = weights.write_state_dict(tmp / weights.WEIGHTS, new_sd, new_cfg.tie_embeddings)
+        known = {weights.WEIGHTS: {"bytes": written_file[0], "sha256": written_file[1]}}
+        written = ckpt.commit_checkpoint(staging, tmp, 0, new_meta, extra_files=extra, known=known)
         if out.exists():
             raise FileExistsError(f"grow error: --out {str(out)!r} appeared while growing; nothing written")
         os.rename(written, out)

@@ -1,0 +1,166 @@
+"""Tensor files written one tensor at a time, and read lazily (safetensors format).
+
+A checkpoint's consolidated weights (``model.safetensors``) and its layout-free optimizer state
+(``optimizer.safetensors``) are streamed: the header (names, dtypes, shapes, offsets) is known
+from the model config before any tensor exists, so the writer puts it first and then appends each
+tensor's bytes as it arrives, hashing and counting as it goes. No process ever needs the whole
+state dict in memory to write it, and the sha256 the manifest records is computed while writing,
+not by a second pass over the file.
+
+Readers (``open_tensors``) are lazy: a tensor is read from the file when asked for (safetensors'
+``safe_open``), so loading a shard of a large checkpoint touches only that shard's bytes. Old
+checkpoints hold ``model.pt`` (one torch.save'd dict); ``open_tensors`` reads those too,
+memory-mapped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import torch
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class TensorWriter:
+    """Write a safetensors file whose tensors arrive one by one, in the order of ``specs``.
+
+    ``specs`` maps name -> (shape, dtype). ``write(name, tensor)`` must be called for every name,
+    in order; ``close()`` fsyncs and returns (bytes, sha256) of the finished file. Used as a
+    context manager, a failure leaves no half-written file under ``path`` (it is removed).
+    """
+
+    def __init__(self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: Optional[dict[str, str]] = None):
+        self.path = Path(path)
+        header: dict[str, object] = {"__metadata__": dict(metadata or {})} if metadata else {}
+        offset = 0
+        self._order: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+        for name, (shape, dtype) in specs.items():
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, tuple(shape), dtype, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+        self._digest = hashlib.sha256()
+        self._bytes = 0
+        self._next = 0
+        self._fh = open(self.path, "wb")
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+
+    def _emit(self, data) -> None:
+        self._fh.write(data)
+        self._digest.update(data)
+        self._bytes += len(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, shape, dtype, nbytes = self._order[self._next]
+        if name != expected or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor file {self.path.name}: got {name} {tuple(tensor.shape)}, expected "
+                             f"{expected} {shape}")
+        data = tensor.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        assert data.nbytes == nbytes
+        self._emit(memoryview(data))
+        self._next += 1
+
+    def close(self) -> tuple[int, str]:
+        if self._next != len(self._order):
+            raise ValueError(f"tensor file {self.path.name}: {len(self._order) - self._next} tensors never written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        return self._bytes, self._digest.hexdigest()
+
+    def __enter__(self) -> "TensorWriter":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            self._fh.close()
+            self.path.unlink(missing_ok=True)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """name -> tensor, each read from the file when first asked for (and not kept)."""
+
+    def __init__(self, path: Path, aliases: Optional[dict[str, str]] = None):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        self._names = list(self._file.keys())
+        self._aliases = {a: t for a, t in (aliases or {}).items() if t in self._names and a not in self._names}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        name = self._aliases.get(name, name)
+        if name not in self._names:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(self._aliases.get(name, name)).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names + list(self._aliases))
+
+    def __len__(self) -> int:
+        return len(self._names) + len(self._aliases)
+
+
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "model.pt"
+OPTIMIZER = "optimizer.safetensors"
+TIED = {"output.weight": "tok_embeddings.weight"}
+
+
+def weights_file(ckpt_dir: Path) -> Optional[Path]:
+    """The consolidated weights file of a checkpoint directory (new or legacy name), or None."""
+    for name in (WEIGHTS, LEGACY_WEIGHTS):
+        if (Path(ckpt_dir) / name).is_file():
+            return Path(ckpt_dir) / name
+    return None
+
+
+def open_weights(ckpt_dir: Path, tied: bool) -> Mapping[str, torch.Tensor]:
+    """The single-device state dict of a checkpoint, read lazily. With ``tied`` embeddings the
+    head's key "output.weight" is served from "tok_embeddings.weight" (stored once)."""
+    path = weights_file(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(f"{ckpt_dir} holds neither {WEIGHTS} nor {LEGACY_WEIGHTS}")
+    if path.name == LEGACY_WEIGHTS:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return LazyTensors(path, TIED if tied else None)
+
+
+def load_state_dict(ckpt_dir: Path, tied: bool, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The whole single-device state dict in memory (for one-process tools: evaluate, grow)."""
+    lazy = open_weights(ckpt_dir, tied)
+    out: dict[str, torch.Tensor] = {}
+    for name in lazy:
+        alias = TIED.get(name) if tied else None
+        out[name] = out[alias] if alias in out else lazy[name].to(device)
+    if tied and "output.weight" in out and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
+def write_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor], tied: bool) -> tuple[int, str]:
+    """Write a single-device state dict (a tied head stored once); returns (bytes, sha256)."""
+    items = {k: v for k, v in state_dict.items() if not (tied and k in TIED)}
+    with TensorWriter(path, {k: (tuple(v.shape), v.dtype) for k, v in items.items()}) as writer:
+        for name, value in items.items():
+            writer.write(name, value)
+        return writer.close()
