@@ -61,20 +61,16 @@ def install_kill(point: str, on_save: int) -> None:
             return result
         DeepSpeedEngine.save_checkpoint = save_checkpoint
     elif point == "model":
-        original_write = ckpt.write_object
+        from megareuse.engine import weights
+        original_write = weights.TensorWriter.write
 
-        def write_object(tmp, name, obj):
-            if not (armed() and name == "model.safetensors"):
-                return original_write(tmp, name, obj)
-            buf = io.BytesIO()
-            import torch
-            torch.save(obj, buf)
-            with open(Path(tmp) / name, "wb") as fh:
-                fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-                fh.flush()
-                os.fsync(fh.fileno())
-            die()
-        ckpt.write_object = write_object
+        def write(self, name, tensor):
+            original_write(self, name, tensor)
+            if armed() and self.path.name == weights.WEIGHTS and self._next == len(self._order) // 2:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                die()
+        weights.TensorWriter.write = write
     elif point == "manifest":
         original_bytes = ckpt._write_bytes_synced
 

@@ -49,9 +49,19 @@ def init_distributed(env: LaunchEnv, backend: str, timeout_s: float) -> None:
                                init_method="env://", rank=env.rank, world_size=env.world_size)
 
 
+def bucket_sizes(d_model: int) -> dict[str, int]:
+    """DeepSpeed's communication buckets sized to the model (Hugging Face's "auto" rule):
+    DeepSpeed's fixed defaults (5e8-element reduce/all-gather buckets, 2 GB each in fp32) are
+    larger than a small model's whole state, so ZeRO would cost memory instead of saving it."""
+    h2 = d_model * d_model
+    return {"reduce_bucket_size": h2, "allgather_bucket_size": h2,
+            "stage3_prefetch_bucket_size": int(0.9 * h2), "stage3_param_persistence_threshold": 10 * d_model}
+
+
 def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
     """The engine config generated from the run config, with ``parallel.ds_config`` merged in.
 
+    ZeRO's bucket sizes scale with the model (``bucket_sizes``); a ds_config may set them.
     Batch keys always come from the run config (a ds_config that contradicts them is an error),
     so token accounting has one source of truth.
     """
@@ -61,7 +71,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": run.grad_accum,
         "train_batch_size": run.micro_batch_size * run.grad_accum * dp_size,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, **bucket_sizes(cfg.model.d_model)},
         "bf16": {"enabled": run.dtype == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,

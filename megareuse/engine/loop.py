@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine.guard import DivergenceError, Preempted, StopSignals
-from megareuse.engine.metrics import MetricsLog, Progress, format_duration
+from megareuse.engine.metrics import MetricsLog, Progress, format_duration, peak_memory_mib
 from megareuse.engine.watchdog import RankFailure, Watchdog
 from megareuse.model import flops_per_token, non_embedding_param_count, param_count
 from megareuse.reuse.records import write_record
@@ -77,7 +78,7 @@ class TrainingLoop:
         log = self._open_log()
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
         progress = Progress(self.total_steps, self.tokens_per_step, fpt,
-                            ps.world_size * peak_flops(self.device, run.peak_tflops), self.emit)
+                            ps.world_size * peak_flops(self.device, run.peak_tflops), self.emit, self.device)
         self.emit(f"training {param_count(cfg.model):,} parameters "
                   f"({non_embedding_param_count(cfg.model):,} non-embedding) for {self.total_steps} "
                   f"steps x {self.tokens_per_step} tokens on {ps.world_size} x {self.device} "
@@ -186,8 +187,17 @@ class TrainingLoop:
         self.emit(f"{received}: checkpointed step {step} to {path}; stopping (resume with --resume auto)")
         raise Preempted(received, step, str(path))
 
+    def _peak_memory(self) -> dict[str, list[float]]:
+        """Every rank's peak memory (MiB), in rank order: {"rss": [...], "device": [...]}."""
+        mine = peak_memory_mib(self.device)
+        everyone = [mine]
+        if self.pstate.world_size > 1:
+            everyone = [None] * self.pstate.world_size
+            dist.all_gather_object(everyone, mine)
+        return {kind: [m[kind] for m in everyone] for kind in ("rss", "device")}
+
     def _finish(self, log: Optional[MetricsLog], last_eval: dict[str, float], wall: float) -> dict[str, Any]:
-        summary = {"steps": self.state.step, "total_steps": self.total_steps,
+        summary = {"peak_memory_mib": self._peak_memory(),"steps": self.state.step, "total_steps": self.total_steps,
                    "tokens": self.state.tokens, "valid_loss": last_eval, "wall_s": wall,
                    "finished": self.state.step >= self.total_steps,
                    "skipped_steps": self.guard.state.skipped_steps, "rollbacks": self.guard.state.rollbacks,

@@ -75,11 +75,27 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def peak_memory_mib(device: Optional["torch.device"] = None) -> dict[str, float]:
+    """This process's peak memory so far, MiB: "rss" (peak resident set size, from the kernel)
+    and "device" (CUDA: max allocated by torch's allocator; 0 on CPU)."""
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    dev = 0.0
+    if device is not None and device.type == "cuda":
+        dev = torch.cuda.max_memory_allocated(device) / 2**20
+    return {"rss": round(rss, 1), "device": round(dev, 1)}
+
+
 class Progress:
-    """A steady progress line: step, loss, lr, tokens/s, MFU (when the peak is known), ETA."""
+    """A steady progress line: step, loss, lr, tokens/s, MFU (when the peak is known), peak
+    memory of this rank, ETA."""
 
     def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float,
-                 peak_flops: float = 0.0, emit: Callable[[str], None] = print):
+                 peak_flops: float = 0.0, emit: Callable[[str], None] = print, device=None):
+        self.device = device
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
@@ -107,6 +123,9 @@ class Progress:
                  f"{format_count(rates['tokens_per_s'])} tok/s"]
         if "mfu" in rates:
             parts.append(f"MFU {100 * rates['mfu']:.1f}%")
+        memory = peak_memory_mib(self.device)
+        parts.append(f"peak {memory['device'] if memory['device'] else memory['rss']:,.0f} MiB"
+                     f"{' GPU' if memory['device'] else ''}")
         parts.append(f"ETA {format_duration(rates['eta_s'])}")
         if extra:
             parts.append(extra)
