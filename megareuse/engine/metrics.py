@@ -89,6 +89,27 @@ def peak_memory_mib(device: Optional["torch.device"] = None) -> dict[str, float]
     return {"rss": round(rss, 1), "device": round(dev, 1)}
 
 
+def tune_host_allocator(threshold: int = 1 << 20) -> bool:
+    """Serve every host allocation of ``threshold`` bytes or more with its own mmap (glibc).
+
+    glibc raises its mmap threshold each time a large block is freed, after which blocks of up to
+    32 MiB come from the heap and their memory is not given back: a rank streaming tensors one at
+    a time (building, gathering, saving) then keeps every size it ever used. A fixed threshold
+    returns them. Skipped when MALLOC_MMAP_THRESHOLD_ is set or the C library is not glibc;
+    returns whether it was applied."""
+    import ctypes
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+
+
 class Progress:
     """A steady progress line: step, loss, lr, tokens/s, MFU (when the peak is known), peak
     memory of this rank, ETA."""

@@ -31,7 +31,7 @@ from megareuse.engine.evaluate import evaluate
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
 from megareuse.engine.inputs import open_training_data
 from megareuse.engine.loop import TrainingLoop
-from megareuse.engine.metrics import read_metrics
+from megareuse.engine.metrics import read_metrics, tune_host_allocator
 from megareuse.engine.schedule import LRSchedule
 from megareuse.model import flops_per_token, non_embedding_param_count, param_count
 from megareuse.parallel.launch import discover
@@ -128,6 +128,7 @@ class Trainer(TrainingLoop):
         self.save_steps = frozenset(t // self.tokens_per_step for t in cfg.run.save_tokens)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        tune_host_allocator()
         self.state = TrainState()
         self.guard = DivergenceGuard(cfg.guard)  # its state comes back with a resumed checkpoint
         self.engine = self._build()
