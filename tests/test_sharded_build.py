@@ -21,7 +21,7 @@ import torch
 
 from distributed_utils import REPO, base_env, run_job, tiny_args, torchrun, train_losses
 from megareuse.config import ModelConfig
-from megareuse.engine.build import build_model, local_param_bytes
+from megareuse.engine.build import build_model
 from megareuse.model import GPT, param_count
 from megareuse.parallel.launch import free_port
 from megareuse.parallel.state import single_process_state

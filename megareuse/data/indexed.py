@@ -26,6 +26,8 @@ from typing import Iterable, Union
 
 import numpy as np
 
+from megareuse.atomic import fsync_dir
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
@@ -51,19 +53,6 @@ def data_path(prefix: PathLike) -> Path:
 
 def index_path(prefix: PathLike) -> Path:
     return Path(f"{os.fspath(prefix)}.idx")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class IndexedDatasetBuilder:
@@ -138,7 +127,7 @@ class IndexedDatasetBuilder:
             os.fsync(f.fileno())
         os.replace(self._bin_tmp, data_path(self.prefix))
         os.replace(self._idx_tmp, index_path(self.prefix))
-        _fsync_dir(self.prefix.parent)
+        fsync_dir(self.prefix.parent)
         self.finalized = True
 
     def abort(self) -> None:

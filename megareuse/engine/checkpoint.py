@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 import torch
 
+from megareuse.atomic import fsync_dir
+
 MANIFEST = "manifest.json"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -57,14 +59,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_bytes_synced(path: Path, write) -> None:
@@ -121,7 +115,7 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
     manifest = dict(sorted(manifest.items()))
     _write_bytes_synced(tmp / MANIFEST, lambda fh: fh.write(json.dumps({"files": manifest}, indent=2).encode()))
     for directory in sorted({p.parent for p in tmp.rglob("*")}, key=lambda d: -len(d.parts)):
-        _fsync_dir(directory)
+        fsync_dir(directory)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -129,7 +123,7 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _VERIFIED[final] = final.joinpath(MANIFEST).stat().st_mtime_ns  # hashed from disk just now
     if keep_last:
         apply_retention(root, keep_last, pinned)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megareuse.engine import checkpoint as ckpt
+from megareuse.atomic import write_text_atomic
 from megareuse.engine.guard import DivergenceError, Preempted, StopSignals
 from megareuse.engine.metrics import MetricsLog, Progress, format_duration, peak_memory_mib
 from megareuse.engine.watchdog import RankFailure, Watchdog
@@ -40,10 +41,7 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float:
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Replace ``path`` atomically (a reader sees the old file or the new one, never half)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 class TrainingLoop:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from megareuse.atomic import write_text_atomic
+
 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
@@ -50,9 +52,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and
                 (json.loads(line).get("step", 0) <= step or json.loads(line).get("kind") not in ("train", "eval"))]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
@@ -75,7 +75,7 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def peak_memory_mib(device: Optional["torch.device"] = None) -> dict[str, float]:
+def peak_memory_mib(device: Any = None) -> dict[str, float]:
     """This process's peak memory so far, MiB: "rss" (peak resident set size, from the kernel)
     and "device" (CUDA: max allocated by torch's allocator; 0 on CPU)."""
     import resource
@@ -98,7 +98,6 @@ def tune_host_allocator(threshold: int = 1 << 20) -> bool:
     returns them. Skipped when MALLOC_MMAP_THRESHOLD_ is set or the C library is not glibc;
     returns whether it was applied."""
     import ctypes
-    import os
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False

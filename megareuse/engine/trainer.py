@@ -6,13 +6,15 @@ tokenizer, checkpoint to resume) is checked in ``Trainer.__init__`` before anyth
 Training state is a pure function of (config, samples consumed, engine state), so a run stopped
 after step k and resumed from its checkpoint reproduces the uninterrupted run bit for bit (fp32).
 
-Checkpoints hold the consolidated single-device weights (model.pt: loadable at any TP degree and
-by `megareuse evaluate`), DeepSpeed's own sharded engine state (deepspeed/: exact resume at the
-same TP x DP x ZeRO layout), trainer.pt (step, samples, tokens, RNG), meta.json and manifest.json.
+Checkpoints hold the consolidated single-device fp32 weights and Adam moments
+(model.safetensors, optimizer.safetensors: streamed one tensor at a time, loadable at any TP x DP
+x ZeRO layout and by `megareuse evaluate`), DeepSpeed's own sharded engine state (deepspeed/:
+exact resume at the same layout), trainer.pt (step, samples, tokens, RNG), meta.json and
+manifest.json. No rank builds, loads or saves the whole model: see engine/build.py and
+engine/consolidate.py.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,24 +66,33 @@ def _layout(cfg: Config, dp_size: int) -> dict[str, int]:
     return {"tp": cfg.parallel.tp, "dp": dp_size, "zero_stage": cfg.parallel.zero_stage}
 
 
-def make_optimizer(model: torch.nn.Module, o, device: torch.device) -> torch.optim.Optimizer:
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step()`` can be declined: at ZeRO-0 DeepSpeed has no overflow check of
+    its own, so the trainer declines the update of a step whose gradient norm is not finite (the
+    engine still zeroes the gradients and counts the step). ZeRO 1-3 skip such steps themselves."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._skip_next = False
+
+    def skip_next_step(self) -> None:
+        self._skip_next = True
+
+    def step(self, closure=None):
+        if self._skip_next:
+            self._skip_next = False
+            return None
+        return super().step(closure)
+
+
+def make_optimizer(model: torch.nn.Module, o, device: torch.device) -> SkippableAdamW:
     """AdamW with weight decay on matrices only (norm gains excluded); torch's fused kernel."""
     params = list(model.parameters())
     decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
     no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-    return torch.optim.AdamW(
+    return SkippableAdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type in ("cpu", "cuda"))
-
-
-@contextlib.contextmanager
-def _optimizer_step_skipped(optimizer):
-    """Make the engine's call of ``optimizer.step()`` a no-op (the gradients are still zeroed)."""
-    optimizer.step = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        del optimizer.step
 
 
 class Trainer(TrainingLoop):
@@ -189,8 +200,9 @@ class Trainer(TrainingLoop):
             weights.open_weights(source_dir, cfg.model.tie_embeddings))
         model = build_model(cfg.model, self.pstate, self.device, source, seed=cfg.run.seed,
                             zero3_config=ds_config if cfg.parallel.zero_stage == 3 else None)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg.optim, self.device),
-                                          mpu=MPU(self.pstate), config=ds_config)
+        self.optimizer = make_optimizer(model, cfg.optim, self.device)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, mpu=MPU(self.pstate),
+                                          config=ds_config)
         if saved is not None:
             self._restore(engine, *saved)
         elif self.init is not None and cfg.run.keep_optimizer:
@@ -394,8 +406,9 @@ class Trainer(TrainingLoop):
                 norm_before_step = clip_grad_norm_(list(self.engine.module.parameters()), math.inf,
                                                    mpu=self.engine.mpu)
                 applied = math.isfinite(float(norm_before_step))
-            with contextlib.nullcontext() if applied else _optimizer_step_skipped(self.engine.optimizer):
-                self.engine.step()
+            if not applied:
+                self.optimizer.skip_next_step()
+            self.engine.step()
             losses += float(loss.detach())
             self.state.samples += run.micro_batch_size * ps.dp_size
         applied = applied and self.engine.skipped_steps == skipped_before

@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from megareuse.config import Config, ConfigError, ModelConfig
+from megareuse.atomic import publish_dir
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
 from megareuse.model import non_embedding_param_count, param_count
@@ -231,8 +232,7 @@ def _publish(staging: Path, out: Path) -> None:
         out.rmdir()  # an empty directory the user made
     if out.exists():
         raise HFError(f"--out {str(out)!r} appeared while writing; nothing written")
-    os.rename(staging, out)
-    ckpt._fsync_dir(out.parent)
+    publish_dir(staging, out)
 
 
 def _check_new(out: Path) -> None:

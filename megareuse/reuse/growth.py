@@ -40,6 +40,7 @@ import torch
 
 from megareuse.config import Config, ModelConfig
 from megareuse.engine import checkpoint as ckpt
+from megareuse.atomic import publish_dir
 from megareuse.engine import weights
 from megareuse.model import non_embedding_param_count, param_count
 
@@ -317,12 +318,7 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
         written = ckpt.commit_checkpoint(staging, tmp, 0, new_meta, extra_files=extra, known=known)
         if out.exists():
             raise FileExistsError(f"grow error: --out {str(out)!r} appeared while growing; nothing written")
-        os.rename(written, out)
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        publish_dir(written, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -8,10 +8,12 @@ tokens_<domain>, wall_s, tokens_per_s, flops, flops_6ND, out_dir, checkpoint.
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
+
+from megareuse.atomic import write_text_atomic
 
 RECORD = "record.json"
 SCHEMA = "megareuse-run-record/1"
@@ -41,9 +43,7 @@ def build_record(*, run_id: str, series: str, stage: str, method: str, n_params:
 
 def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
     path = Path(out_dir) / RECORD
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2))
     return path
 
 
@@ -98,13 +98,10 @@ def collect(runs_dir: Path, out: Path | None = None) -> tuple[Path, Path, int]:
     rows = [flatten(r) for r in records]
     csv_path, jsonl_path = stem.with_suffix(".csv"), stem.with_suffix(".jsonl")
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=_columns(rows), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    tmp = jsonl_path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, jsonl_path)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=_columns(rows), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(csv_path, table.getvalue())
+    write_text_atomic(jsonl_path, "".join(json.dumps(r) + "\n" for r in rows))
     return csv_path, jsonl_path, len(rows)
