@@ -9,9 +9,9 @@ streamed consolidation is part of the peak) and writes every rank's peak residen
 ``summary.json`` (``peak_memory_mib``). Printed per point: the largest rank's peak RSS, the
 model-state bytes the estimator gives a rank (weights + gradients + Adam + DeepSpeed buffers)
 and its activation bytes, the measured model part (peak RSS minus the process baseline: torch,
-DeepSpeed, gloo and data, measured by a one-layer, 64-wide run of the same layout), and the
-ratio measured / estimated. On CPU "device" memory is 0; on a GPU the same table shows torch's
-max allocated (benchmarks/gpu.sh).
+DeepSpeed, gloo and data, measured by a one-layer, 64-wide run at the same ZeRO stage), and the
+ratio measured / estimated, as a Markdown table (docs/estimate.md holds one). On CPU "device"
+memory is 0 and is not shown.
 """
 from __future__ import annotations
 
@@ -68,13 +68,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         prepare_default(data, domains=["prose"], vocab_size=512, progress=False)
-        rows = []
+        rows, baselines = [], {}
+        tiny = ("model.n_layers=1", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+                "model.ffn_hidden=128", "model.vocab_size=512")
         for tp in map(int, args.tp.split(",")):
-            # the process baseline of this layout: torch, DeepSpeed, gloo, data; a model of ~0 bytes
-            base = run_point(data, Path(tmp) / f"base_tp{tp}", args.model, args.world, tp, 0, "none", 1,
-                             ("model.n_layers=1", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
-                              "model.ffn_hidden=128", "model.vocab_size=512"))
             for zero in map(int, args.zero.split(",")):
+                if zero not in baselines:  # the process baseline of this stage: torch, DeepSpeed, gloo, data
+                    base = run_point(data, Path(tmp) / f"base_z{zero}", args.model, args.world, 1, zero, "none", 1, tiny)
+                    baselines[zero] = max(base["rss"])
                 for ac in args.ac.split(","):
                     m = run_point(data, Path(tmp) / f"tp{tp}_z{zero}_{ac}", args.model, args.world, tp, zero, ac,
                                   args.steps)
@@ -82,19 +83,19 @@ def main(argv=None) -> None:
                                                    "run.micro_batch_size=1", f"data.seq_len={SEQ}",
                                                    f"model.max_seq_len={SEQ}", "run.train_tokens=100000"])
                     est = estimate(cfg, args.world)
-                    fixed = est.model_states + est.buffers
                     act = est.activations_ckpt if ac != "none" else est.activations_no_ckpt
-                    measured = max(m["rss"]) - max(base["rss"])
-                    rows.append((tp, zero, ac, max(m["rss"]), min(m["rss"]), max(base["rss"]), measured,
-                                 fixed / 2**20, act / 2**20, m["wall_s"]))
+                    measured = max(m["rss"]) - baselines[zero]
+                    rows.append((tp, zero, ac, max(m["rss"]), min(m["rss"]), baselines[zero], measured,
+                                 (est.model_states + est.buffers) / 2**20, act / 2**20, m["wall_s"]))
                     print(f"tp={tp} zero={zero} ac={ac}: peak RSS per rank {m['rss']} MiB", flush=True)
     print(f"\n{args.world} gloo ranks, {Path(args.model).name}, fp32, micro-batch 1 x {SEQ} tokens, "
           f"{args.steps} steps + one checkpoint")
-    print(f"{'TP':>2} {'ZeRO':>4} {'AC':>5} | {'peak RSS max':>12} {'min':>7} {'baseline':>8} | "
-          f"{'model+act measured':>18} | {'estimate: states':>16} {'act':>6} | {'meas/est':>8} | {'wall':>5}")
+    print("| TP | ZeRO | AC | peak RSS, max rank (MiB) | min rank | baseline | measured model part | "
+          "estimate: model states + buffers | estimate: activations | measured / estimate | wall |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tp, zero, ac, hi, lo, base, measured, fixed, act, wall in rows:
-        print(f"{tp:>2} {zero:>4} {ac:>5} | {hi:>10.0f} M {lo:>6.0f}M {base:>7.0f}M | {measured:>16.0f} M | "
-              f"{fixed:>14.0f} M {act:>5.0f}M | {measured / (fixed + act):>8.2f} | {wall:>4.0f}s")
+        print(f"| {tp} | {zero} | {ac} | {hi:.0f} | {lo:.0f} | {base:.0f} | {measured:.0f} | {fixed:.0f} | {act:.0f} | "
+              f"{measured / (fixed + act):.2f} | {wall:.0f} s |")
 
 
 if __name__ == "__main__":

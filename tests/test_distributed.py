@@ -55,14 +55,7 @@ def test_save_tp2_zero2_resume_and_load_at_tp1(prepared, tmp_path):
     last = eval_losses(full)[-1]
     single = evaluate_checkpoint(full / "checkpoints" / "step_00000006", max_tokens=512, batch_size=8)
     assert single["prose"] == pytest.approx(last["valid_loss/prose"], rel=RTOL)
-    # resuming at another layout reshards the weights and the Adam state (tests/test_sharded_build.py
-    # checks the continuation is the uninterrupted run's)
-    shutil.copytree(part, tmp_path / "tp1")
-    proc = run_job([sys.executable, TRAIN, *tiny_args(prepared, tmp_path / "tp1", "schedule.kind=constant",
-                                                      "run.train_tokens=2048"), "--resume"])
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "weights and optimizer state resharded to {'tp': 1, 'dp': 1, 'zero_stage': 0}" in proc.stdout
-    assert "resumed from" in proc.stdout
+    # resuming at another layout (weights and Adam state resharded) is tests/test_sharded_build.py's
 
 
 def _two_rank_args(prepared, out):

@@ -59,7 +59,8 @@ def long_reference(prepared, tmp_path_factory):
     return train_losses(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGUSR1"])
 def test_signal_checkpoints_exits_requeue_and_resumes_bit_identical(prepared, tmp_path, long_reference, sig):
     out = tmp_path / "run"
     args = tiny_args(prepared, out, *LONG)
@@ -83,6 +84,7 @@ def test_signal_checkpoints_exits_requeue_and_resumes_bit_identical(prepared, tm
     assert not (out / "preempted.json").exists()
 
 
+@pytest.mark.slow  # heavy; `make test-slow` (make test keeps one check of this feature)
 def test_sigterm_to_one_of_two_ranks_stops_both_and_resumes_bit_identical(prepared, tmp_path):
     args = lambda out: tiny_args(prepared, out, *LONG, "run.micro_batch_size=4", "run.train_tokens=51200")  # noqa: E731
     full = tmp_path / "full"
@@ -124,7 +126,8 @@ def short_reference(prepared, tmp_path_factory):
 
 
 @pytest.mark.parametrize("point, resumes_at", [
-    ("deepspeed", 2), ("model", 2), ("manifest", 2), ("rename", 4), ("retention", 4)])
+    pytest.param("deepspeed", 2, marks=pytest.mark.slow), ("model", 2), ("manifest", 2),
+    pytest.param("rename", 4, marks=pytest.mark.slow), ("retention", 4)])
 def test_sigkill_during_checkpoint_write(prepared, tmp_path, short_reference, point, resumes_at):
     out = tmp_path / "run"
     args = tiny_args(prepared, out, "run.save_interval=2", "run.keep_last=1")  # saves at 2, 4, 6
@@ -213,7 +216,7 @@ def test_repeated_nans_stop_with_clear_message(prepared, tmp_path):
 
 
 # ----------------------------------------------------------------------------- dead and stuck ranks
-@pytest.mark.parametrize("how", ["kill", "stop"])
+@pytest.mark.parametrize("how", ["kill", pytest.param("stop", marks=pytest.mark.slow)])
 def test_dead_or_stopped_rank_named_by_survivor_within_timeout(prepared, tmp_path, how):
     out, timeout_s = tmp_path / "run", 20
     args = tiny_args(prepared, out, "run.micro_batch_size=4", "run.train_tokens=10000000",
@@ -234,6 +237,7 @@ def test_dead_or_stopped_rank_named_by_survivor_within_timeout(prepared, tmp_pat
     assert message and "rank 1 (host" in message[-1] and "sent no heartbeat" in message[-1], log[-3000:]
 
 
+@pytest.mark.slow  # heavy; `make test-slow` (make test keeps one check of this feature)
 def test_slurm_script_usr1_checkpoints_requeues_and_next_start_resumes(prepared, tmp_path):
     """base_1b.sh with real torchrun (2 ranks): SIGUSR1 to the batch script reaches the workers,
     they checkpoint and exit 75, the script requeues (stand-in scontrol), the restart resumes."""

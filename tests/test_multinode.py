@@ -165,6 +165,7 @@ def test_torchrun_two_nodes_match_single_process(torchrun_run, reference):
         assert got["valid_loss/prose"] == pytest.approx(want["valid_loss/prose"], rel=RTOL)
 
 
+@pytest.mark.slow  # heavy; `make test-slow` (make test keeps one check of this feature)
 def test_slurm_script_two_nodes(hosts, prepared, tmp_path, torchrun_run):
     """base_1b.sh's own launch: master mrnode0 from the node list (resolved by each namespace's
     hosts file), port 20000 + job id % 40000, node rank from SLURM_NODEID."""
@@ -184,6 +185,7 @@ def test_slurm_script_two_nodes(hosts, prepared, tmp_path, torchrun_run):
     assert train_losses(out) == train_losses(torchrun_run.out)
 
 
+@pytest.mark.slow  # heavy; `make test-slow` (make test keeps one check of this feature)
 def test_late_node_waits_in_rendezvous(hosts, prepared, tmp_path, torchrun_run):
     logs = logdir(tmp_path, "late")
     out, port = logs / "run", next(_ports)
@@ -199,6 +201,7 @@ def test_late_node_waits_in_rendezvous(hosts, prepared, tmp_path, torchrun_run):
     assert train_losses(out) == train_losses(torchrun_run.out)
 
 
+@pytest.mark.slow  # heavy; `make test-slow` (make test keeps one check of this feature)
 def test_missing_node_times_out(hosts, prepared, tmp_path):
     """Node 1 never starts: node 0's rendezvous gives up after the join timeout (set through
     TORCHRUN_ARGS) and the script exits non-zero, naming the timeout."""
@@ -289,6 +292,7 @@ def training_pids(hosts, index: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # heavy; `make test-slow` (make test keeps one check of this feature)
 def test_network_cut_ends_the_training_on_both_sides(hosts, prepared, tmp_path):
     """Node 1's link goes down mid-run (no connection is closed, so nothing fails at once).
     Within parallel.timeout_s plus the heartbeat watch every training process exits: node 0's name

@@ -57,7 +57,7 @@ def probe_run(prepared, out, *overrides, weights=False) -> list[dict]:
 
 
 @pytest.mark.parametrize("layout", [("parallel.tp=2", "parallel.zero_stage=3"),
-                                    ("parallel.tp=1", "parallel.zero_stage=3"),
+                                    pytest.param(("parallel.tp=1", "parallel.zero_stage=3"), marks=pytest.mark.slow),
                                     ("parallel.tp=2", "parallel.zero_stage=0")])
 def test_sharded_build_gives_the_single_device_weights(prepared, tmp_path, layout):
     found = probe_run(prepared, tmp_path / "run", *layout, "run.train_tokens=1024", weights=True)

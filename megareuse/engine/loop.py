@@ -1,4 +1,4 @@
-"""The training loop and its reliability policy (docs/reliability.md), mixed into Trainer.
+"""The training loop and its reliability policy (docs/reliability.md), driving a ``Stage``.
 
 Per step: train, log (with spike detection), skip/rollback/stop for non-finite steps, evaluate,
 save, then one all-reduce on which every rank learns whether any of them got a stop signal; if
@@ -13,17 +13,19 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
+from megareuse.config import Config
 from megareuse.engine import checkpoint as ckpt
 from megareuse.atomic import write_text_atomic
-from megareuse.engine.guard import DivergenceError, Preempted, StopSignals
+from megareuse.engine.guard import DivergenceError, DivergenceGuard, Preempted, StopSignals
 from megareuse.engine.metrics import MetricsLog, Progress, format_duration, peak_memory_mib
 from megareuse.engine.watchdog import RankFailure, Watchdog
 from megareuse.model import flops_per_token, non_embedding_param_count, param_count
+from megareuse.parallel.state import ParallelState
 from megareuse.reuse.records import write_record
 
 
@@ -44,25 +46,52 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
+class Stage(Protocol):
+    """What the loop drives: one training stage (engine/trainer.py's ``Trainer``)."""
+
+    cfg: Config
+    pstate: ParallelState
+    state: Any  # TrainState: step, samples, tokens, wall_s
+    guard: DivergenceGuard
+    engine: Any  # the DeepSpeed engine
+    emit: Callable[[str], None]
+    is_main: bool
+    out_dir: Path
+    ckpt_root: Path
+    total_steps: int
+    tokens_per_step: int
+    save_steps: frozenset[int]
+    device: torch.device
+
+    def train_step(self) -> tuple[float, float, float, bool]: ...
+    def evaluate(self) -> dict[str, float]: ...
+    def save(self) -> Path: ...
+    def _rollback(self, from_step: int) -> Path: ...
+    def _barrier(self) -> None: ...
+    def record(self, checkpoint: Path) -> dict[str, Any]: ...
+
+
 class TrainingLoop:
-    """Needs the Trainer's cfg, pstate, state, guard, engine, emit, is_main, out_dir, ckpt_root,
-    total_steps, tokens_per_step, save_steps, device and its train_step/evaluate/save/_rollback."""
+    """Runs a ``Stage`` to its end (or to a given step) under the reliability policy."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
 
     def _open_log(self) -> Optional[MetricsLog]:
-        if not self.is_main:
+        if not self.stage.is_main:
             return None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        log = MetricsLog(self.out_dir)
-        log.truncate_after(self.state.step)
-        for note in ckpt.clean_stale(self.ckpt_root):
-            self.emit(f"note: {note}")
+        self.stage.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.stage.out_dir / "config.json").write_text(json.dumps(self.stage.cfg.to_dict(), indent=2))
+        log = MetricsLog(self.stage.out_dir)
+        log.truncate_after(self.stage.state.step)
+        for note in ckpt.clean_stale(self.stage.ckpt_root):
+            self.stage.emit(f"note: {note}")
         return log
 
     def _start_watchdog(self) -> Optional[Watchdog]:
-        if self.pstate.world_size == 1:
+        if self.stage.pstate.world_size == 1:
             return None
-        return Watchdog(self.pstate.rank, self.pstate.world_size, self.cfg.parallel.timeout_s,
+        return Watchdog(self.stage.pstate.rank, self.stage.pstate.world_size, self.stage.cfg.parallel.timeout_s,
                         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])).start()
 
     def run(self, until_step: Optional[int] = None) -> dict[str, Any]:
@@ -70,16 +99,16 @@ class TrainingLoop:
 
         Raises Preempted after a stop signal (a checkpoint was written), DivergenceError when
         the divergence guard gives up, RankFailure when another rank died or hung."""
-        cfg, run, ps = self.cfg, self.cfg.run, self.pstate
-        stop = self.total_steps if until_step is None else min(until_step, self.total_steps)
-        self._barrier()  # every rank has loaded its checkpoint before rank 0 tidies the directory
+        cfg, run, ps = self.stage.cfg, self.stage.cfg.run, self.stage.pstate
+        stop = self.stage.total_steps if until_step is None else min(until_step, self.stage.total_steps)
+        self.stage._barrier()  # every rank has loaded its checkpoint before rank 0 tidies the directory
         log = self._open_log()
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-        progress = Progress(self.total_steps, self.tokens_per_step, fpt,
-                            ps.world_size * peak_flops(self.device, run.peak_tflops), self.emit, self.device)
-        self.emit(f"training {param_count(cfg.model):,} parameters "
-                  f"({non_embedding_param_count(cfg.model):,} non-embedding) for {self.total_steps} "
-                  f"steps x {self.tokens_per_step} tokens on {ps.world_size} x {self.device} "
+        progress = Progress(self.stage.total_steps, self.stage.tokens_per_step, fpt,
+                            ps.world_size * peak_flops(self.stage.device, run.peak_tflops), self.stage.emit, self.stage.device)
+        self.stage.emit(f"training {param_count(cfg.model):,} parameters "
+                  f"({non_embedding_param_count(cfg.model):,} non-embedding) for {self.stage.total_steps} "
+                  f"steps x {self.stage.tokens_per_step} tokens on {ps.world_size} x {self.stage.device} "
                   f"(TP={ps.tp_size}, DP={ps.dp_size}, ZeRO-{cfg.parallel.zero_stage}, {run.dtype})")
         signals = StopSignals(cfg.guard.signals)
         watchdog = self._start_watchdog()
@@ -95,7 +124,7 @@ class TrainingLoop:
             if report is None:
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RankFailure(f"rank failure seen by rank {ps.rank} at step {self.state.step}: {report} "
+            raise RankFailure(f"rank failure seen by rank {ps.rank} at step {self.stage.state.step}: {report} "
                               f"(error: {first[:200]})") from exc
         finally:
             signals.close()
@@ -107,104 +136,104 @@ class TrainingLoop:
 
     def _loop(self, stop: int, log: Optional[MetricsLog], progress: Progress, signals: StopSignals,
               watchdog: Optional[Watchdog]) -> dict[str, float]:
-        run = self.cfg.run
+        run = self.stage.cfg.run
         t_start, last_eval = time.perf_counter(), {}
-        wall_before = self.state.wall_s
-        progress.start(self.state.step)
-        self.engine.train()
+        wall_before = self.stage.state.wall_s
+        progress.start(self.stage.state.step)
+        self.stage.engine.train()
         beat = watchdog.progress if watchdog is not None else (lambda step, phase: None)
-        while self.state.step < stop:
-            beat(self.state.step, "train")
-            loss, lr, grad_norm, applied = self.train_step()
-            self.state.wall_s = wall_before + time.perf_counter() - t_start
-            step = self.state.step
+        while self.stage.state.step < stop:
+            beat(self.stage.state.step, "train")
+            loss, lr, grad_norm, applied = self.stage.train_step()
+            self.stage.state.wall_s = wall_before + time.perf_counter() - t_start
+            step = self.stage.state.step
             finite = applied and math.isfinite(loss)
-            record = {"kind": "train", "step": step, "tokens": self.state.tokens,
+            record = {"kind": "train", "step": step, "tokens": self.stage.state.tokens,
                       "loss": loss if math.isfinite(loss) else None, "lr": lr,
                       "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
             if not finite:
                 record["skipped"] = True
-            elif (median := self.guard.spikes.observe(loss)) is not None:
-                self.guard.state.spikes += 1
+            elif (median := self.stage.guard.spikes.observe(loss)) is not None:
+                self.stage.guard.state.spikes += 1
                 record["spike_median"] = median
-                self.emit(f"loss spike at step {step}: {loss:.4f} > {self.cfg.guard.spike_ratio:g} x "
+                self.stage.emit(f"loss spike at step {step}: {loss:.4f} > {self.stage.cfg.guard.spike_ratio:g} x "
                           f"running median {median:.4f}")
-            last = step == self.total_steps
+            last = step == self.stage.total_steps
             if step % run.log_interval == 0 or last or step == stop:
-                skipped = self.guard.state.skipped_steps + (not finite)
+                skipped = self.stage.guard.state.skipped_steps + (not finite)
                 record.update(progress.line(step, loss, lr, f"skipped {skipped}" if skipped else ""))
             if log:
                 log.write(record)
             if not finite and self._on_bad_step(step, loss, grad_norm, log):
-                t_start, wall_before = time.perf_counter(), self.state.wall_s
-                progress.start(self.state.step)
+                t_start, wall_before = time.perf_counter(), self.stage.state.wall_s
+                progress.start(self.stage.state.step)
                 continue
             if step % run.eval_interval == 0 or last:
                 beat(step, "eval")
-                last_eval = self.evaluate()
+                last_eval = self.stage.evaluate()
                 if log:
-                    log.write({"kind": "eval", "step": step, "tokens": self.state.tokens,
+                    log.write({"kind": "eval", "step": step, "tokens": self.stage.state.tokens,
                                **{f"valid_loss/{d}": v for d, v in last_eval.items()}})
-                self.emit(f"eval step {step}: " + ", ".join(f"{d} {v:.4f}" for d, v in last_eval.items()))
+                self.stage.emit(f"eval step {step}: " + ", ".join(f"{d} {v:.4f}" for d, v in last_eval.items()))
             saved = None
-            if step % run.save_interval == 0 or last or step == stop or step in self.save_steps:
+            if step % run.save_interval == 0 or last or step == stop or step in self.stage.save_steps:
                 beat(step, "save")
-                saved = self.save()
-                self.emit(f"saved {saved}")
+                saved = self.stage.save()
+                self.stage.emit(f"saved {saved}")
             received = signals.agreed()
             if received is not None:
                 beat(step, "save")
-                self._preempt(received, saved or self.save(), log)
+                self._preempt(received, saved or self.stage.save(), log)
         return last_eval
 
     def _on_bad_step(self, step: int, loss: float, grad_norm: float, log: Optional[MetricsLog]) -> bool:
         """A skipped step: count it; roll back (returns True) or stop when the guard says so."""
-        self.emit(f"warning: step {step} skipped (loss {loss}, gradient norm {grad_norm}); "
-                  f"{self.guard.state.skipped_steps + 1} skipped so far")
-        action = self.guard.on_skip(step)
+        self.stage.emit(f"warning: step {step} skipped (loss {loss}, gradient norm {grad_norm}); "
+                  f"{self.stage.guard.state.skipped_steps + 1} skipped so far")
+        action = self.stage.guard.on_skip(step)
         if action is None:
             return False
         if action == "stop":
-            raise DivergenceError(self.guard.stop_message(step))
-        path = self._rollback(step)
-        self.emit(f"rolled back to {path} (step {self.state.step}) after {self.cfg.guard.max_skips} skipped "
-                  f"steps; learning rate x {self.guard.state.lr_scale:g} from now on")
+            raise DivergenceError(self.stage.guard.stop_message(step))
+        path = self.stage._rollback(step)
+        self.stage.emit(f"rolled back to {path} (step {self.stage.state.step}) after {self.stage.cfg.guard.max_skips} skipped "
+                  f"steps; learning rate x {self.stage.guard.state.lr_scale:g} from now on")
         if log:
-            log.truncate_after(self.state.step)
-            log.write({"kind": "rollback", "step": step, "to_step": self.state.step, "checkpoint": str(path),
-                       "lr_scale": self.guard.state.lr_scale, "samples": self.state.samples})
+            log.truncate_after(self.stage.state.step)
+            log.write({"kind": "rollback", "step": step, "to_step": self.stage.state.step, "checkpoint": str(path),
+                       "lr_scale": self.stage.guard.state.lr_scale, "samples": self.stage.state.samples})
         return True
 
     def _preempt(self, received: str, path: Path, log: Optional[MetricsLog]) -> None:
-        step = self.state.step
+        step = self.stage.state.step
         if log:
             log.write({"kind": "preempted", "step": step, "signal": received, "checkpoint": str(path)})
-            _write_json(self.out_dir / "preempted.json",
+            _write_json(self.stage.out_dir / "preempted.json",
                         {"signal": received, "step": step, "checkpoint": str(path),
                          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        self.emit(f"{received}: checkpointed step {step} to {path}; stopping (resume with --resume auto)")
+        self.stage.emit(f"{received}: checkpointed step {step} to {path}; stopping (resume with --resume auto)")
         raise Preempted(received, step, str(path))
 
     def _peak_memory(self) -> dict[str, list[float]]:
         """Every rank's peak memory (MiB), in rank order: {"rss": [...], "device": [...]}."""
-        mine = peak_memory_mib(self.device)
+        mine = peak_memory_mib(self.stage.device)
         everyone = [mine]
-        if self.pstate.world_size > 1:
-            everyone = [None] * self.pstate.world_size
+        if self.stage.pstate.world_size > 1:
+            everyone = [None] * self.stage.pstate.world_size
             dist.all_gather_object(everyone, mine)
         return {kind: [m[kind] for m in everyone] for kind in ("rss", "device")}
 
     def _finish(self, log: Optional[MetricsLog], last_eval: dict[str, float], wall: float) -> dict[str, Any]:
-        summary = {"peak_memory_mib": self._peak_memory(),"steps": self.state.step, "total_steps": self.total_steps,
-                   "tokens": self.state.tokens, "valid_loss": last_eval, "wall_s": wall,
-                   "finished": self.state.step >= self.total_steps,
-                   "skipped_steps": self.guard.state.skipped_steps, "rollbacks": self.guard.state.rollbacks,
-                   "loss_spikes": self.guard.state.spikes,
-                   "checkpoint": str(ckpt.checkpoint_dir(self.ckpt_root, self.state.step))}
+        summary = {"peak_memory_mib": self._peak_memory(),"steps": self.stage.state.step, "total_steps": self.stage.total_steps,
+                   "tokens": self.stage.state.tokens, "valid_loss": last_eval, "wall_s": wall,
+                   "finished": self.stage.state.step >= self.stage.total_steps,
+                   "skipped_steps": self.stage.guard.state.skipped_steps, "rollbacks": self.stage.guard.state.rollbacks,
+                   "loss_spikes": self.stage.guard.state.spikes,
+                   "checkpoint": str(ckpt.checkpoint_dir(self.stage.ckpt_root, self.stage.state.step))}
         if log and summary["finished"]:
-            (self.out_dir / "preempted.json").unlink(missing_ok=True)
-            _write_json(self.out_dir / "summary.json", summary)
-            if self.cfg.run.write_record:
-                write_record(self.out_dir, self.record(Path(summary["checkpoint"])))
-            self.emit(f"done: {self.state.tokens:,} tokens in {format_duration(wall)}")
+            (self.stage.out_dir / "preempted.json").unlink(missing_ok=True)
+            _write_json(self.stage.out_dir / "summary.json", summary)
+            if self.stage.cfg.run.write_record:
+                write_record(self.stage.out_dir, self.stage.record(Path(summary["checkpoint"])))
+            self.stage.emit(f"done: {self.stage.state.tokens:,} tokens in {format_duration(wall)}")
         return summary

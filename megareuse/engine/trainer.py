@@ -95,9 +95,10 @@ def make_optimizer(model: torch.nn.Module, o, device: torch.device) -> Skippable
         lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type in ("cpu", "cuda"))
 
 
-class Trainer(TrainingLoop):
+class Trainer:
     """One training stage: inputs checked, engine built (resumed or initialised), steps,
-    evaluation and checkpoints; the loop with its reliability policy is ``TrainingLoop``."""
+    evaluation and checkpoints; ``run`` hands it to ``TrainingLoop`` (the loop and its
+    reliability policy, engine/loop.py)."""
 
     def __init__(self, cfg: Config, resume: Optional[str] = None,
                  emit: Callable[[str], None] = lambda s: print(s, flush=True)):
@@ -378,6 +379,10 @@ class Trainer(TrainingLoop):
         return path
 
     # ------------------------------------------------------------------ loop
+    def run(self, until_step: Optional[int] = None) -> dict[str, Any]:
+        """Train to the end (or stop after ``until_step``); see ``TrainingLoop.run``."""
+        return TrainingLoop(self).run(until_step)
+
     def batch_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of a batch [B, T+1]; the model's head computes it (model.loss:
         chunked / fused / plain, vocab-parallel under TP) so no [B, T, V] logits need exist."""
