@@ -39,6 +39,8 @@ from megareuse.config import Config, ConfigError, ModelConfig
 from megareuse.atomic import publish_dir
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
+from megareuse.interop.errors import HFError
+from megareuse.interop.hf_data import file_sha256, hf_lineage, special_ids, tokenizer_entry
 from megareuse.model import non_embedding_param_count, param_count
 
 PathLike = Union[str, os.PathLike]
@@ -60,10 +62,6 @@ _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.wei
            "lm_head.weight": "output.weight"}
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 _OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
-
-
-class HFError(ValueError):
-    """An HF directory or checkpoint cannot be converted; the message is one line."""
 
 
 def _safetensors():
@@ -249,7 +247,6 @@ def import_hf(src: PathLike, out: PathLike, *, d1: int, max_seq_len: Optional[in
     headers before any tensor is read; tensors are then read one at a time (fp32 in model.safetensors).
     The checkpoint is written into a temporary sibling and renamed to ``out``. Returns ``out``.
     """
-    from megareuse.interop.hf_data import file_sha256, tokenizer_entry
 
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
@@ -351,7 +348,6 @@ def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
     e.g. "2GB"; more than one shard adds model.safetensors.index.json). ``dtype`` is float32,
     bfloat16 or float16. Tokenizer files of the checkpoint are copied. Returns ``out``.
     """
-    from megareuse.interop.hf_data import hf_lineage, special_ids
 
     src, out = Path(src), Path(out)
     if dtype not in EXPORT_DTYPES:
