@@ -141,7 +141,7 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         if self.pstate.world_size > 1:  # sharded ranks stream tensors; one process holds the model anyway
-            tune_host_allocator()  # (1 MiB mmap threshold; costs a one-process CPU run ~17% speed)
+            tune_host_allocator()
         self.state = TrainState()
         self.guard = DivergenceGuard(cfg.guard)  # its state comes back with a resumed checkpoint
         self.engine = self._build()

@@ -148,12 +148,9 @@ def open_weights(ckpt_dir: Path, tied: bool) -> Mapping[str, torch.Tensor]:
 def load_state_dict(ckpt_dir: Path, tied: bool, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The whole single-device state dict in memory (for one-process tools: evaluate, grow)."""
     lazy = open_weights(ckpt_dir, tied)
-    out: dict[str, torch.Tensor] = {}
-    for name in lazy:
-        alias = TIED.get(name) if tied else None
-        out[name] = out[alias] if alias in out else lazy[name].to(device)
-    if tied and "output.weight" in out and "tok_embeddings.weight" in out:
-        out["output.weight"] = out["tok_embeddings.weight"]
+    out = {name: lazy[name].to(device) for name in lazy if not (tied and name in TIED)}
+    if tied:  # one tensor, as in a tied GPT's state dict
+        out.update((alias, out[target]) for alias, target in TIED.items() if target in out)
     return out
 
 
