@@ -37,6 +37,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from megareuse.config import load_config
+    from megareuse.engine.ds import shutdown_distributed
     from megareuse.engine.trainer import Trainer
     overrides = list(args.overrides)
     if args.init_from is not None:
@@ -46,6 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     summary = Trainer(cfg, resume=args.resume).run()
     print(json.dumps(summary["valid_loss"]))
+    shutdown_distributed()  # the run ended on every rank: tear down before the interpreter does
     return 0
 
 

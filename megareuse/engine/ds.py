@@ -49,6 +49,18 @@ def init_distributed(env: LaunchEnv, backend: str, timeout_s: float) -> None:
                                init_method="env://", rank=env.rank, world_size=env.world_size)
 
 
+
+def shutdown_distributed() -> None:
+    """End torch.distributed once every rank has finished a run: a process that exits with its
+    process groups alive leaves their teardown to interpreter finalization, where a rank can
+    abort ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def bucket_sizes(d_model: int) -> dict[str, int]:
     """DeepSpeed's communication buckets sized to the model (Hugging Face's "auto" rule):
     DeepSpeed's fixed defaults (5e8-element reduce/all-gather buckets, 2 GB each in fp32) are

@@ -79,9 +79,15 @@ class Watchdog:
         self._hang = self._hang or threading.current_thread()
 
     def stop(self) -> None:
+        """End the heartbeat and wait (bounded) for a beat still in flight: a daemon thread left
+        inside a store call while the interpreter finalizes can abort the process at exit."""
         self._stop.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=2 * self.interval_s)
+        self._join(self._thread)  # first: it is what starts beats
+        self._join(self._publisher)
+
+    def _join(self, thread: Optional[threading.Thread]) -> None:
+        if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
+            thread.join(timeout=self._op_timeout)
 
     # ------------------------------------------------------------------ store access
     def _store_op(self, fn: Callable[[], Any]) -> Any:
@@ -120,7 +126,8 @@ class Watchdog:
     def _try_publish(self) -> None:
         try:
             with self._lock:
-                self._publish_record()
+                if not self._stop.is_set():
+                    self._publish_record()
         except Exception:  # the store is gone: a diagnosis will say so
             pass
 
