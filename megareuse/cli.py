@@ -3,10 +3,8 @@
 Commands: prepare (corpora -> tokenizer + indexed datasets), train (one stage of training),
 evaluate (validation loss of a checkpoint), grow, sweep, collect, fit, plan, estimate,
 import-hf / export-hf / prepare-hf (Hugging Face Llama checkpoints), demo (the whole study).
-Every user error ends with one line on stderr and exit code 2; nothing is written before the
-inputs have been checked. Training stops that are not errors of the input exit with their own
-codes (megareuse/engine/guard.py): 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 3 stopped by
-the divergence guard, 124 another rank died or hung.
+Errors and stops end with one line on stderr and an exit code (megareuse/exits.py): 2 for bad
+input, 75 checkpointed after a stop signal, 3 diverged, 124 another rank died or hung.
 """
 from __future__ import annotations
 
@@ -16,16 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from megareuse.config import ConfigError
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from megareuse.data import CorruptDatasetError, PrepareError
-    from megareuse.engine.checkpoint import CheckpointError
-    from megareuse.engine.inputs import DataError
-    from megareuse.parallel.launch import LaunchError
-    from megareuse.sweep.local import SweepError
-    return (ConfigError, DataError, CheckpointError, CorruptDatasetError, PrepareError,
-            FileNotFoundError, LaunchError, SweepError)
+from megareuse.exits import guarded
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -69,7 +58,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from megareuse.reuse.records import collect
     from megareuse.sweep.grid import format_plan, load_experiment, plan_experiment
-    from megareuse.sweep.local import run_sweep
+    from megareuse.sweep.local import run_planned
     if args.workers < 1 or args.dp < 1:
         raise ConfigError(f"config error: --workers = {args.workers}, --dp = {args.dp}: accepted integers >= 1")
     exp = load_experiment(args.config, args.overrides)
@@ -87,16 +76,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              extra_overrides=tuple(args.overrides))
         print(f"wrote SLURM scripts; submit them with: bash {submit}")
         return 0
-    kind = next((r.kind for r in runs if r.run_id == args.run), None)
-    if kind == "train":  # one training run of the plan, possibly multi-rank under a launcher
-        from megareuse.parallel.launch import discover
-        from megareuse.sweep.local import SweepError
-        world, tp = discover().world_size, exp.train.get("parallel", {}).get("tp", 1)
-        if world // tp != args.dp:
-            raise SweepError(f"sweep error: --dp = {args.dp} but this job has {world} ranks at TP={tp} "
-                             f"(DP={world // tp}); accepted --dp {world // tp}, or the plan's token "
-                             "budgets would not match the run's steps")
-    run_sweep(exp.train, runs, Path(args.out), workers=args.workers, only=args.run)
+    run_planned(exp, Path(args.out), dp=args.dp, only=args.run, workers=args.workers)
     if args.run is None:
         csv_path, _, n = collect(Path(args.out))
         print(f"{n} runs -> {csv_path}")
@@ -219,27 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except _user_errors() as exc:
-        _one_line(args.command, exc)
-        return 2
-    except _run_stops() as exc:  # preempted (75), diverged (3), a rank died or hung (124)
-        from megareuse.engine import guard
-        _one_line(args.command, exc)
-        return {guard.Preempted: guard.EXIT_REQUEUE, guard.DivergenceError: guard.EXIT_DIVERGED}.get(
-            type(exc), guard.EXIT_RANK_FAILURE)
-
-
-def _one_line(command: str, exc: BaseException) -> None:
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    print(f"megareuse {command}: {message}", file=sys.stderr, flush=True)
-
-
-def _run_stops() -> tuple[type[BaseException], ...]:
-    from megareuse.engine.guard import DivergenceError, Preempted
-    from megareuse.engine.watchdog import RankFailure
-    return (Preempted, DivergenceError, RankFailure)
+    return guarded(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -448,3 +448,16 @@ stage2:
 
     assert all(is_done(tmp_path / "root", r) for r in runs), log[-3000:]
     assert "stage 2 (stack)" in log and "DP=2" in log
+
+
+def test_task_entry_refuses_a_run_outside_the_plan_with_one_line(tmp_path):
+    """`python -m megareuse.sweep.slurm task` (what the job arrays run) reports like the CLI."""
+    proc = subprocess.run([sys.executable, "-m", "megareuse.sweep.slurm", "task", "--config", str(DEMO),
+                           "--out", str(tmp_path / "root"), "--run-id", "no-such-run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("megareuse")]
+    assert lines == [lines[0]] and lines[0].startswith("megareuse sweep: sweep error: --run 'no-such-run' "
+                                                       "is not in the plan; accepted one of "), proc.stderr
+    assert not (tmp_path / "root" / "no-such-run").exists()

@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Optional
 
-from megareuse.sweep.grid import RunSpec
+from megareuse.sweep.grid import Experiment, RunSpec, plan_experiment
 
 
 class SweepError(RuntimeError):
@@ -143,3 +143,19 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
                 done_ids.add(run.run_id)
                 progress(run.run_id)
     return ran
+
+
+def run_planned(exp: Experiment, root: Path, dp: int = 1, only: Optional[str] = None,
+                workers: int = 1) -> list[str]:
+    """Plan ``exp`` for ``dp`` data-parallel ranks and run it (or just run ``only``, which may be
+    a multi-rank training run under a launcher: its DP must be the plan's)."""
+    runs = plan_experiment(exp, dp=dp)
+    kind = next((r.kind for r in runs if r.run_id == only), None)
+    if kind == "train":
+        from megareuse.parallel.launch import discover
+        world, tp = discover().world_size, exp.train.get("parallel", {}).get("tp", 1)
+        if world // tp != dp:
+            raise SweepError(f"sweep error: --dp = {dp} but this job has {world} ranks at TP={tp} "
+                             f"(DP={world // tp}); accepted --dp {world // tp}, or the plan's token "
+                             "budgets would not match the run's steps")
+    return run_sweep(exp.train, runs, root, workers=workers, only=only)

@@ -329,9 +329,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "task":
-        from megareuse.cli import main as cli_main
-        return cli_main(["sweep", "--config", args.config, "--out", args.out, "--dp", str(args.dp),
-                         "--run", args.run_id, *args.overrides])
+        from megareuse.exits import guarded
+        from megareuse.sweep.grid import load_experiment
+        from megareuse.sweep.local import run_planned
+
+        def task() -> int:
+            run_planned(load_experiment(args.config, args.overrides), Path(args.out), dp=args.dp,
+                        only=args.run_id)
+            return 0
+        return guarded("sweep", task)
     growth = {"width": args.width, "depth": args.depth}
     if args.layer_map:
         growth["layer_map"] = [int(x) for x in args.layer_map.split(",")]
