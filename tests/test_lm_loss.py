@@ -196,10 +196,11 @@ def test_fused_equals_plain_fp32(tie):
     assert_same_run(got, ref, 1e-5, f"fused tie={tie}")
 
 
-def test_auto_is_chunked_on_cpu():
-    assert resolve_loss("auto", torch.zeros(2, 4)) == "chunked"
-    assert resolve_loss("auto", torch.zeros(2, 4, dtype=torch.float64)) == "chunked"
-    assert resolve_loss("plain", torch.zeros(2, 4)) == "plain"
+def test_auto_is_chunked_on_cpu_unless_one_chunk_holds_all():
+    assert resolve_loss("auto", torch.zeros(3, 4), chunk_tokens=2) == "chunked"
+    assert resolve_loss("auto", torch.zeros(2, 3, 4, dtype=torch.float64), chunk_tokens=4) == "chunked"
+    assert resolve_loss("auto", torch.zeros(2, 2, 4), chunk_tokens=4) == "plain"  # one chunk: no gain
+    assert resolve_loss("plain", torch.zeros(3, 4), chunk_tokens=2) == "plain"
 
 
 @pytest.mark.parametrize("impl", ["plain", "chunked"] + (["fused"] if HAS_TRITON else []))

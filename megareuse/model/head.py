@@ -10,7 +10,8 @@ gathers a partitioned parameter, and (2) it can be formed without the full [N, V
 - ``chunked``: ``chunked_linear_cross_entropy`` below, torch only, any device;
 - ``fused``: the Triton kernel ``megareuse_kernels.cross_entropy.linear_cross_entropy`` (CUDA, or
   CPU under TRITON_INTERPRET=1), which forms the gradients during the forward;
-- ``auto``: fused for CUDA tensors when Triton runs here, chunked otherwise.
+- ``auto``: fused for CUDA tensors when Triton runs here, else chunked; plain when all N
+  tokens fit in one chunk (chunking would only add its backward recomputation).
 
 Chunked design: the forward keeps only the per-token log-sum-exp; the backward recomputes each
 chunk's logits (one extra [chunk, d] x [d, V] matmul per chunk) and turns them into
@@ -125,15 +126,18 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
                                             process_group, int(vocab_start))
 
 
-def resolve_loss(impl: str, hidden: torch.Tensor) -> str:
-    """``impl`` with "auto" resolved for ``hidden``: "fused" on CUDA when Triton runs, else "chunked"."""
+def resolve_loss(impl: str, hidden: torch.Tensor, chunk_tokens: int) -> str:
+    """``impl`` with "auto" resolved for ``hidden`` [..., d]: "fused" on CUDA when Triton runs;
+    otherwise "chunked", or "plain" when all tokens fit in one chunk (chunking would then save
+    at most a chunk's logits and cost its recomputation in the backward)."""
     if impl != "auto":
         return impl
     from megareuse_kernels import select
     from megareuse_kernels.common import FLOAT_DTYPES
 
-    fused = hidden.dtype in FLOAT_DTYPES and select.use_triton("auto", "linear cross entropy", hidden)
-    return "fused" if fused else "chunked"
+    if hidden.dtype in FLOAT_DTYPES and select.use_triton("auto", "linear cross entropy", hidden):
+        return "fused"
+    return "plain" if hidden.numel() // hidden.shape[-1] <= chunk_tokens else "chunked"
 
 
 def linear_cross_entropy(impl: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -170,7 +174,7 @@ class LMHead(nn.Linear):
         """h [..., d] -> logits [..., V] (h's dtype); with targets [...]: the fp32 mean loss."""
         if targets is None:
             return super().forward(h)
-        impl = resolve_loss(self.loss, h)
+        impl = resolve_loss(self.loss, h, self.chunk_tokens)
         if impl == "plain":
             return cross_entropy(super().forward(h), targets)
         return linear_cross_entropy(impl, h, self.weight, targets, self.chunk_tokens)

@@ -39,7 +39,7 @@ class VocabParallelHead(ColumnParallelLinear):
         """h [..., d] -> local logits [..., V/tp]; with targets [...]: the fp32 mean loss."""
         if targets is None:
             return super().forward(h)
-        impl = resolve_loss(self.loss, h)
+        impl = resolve_loss(self.loss, h, self.chunk_tokens)
         if impl == "plain":
             return vocab_parallel_cross_entropy(super().forward(h), targets, self.state, "mean")
         group = self.state.tp_group if self.state.tp_size > 1 else None
