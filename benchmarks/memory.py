@@ -10,7 +10,8 @@ streamed consolidation is part of the peak) and writes every rank's peak residen
 model-state bytes the estimator gives a rank (weights + gradients + Adam + DeepSpeed buffers)
 and its activation bytes, the measured model part (peak RSS minus the process baseline: torch,
 DeepSpeed, gloo and data, measured by a one-layer, 64-wide run at the same ZeRO stage), and the
-ratio measured / estimated, as a Markdown table (docs/estimate.md holds one). On CPU "device"
+ratio measured / estimated total (the estimator's peak: model states + buffers + the larger of
+activations with logits and the step/reduce transients), as a Markdown table (docs/estimate.md holds one). On CPU "device"
 memory is 0 and is not shown.
 """
 from __future__ import annotations
@@ -83,20 +84,21 @@ def main(argv=None) -> None:
                                                    "run.micro_batch_size=1", f"data.seq_len={SEQ}",
                                                    f"model.max_seq_len={SEQ}", "run.train_tokens=100000"])
                     est = estimate(cfg, args.world)
-                    act = est.activations_ckpt if ac != "none" else est.activations_no_ckpt
+                    total = est.total_ckpt if ac != "none" else est.total
+                    fixed = est.model_states + est.buffers
                     measured = max(m["rss"]) - baselines[zero]
                     rows.append((tp, zero, ac, max(m["rss"]), min(m["rss"]), baselines[zero], measured,
-                                 (est.model_states + est.buffers) / 2**20, act / 2**20, m["wall_s"]))
+                                 fixed / 2**20, (total - fixed) / 2**20, total / 2**20, m["wall_s"]))
                     print(f"tp={tp} zero={zero} ac={ac}: peak RSS per rank {m['rss']} MiB", flush=True)
     print(f"\n{args.world} gloo ranks, {Path(args.model).name}, fp32, micro-batch 1 x {SEQ} tokens, "
           f"{args.steps} steps + one checkpoint")
     print("| TP | ZeRO | AC | peak RSS, max rank (MiB) | min rank | baseline | measured model part | "
-          "estimate: model states + buffers | estimate: activations | measured / estimate | wall |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for tp, zero, ac, hi, lo, base, measured, fixed, act, wall in rows:
-        print(f"| {tp} | {zero} | {ac} | {hi:.0f} | {lo:.0f} | {base:.0f} | {measured:.0f} | {fixed:.0f} | {act:.0f} | "
-              f"{measured / (fixed + act):.2f} | {wall:.0f} s |")
-
+          "estimate: model states + buffers | estimate: peak on top (activations + logits, or the "
+          "step/reduce transients) | estimate: total | measured / estimate | wall |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for tp, zero, ac, hi, lo, base, measured, fixed, top, total, wall in rows:
+        print(f"| {tp} | {zero} | {ac} | {hi:.0f} | {lo:.0f} | {base:.0f} | {measured:.0f} | {fixed:.0f} | {top:.0f} | "
+              f"{total:.0f} | {measured / total:.2f} | {wall:.0f} s |")
 
 if __name__ == "__main__":
     main()

@@ -73,6 +73,15 @@ def test_hand_counted_model_states():
     est = estimate(make_cfg(HAND, parallel={"tp": 2, "zero_stage": 3}, **fp32), 4)
     assert (est.params, est.grads, est.optimizer) == (4 * (468 + 680), 4 * 468, 12 * 468 + 8)
     assert est.buffers == 4 * 64 + 4 * 256 and est.step_transient == 0
+    # the embedding's backward on gloo (a CPU config): its gradient, DeepSpeed's flat reduce input,
+    # reduce_scatter_tensor's full copy and its output half; NCCL: the first two only
+    assert est.comm_transient == int((2 + 1 + 1 / 2) * 4 * 256)
+    nccl = estimate(make_cfg(HAND, parallel={"tp": 2, "zero_stage": 3, "backend": "nccl"}, **fp32), 4)
+    assert nccl.comm_transient == 2 * 4 * 256
+    # ZeRO-2 at DP=3: the step's all-gather of the larger padded group (1668) copied once by gloo
+    z2 = estimate(make_cfg(HAND, parallel={"tp": 1, "zero_stage": 2}, **fp32), 3)
+    assert z2.comm_transient == 4 * 1668
+    assert estimate(make_cfg(HAND, parallel={"tp": 1, "zero_stage": 2, "backend": "nccl"}, **fp32), 3).comm_transient == 0
 
 
 def test_zero3_reads_ds_config_and_tables(tmp_path):

@@ -26,6 +26,13 @@ state adds a 4-byte ``step`` scalar per parameter tensor (ZeRO-0) or per group (
 ``overlap_comm``; ZeRO-1's reduced-gradient partition; ZeRO-0's all-reduce flattening;
 ZeRO-3's gathered-parameter working set) and ``step_transient`` the fp32 gradient copy made
 at the optimizer step: both are counted because the CUDA caching allocator keeps them reserved.
+``comm_transient`` is the collectives' working memory at their largest, measured on CPU with 4
+gloo ranks (docs/estimate.md): the ZeRO-1/2 step all-gathers the updated partitions into each
+flat group, which gloo's ``all_gather_into_tensor`` copies once more (NCCL: in place, 0); a ZeRO-3
+backward holds the largest unit's full gradient and DeepSpeed's flattened reduce input (2 copies;
+gloo's ``reduce_scatter_tensor`` adds a full copy and its output). The NCCL figures follow
+DeepSpeed's code and are not yet measured on a GPU. The peak is the model states plus the larger
+of (activations + logits) and (step + collective transients).
 
 Activations (saved for backward, one micro-batch of b sequences of s tokens, h = d_model,
 a = heads, F = ffn_hidden, all divided by t = tp where the layer is parallel). Korthikanti et
@@ -85,6 +92,7 @@ class Estimate:
     optimizer: int  # fp32 master (when kept) + exp_avg + exp_avg_sq + step scalars
     buffers: int  # DeepSpeed buckets and gathered parameters
     step_transient: int  # fp32 gradient copy at the optimizer step
+    comm_transient: int  # collectives' working copies: ZeRO-1/2 step all-gather, ZeRO-3 unit reduction
     activations_per_layer: int
     activations_no_ckpt: int
     activations_ckpt: int
@@ -149,8 +157,9 @@ def _model_dtype(ds: dict) -> tuple[str, int]:
     return ("bf16", 2) if ds.get("bf16", {}).get("enabled") else ("fp32", 4)
 
 
-def _model_states(tensors, stage: int, dp: int, P: int, zero: dict) -> tuple[int, int, int, int, int]:
-    """(params, grads, optimizer, buffers, step_transient) bytes on one rank."""
+def _model_states(tensors, stage: int, dp: int, P: int, zero: dict,
+                  gloo: bool = False) -> tuple[int, int, int, int, int, int]:
+    """(params, grads, optimizer, buffers, step_transient, comm_transient) bytes on one rank."""
     n = sum(t[1] for t in tensors)
     groups = [g for g in (sum(t[1] for t in tensors if t[2]), sum(t[1] for t in tensors if not t[2])) if g]
     bucket = int(_zget(zero, "reduce_bucket_size")) * P
@@ -161,14 +170,17 @@ def _model_states(tensors, stage: int, dp: int, P: int, zero: dict) -> tuple[int
         master = 4 * n if P < 4 else 0
         optimizer = master + 8 * n + 4 * len(tensors)
         buffers = P * min(n, ALLREDUCE_BUCKET) if dp > 1 else 0
-        return P * n, P * n, optimizer, buffers, (4 * n if P < 4 else 0)
+        return P * n, P * n, optimizer, buffers, (4 * n if P < 4 else 0), 0
     if stage in (1, 2):  # one flat buffer per group, padded to 2 DP elements, partitioned over DP
         padded = [_align(g, 2 * dp) for g in groups]
         part = sum(padded) // dp
         optimizer = 12 * part + 4 * len(groups)
         buffers = (bucket * (2 if overlap else 1) + (P * part if stage == 1 else 0)) if contiguous else 0
         grads = P * n if stage == 1 else P * part
-        return P * sum(padded), grads, optimizer, buffers, 4 * part
+        # the step all-gathers each updated group into its flat buffer; gloo's all_gather_into_tensor
+        # materialises the gathered output once more (measured: +1.0x the buffer), NCCL writes in place
+        comm = P * max(padded) if gloo and dp > 1 else 0
+        return P * sum(padded), grads, optimizer, buffers, 4 * part, comm
     # ZeRO-3: each tensor partitioned on its own (rounded up); small ones also kept whole
     threshold = int(_zget(zero, "stage3_param_persistence_threshold"))
     part = sum(-(-t[1] // dp) for t in tensors)
@@ -179,7 +191,12 @@ def _model_states(tensors, stage: int, dp: int, P: int, zero: dict) -> tuple[int
     largest = max([layer] + [t[1] for t in sharded])
     gathered = min(sum(t[1] for t in sharded), largest + prefetch) if dp > 1 else 0
     buffers = (bucket if contiguous else 0) + P * gathered
-    return P * (part + persistent), P * part, 12 * part + 4 * len(groups), buffers, (4 * part if P < 4 else 0)
+    # the largest unit's backward: its full gradient and DeepSpeed's flattened reduce input, and on
+    # gloo reduce_scatter_tensor's own full copy plus its output (measured: +1.25x at DP 4)
+    copies = (2 + (1 + 1 / dp if gloo else 0)) if dp > 1 else 0
+    comm = int(copies * P * largest)
+    return (P * (part + persistent), P * part, 12 * part + 4 * len(groups), buffers,
+            (4 * part if P < 4 else 0), comm)
 
 
 def activation_bytes(model: ModelConfig, tp: int, b: int, s: int, P: int) -> tuple[int, int, int]:
@@ -219,8 +236,11 @@ def estimate(cfg: Config, world_size: int, zero_stage: Optional[int] = None) -> 
     ds = deepspeed_config(cfg, dp)
     dtype, P = _model_dtype(ds)
     tensors = rank_tensors(m, tp)
-    params, grads, optimizer, buffers, step_tr = _model_states(tensors, stage, dp, P,
-                                                                ds.get("zero_optimization", {}))
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else (
+        "gloo" if cfg.run.device == "cpu" else "nccl")  # the trainer's rule, for the config's device
+    gloo = backend == "gloo"
+    params, grads, optimizer, buffers, step_tr, comm_tr = _model_states(
+        tensors, stage, dp, P, ds.get("zero_optimization", {}), gloo)
     b, s = run.micro_batch_size, cfg.data.seq_len
     per_layer, outside, logits = activation_bytes(m, tp, b, s, P)
     act = m.n_layers * per_layer + outside
@@ -232,10 +252,10 @@ def estimate(cfg: Config, world_size: int, zero_stage: Optional[int] = None) -> 
         world_size=world_size, tp=tp, dp=dp, zero_stage=stage, dtype=dtype, micro_batch_size=b,
         seq_len=s, grad_accum=run.grad_accum, n_params=param_count(m),
         params_per_rank=sum(t[1] for t in tensors), params=params, grads=grads, optimizer=optimizer,
-        buffers=buffers, step_transient=step_tr, activations_per_layer=per_layer,
+        buffers=buffers, step_transient=step_tr, comm_transient=comm_tr, activations_per_layer=per_layer,
         activations_no_ckpt=act, activations_ckpt=act_ckpt, logits=logits,
-        total=fixed + max(act + LOGIT_COPIES * logits, step_tr),
-        total_ckpt=fixed + max(act_ckpt + LOGIT_COPIES * logits, step_tr),
+        total=fixed + max(act + LOGIT_COPIES * logits, step_tr + comm_tr),
+        total_ckpt=fixed + max(act_ckpt + LOGIT_COPIES * logits, step_tr + comm_tr),
         tokens_per_step=tokens, flops_per_step=fpt * tokens, flops_per_gpu=fpt * tokens // world_size,
         flops_per_gpu_ckpt=fpt * 4 // 3 * tokens // world_size)
 
@@ -247,7 +267,7 @@ def max_micro_batch(est: Estimate, gpu_memory_gib: float, ckpt: bool = False) ->
     fixed = est.params + est.grads + est.optimizer + est.buffers
     per_sample = ((est.activations_ckpt if ckpt else est.activations_no_ckpt)
                   + LOGIT_COPIES * est.logits) / est.micro_batch_size
-    if usable < fixed + est.step_transient:
+    if usable < fixed + est.step_transient + est.comm_transient:
         return 0
     return int((usable - fixed) // per_sample)
 
@@ -262,6 +282,7 @@ def _rows(est: Estimate) -> list[tuple[str, int]]:
             (f"optimizer (fp32 {master}Adam m, v)", est.optimizer),
             ("DeepSpeed buffers (buckets, gathered params)", est.buffers),
             ("step-time fp32 gradient copy", est.step_transient),
+            ("collectives' working copies (step / unit reduce)", est.comm_transient),
             ("activations, no checkpointing", est.activations_no_ckpt),
             ("activations, full checkpointing", est.activations_ckpt),
             (f"logits (one fp32 copy; x{LOGIT_COPIES} at the loss backward)", est.logits),

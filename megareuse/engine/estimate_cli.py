@@ -33,8 +33,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         return _fail(f"config error: --world-size = {args.world_size}: accepted a positive integer")
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
         return _fail(f"config error: --gpu-memory-gib = {args.gpu_memory_gib}: accepted a positive number")
+    overrides = list(args.overrides)
+    if args.gpu_memory_gib is not None and not any(o.startswith("run.device=") for o in overrides):
+        overrides.append("run.device=cuda")  # sized against a GPU: NCCL's collectives, not gloo's
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
         est = estimate(cfg, args.world_size)
         if args.json:
             print(json.dumps(est.to_dict(), indent=2))

@@ -20,6 +20,11 @@ def _layer_params(cfg: ModelConfig) -> int:
     return attn + ffn + norms
 
 
+def layer_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block (attention, MLP and their two norms)."""
+    return _layer_params(cfg)
+
+
 def non_embedding_param_count(cfg: ModelConfig) -> int:
     """All parameters except the token embedding and the output head (Kaplan's N)."""
     return cfg.n_layers * _layer_params(cfg) + cfg.d_model  # + final norm
