@@ -19,10 +19,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from megareuse.data import CorruptDatasetError, PrepareError
     from megareuse.engine.checkpoint import CheckpointError
     from megareuse.engine.inputs import DataError
+    from megareuse.engine.metrics import MetricsError
     from megareuse.parallel.launch import LaunchError
     from megareuse.sweep.local import SweepError
     return (ConfigError, DataError, CheckpointError, CorruptDatasetError, PrepareError,
-            FileNotFoundError, LaunchError, SweepError)
+            FileNotFoundError, LaunchError, SweepError, MetricsError)
 
 
 def run_stops() -> dict[type[BaseException], int]:

@@ -165,7 +165,7 @@ def apply_retention(root: Path, keep_last: int, pinned: frozenset[int] = frozens
     for inspection), so a corrupt copy never costs the last good one; pinned steps are never
     touched. Returns what was deleted."""
     kept, deleted = 0, []
-    for path in reversed(_step_dirs(root)):
+    for path in reversed(step_dirs(root)):
         if int(_STEP_DIR.match(path.name).group(1)) in pinned:
             continue
         if kept < keep_last:
@@ -237,7 +237,7 @@ def complete_checkpoints(root: Path, verify: bool = True) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first; incomplete ones are skipped
     (with a warning naming them when ``verify`` is set, which also checks checksums)."""
     found = []
-    for entry in _step_dirs(root):
+    for entry in step_dirs(root):
         problem = verify_checkpoint(entry, checksums=verify)
         if problem is None:
             found.append(entry)
@@ -246,7 +246,7 @@ def complete_checkpoints(root: Path, verify: bool = True) -> list[Path]:
     return found
 
 
-def _step_dirs(root: Path) -> list[Path]:
+def step_dirs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
@@ -256,7 +256,7 @@ def _step_dirs(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Optional[Path]:
     """The newest checkpoint that verifies (checksums included); newer broken ones are skipped
     with a warning naming them. Only checkpoints newer than the result are checksummed."""
-    for candidate in reversed(_step_dirs(root)):
+    for candidate in reversed(step_dirs(root)):
         problem = verify_checkpoint(candidate)
         if problem is None:
             return candidate

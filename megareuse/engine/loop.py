@@ -77,6 +77,18 @@ class TrainingLoop:
     def __init__(self, stage: Stage):
         self.stage = stage
 
+    def _already_finished(self) -> Optional[dict[str, Any]]:
+        """The run's summary when it finished at the step it was resumed from, else None."""
+        path = self.stage.out_dir / "summary.json"
+        if self.stage.state.step < self.stage.total_steps or not path.is_file():
+            return None
+        try:
+            summary = json.loads(path.read_text())
+        except ValueError:
+            return None  # a torn summary: written again at the end
+        finished = isinstance(summary, dict) and summary.get("finished") and summary.get("steps") == self.stage.state.step
+        return summary if finished else None
+
     def _open_log(self) -> Optional[MetricsLog]:
         if not self.stage.is_main:
             return None
@@ -101,6 +113,12 @@ class TrainingLoop:
         the divergence guard gives up, RankFailure when another rank died or hung."""
         cfg, run, ps = self.stage.cfg, self.stage.cfg.run, self.stage.pstate
         stop = self.stage.total_steps if until_step is None else min(until_step, self.stage.total_steps)
+        done = self._already_finished()
+        if done is not None:  # resumed a finished run: report it, touch nothing
+            self.stage.emit(f"run already finished: {self.stage.out_dir} reached step {done['steps']} "
+                            f"({done['tokens']:,} tokens); summary.json, record.json and metrics.jsonl "
+                            "are left as they are")
+            return done
         self.stage._barrier()  # every rank has loaded its checkpoint before rank 0 tidies the directory
         log = self._open_log()
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -115,6 +133,12 @@ class TrainingLoop:
         t_start = time.perf_counter()
         try:
             last_eval = self._loop(stop, log, progress, signals, watchdog)
+            if not last_eval and self.stage.state.step >= self.stage.total_steps:
+                # resumed from the final checkpoint of a run killed before its summary was written
+                last_eval = self.stage.evaluate()
+                if log:
+                    log.write({"kind": "eval", "step": self.stage.state.step, "tokens": self.stage.state.tokens,
+                               **{f"valid_loss/{d}": v for d, v in last_eval.items()}})
         except RuntimeError as exc:
             if watchdog is None or isinstance(exc, (DivergenceError, RankFailure, ckpt.CheckpointError)):
                 raise

@@ -47,11 +47,12 @@ class MetricsLog:
                 self._tb = None
 
     def truncate_after(self, step: int) -> None:
-        """Drop train/eval records after ``step``; events (skips, rollbacks, preemptions) stay."""
+        """Drop train/eval records after ``step``; events (skips, rollbacks, preemptions) stay.
+        A torn last line (the process was killed while appending it) is dropped too."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and
-                (json.loads(line).get("step", 0) <= step or json.loads(line).get("kind") not in ("train", "eval"))]
+        kept = [json.dumps(r) for r in read_metrics(self.path.parent)
+                if r.get("step", 0) <= step or r.get("kind") not in ("train", "eval")]
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -68,11 +69,31 @@ class MetricsLog:
             self._tb.close()
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl is damaged before its last line (one line naming the file and line)."""
+
+
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``<out_dir>/metrics.jsonl``. Only the last line can be torn (appends are
+    whole lines; a kill mid-write leaves a partial one): it is skipped. A bad line elsewhere is
+    damage, not a torn write: MetricsError."""
     path = Path(out_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if i == len(lines) - 1:
+                break  # the torn tail of a killed append
+            raise MetricsError(f"run error: {path} line {n} is not a JSON record ({str(exc).splitlines()[0]}); "
+                               "accepted one JSON object per line (only a torn last line is repaired)") from None
+        records.append(record)
+    return records
 
 
 def peak_memory_mib(device: Any = None) -> dict[str, float]:

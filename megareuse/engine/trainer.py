@@ -156,6 +156,13 @@ class Trainer:
                     f"{latest.name}; pass --resume to continue it or choose another run.out_dir")
             return None
         if resume == "auto":
+            broken = ckpt.step_dirs(self.ckpt_root) if latest is None else []
+            if broken:  # never restart over checkpoints that exist: they are left for inspection
+                raise ckpt.CheckpointError(
+                    f"run error: --resume auto: none of the {len(broken)} checkpoints in {self.ckpt_root} "
+                    f"verifies (newest {broken[-1].name}: {ckpt.verify_checkpoint(broken[-1])}); they are "
+                    "left as they are: accepted --resume with a good checkpoint directory, or another "
+                    "run.out_dir to start afresh")
             return latest
         path = Path(resume)
         problem = ckpt.verify_checkpoint(path) if path.is_dir() else "no such directory"

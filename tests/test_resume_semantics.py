@@ -1,0 +1,79 @@
+"""Resuming never discards progress or results silently (issue #15 items 2-4).
+
+- every checkpoint broken: ``--resume auto`` refuses (one line) and leaves them and the log;
+- a finished run: ``--resume auto`` says so and leaves summary, record and metrics as they were;
+- a run killed between its final checkpoint and its summary: the resume writes the real summary;
+- a torn last line in metrics.jsonl (killed mid-append) is repaired; damage elsewhere is named.
+"""
+import json
+
+import pytest
+
+from megareuse.engine import checkpoint as ckpt
+from megareuse.engine.metrics import MetricsError, MetricsLog, read_metrics
+from megareuse.engine.trainer import Trainer
+from test_train import quiet, tiny
+
+
+def _finished_run(prepared, out, *extra):
+    cfg = tiny(prepared, out, "run.train_tokens=1024", "run.save_interval=2", "run.keep_last=5", *extra)  # 4 steps
+    summary = Trainer(cfg, emit=quiet).run()
+    assert summary["finished"] and summary["valid_loss"]
+    return cfg, summary
+
+
+def _snapshot(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_resume_auto_refuses_when_every_checkpoint_is_broken(prepared, tmp_path):
+    out = tmp_path / "run"
+    cfg, _ = _finished_run(prepared, out)
+    for step_dir in ckpt.step_dirs(out / "checkpoints"):
+        (step_dir / "trainer.pt").write_bytes(b"garbage")  # every checkpoint fails its checksum
+    before = _snapshot(out)
+    with pytest.raises(ckpt.CheckpointError, match=r"--resume auto: none of the 2 checkpoints .* verifies "
+                                                   r"\(newest step_00000004: .*\); they are left as they are"):
+        Trainer(cfg, resume="auto", emit=quiet)
+    assert _snapshot(out) == before  # nothing rewritten: not the log, not the broken checkpoints
+
+
+def test_resume_auto_on_a_finished_run_leaves_its_results(prepared, tmp_path):
+    out = tmp_path / "run"
+    cfg, summary = _finished_run(prepared, out)
+    before = _snapshot(out)
+    lines = []
+    again = Trainer(cfg, resume="auto", emit=lines.append).run()
+    assert again == json.loads((out / "summary.json").read_text()) and again["valid_loss"] == summary["valid_loss"]
+    assert any(line.startswith("run already finished") for line in lines), lines
+    assert _snapshot(out) == before
+
+
+def test_resume_after_a_kill_before_the_summary_writes_it(prepared, tmp_path):
+    out = tmp_path / "run"
+    cfg, summary = _finished_run(prepared, out)
+    (out / "summary.json").unlink()  # killed after the final checkpoint's commit, before the summary
+    (out / "record.json").unlink()
+    again = Trainer(cfg, resume="auto", emit=quiet).run()
+    assert again["finished"] and again["valid_loss"] == pytest.approx(summary["valid_loss"], rel=1e-6)
+    assert json.loads((out / "summary.json").read_text())["valid_loss"] == again["valid_loss"]
+    assert (out / "record.json").is_file()
+
+
+def test_torn_metrics_tail_is_repaired_and_damage_is_named(prepared, tmp_path):
+    out = tmp_path / "run"
+    cfg, _ = _finished_run(prepared, out, "run.train_tokens=512")  # 2 steps, checkpoint at 2
+    log_path = out / "metrics.jsonl"
+    records = read_metrics(out)
+    (out / "summary.json").unlink()
+    with open(log_path, "a") as fh:
+        fh.write('{"kind": "train", "step": 3, "lo')  # a kill in the middle of an append
+    assert read_metrics(out) == records
+    MetricsLog(out, tensorboard=False).truncate_after(2)
+    assert read_metrics(out) == [r for r in records if r.get("step", 0) <= 2]
+    assert log_path.read_text().endswith("}\n")  # whole lines again: the next append is a record
+    # a bad line that is not the last is damage: named, not guessed at
+    lines = log_path.read_text().splitlines()
+    log_path.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
+    with pytest.raises(MetricsError, match=r"metrics.jsonl line 2 is not a JSON record"):
+        read_metrics(out)
