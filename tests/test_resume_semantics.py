@@ -77,3 +77,33 @@ def test_torn_metrics_tail_is_repaired_and_damage_is_named(prepared, tmp_path):
     log_path.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
     with pytest.raises(MetricsError, match=r"metrics.jsonl line 2 is not a JSON record"):
         read_metrics(out)
+
+
+def test_one_training_per_run_directory(prepared, tmp_path):
+    """#15 item 1: a second training on a run directory in use stops with one line naming the
+    holder and writes nothing; the lock goes when the run ends; a stale lock is taken over, said."""
+    import os
+
+    from megareuse.engine.runlock import NAME, RunLockError
+
+    out = tmp_path / "run"
+    cfg = tiny(prepared, out, "run.train_tokens=512")
+    first = Trainer(cfg, emit=quiet)
+    assert (out / NAME).is_file()
+    before = _snapshot(out)
+    with pytest.raises(RunLockError, match=rf"is in use by pid {os.getpid()} on host .* accepted another run.out_dir"):
+        Trainer(tiny(prepared, out, "run.train_tokens=512", "optim.lr=1e-4"), emit=quiet)
+    assert _snapshot(out) == before
+    first.run()
+    assert not (out / NAME).exists()  # released at the end of the run
+    # a lock file left by a process that died (nobody holds its flock): reported, then taken over
+    (out / NAME).write_text(json.dumps({"host": "gone", "pid": 999999, "since": "earlier"}))
+    lines = []
+    Trainer(tiny(prepared, out, "run.train_tokens=1024"), resume="auto", emit=lines.append).run()
+    assert any("was left by pid 999999 on host gone" in line and "taking it over" in line for line in lines), lines
+    assert not (out / NAME).exists()
+    # a run refused before writing anything leaves no directory behind
+    fresh = tmp_path / "never"
+    with pytest.raises(ckpt.CheckpointError):
+        Trainer(tiny(prepared, fresh), resume=str(tmp_path / "no-such-checkpoint"), emit=quiet)
+    assert not fresh.exists()

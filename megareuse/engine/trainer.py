@@ -29,6 +29,7 @@ from megareuse.engine import weights
 from megareuse.engine.build import CheckpointWeights, build_model
 from megareuse.engine.consolidate import load_full, optimizer_step, stream_full, write_full
 from megareuse.engine.ds import deepspeed_config, init_distributed
+from megareuse.engine.runlock import RunLock
 from megareuse.engine.evaluate import evaluate
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
 from megareuse.engine.inputs import open_training_data
@@ -144,7 +145,24 @@ class Trainer:
             tune_host_allocator()
         self.state = TrainState()
         self.guard = DivergenceGuard(cfg.guard)  # its state comes back with a resumed checkpoint
-        self.engine = self._build()
+        self._lock: Optional[RunLock] = None
+        self._take_lock()  # one training per run.out_dir, for as long as this one runs
+        try:
+            self.engine = self._build()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _take_lock(self) -> None:
+        def take() -> None:
+            if self._lock is None:
+                self._lock = RunLock(self.out_dir, self.emit)
+        self._on_rank0(take)
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ setup
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
@@ -388,8 +406,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self, until_step: Optional[int] = None) -> dict[str, Any]:
-        """Train to the end (or stop after ``until_step``); see ``TrainingLoop.run``."""
-        return TrainingLoop(self).run(until_step)
+        """Train to the end (or stop after ``until_step``); see ``TrainingLoop.run``. The run
+        directory's lock is held meanwhile and released on every way out."""
+        self._take_lock()
+        try:
+            return TrainingLoop(self).run(until_step)
+        finally:
+            self._release_lock()
 
     def batch_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of a batch [B, T+1]; the model's head computes it (model.loss:
