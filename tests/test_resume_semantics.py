@@ -107,3 +107,19 @@ def test_one_training_per_run_directory(prepared, tmp_path):
     with pytest.raises(ckpt.CheckpointError):
         Trainer(tiny(prepared, fresh), resume=str(tmp_path / "no-such-checkpoint"), emit=quiet)
     assert not fresh.exists()
+
+
+def test_resume_of_another_kind_of_run_is_refused(prepared, tmp_path):
+    """#15 item 8: --resume of a base checkpoint with run.init_from set would continue the base run
+    and record it as a stage-2 point with false D1/D2: refused; a stage-2 run's own resume works."""
+    base_cfg, _ = _finished_run(prepared, tmp_path / "base")
+    base_ckpt = ckpt.latest_checkpoint(tmp_path / "base" / "checkpoints")
+    cpt = tiny(prepared, tmp_path / "cpt", "run.train_tokens=1024", "run.save_interval=2", f"run.init_from={base_ckpt}")
+    with pytest.raises(ckpt.CheckpointError, match=r"continues a base run, but this config is a \w+ run from a base "
+                                                   r"of D1 = 1,024 tokens"):
+        Trainer(cpt, resume=str(base_ckpt), emit=quiet)
+    assert not (tmp_path / "cpt").exists()
+    Trainer(cpt, emit=quiet).run(until_step=2)
+    resumed = Trainer(cpt, resume="auto", emit=quiet)
+    assert resumed.state.step == 2 and resumed.D1 == 1024
+    assert resumed.run()["finished"]

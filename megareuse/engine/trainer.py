@@ -153,6 +153,20 @@ class Trainer:
             self._release_lock()
             raise
 
+    def _check_same_run(self, meta: dict[str, Any]) -> None:
+        """A resumed checkpoint must be of this kind of run: resuming a base run's checkpoint
+        with ``run.init_from`` set (or a stage-2 checkpoint of another base) would train one run
+        and record it as another, with false D1/D2."""
+        theirs = (meta.get("stage", "base"), meta.get("D1") if meta.get("stage", "base") != "base" else None)
+        mine = (self.stage, self.D1 if self.stage != "base" else None)
+        if theirs != mine:
+            def describe(stage: str, d1: Optional[int]) -> str:
+                return "a base run" if stage == "base" else f"a {stage} run from a base of D1 = {d1:,} tokens"
+            raise ckpt.CheckpointError(
+                f"run error: --resume {self.resume_from}: that checkpoint continues {describe(*theirs)}, "
+                f"but this config is {describe(*mine)} (run.init_from = {self.cfg.run.init_from!r}); accepted "
+                "--resume with this run's own checkpoints, or the run.init_from it was started with")
+
     def _take_lock(self) -> None:
         def take() -> None:
             if self._lock is None:
@@ -220,6 +234,7 @@ class Trainer:
             if diff:
                 raise ckpt.CheckpointError(f"run error: checkpoint {self.resume_from} was saved for "
                                            f"another model shape: {'; '.join(diff)}")
+            self._check_same_run(meta)
             saved = (objs["trainer"], meta)
         source_dir = self.resume_from if self.resume_from is not None else (self.init.path if self.init else None)
         torch.manual_seed(cfg.run.seed)
