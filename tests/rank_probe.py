@@ -3,7 +3,8 @@
     python tests/rank_probe.py <train args>
 
 Every rank appends one JSON line per probe to ``$PROBE_DIR/rank<N>.jsonl``:
-- "build": resident memory around ``build_model`` (current RSS before, peak RSS after, MiB) and
+- "build": resident memory around ``build_model`` (current RSS before, the peak RSS of the build
+  itself after, MiB: the kernel's peak count is reset at the start) and
   the parameter bytes the rank holds after it;
 - "save": the same around each checkpoint save;
 - "weights" (rank 0, with PROBE_WEIGHTS=1): whether the weights just built, gathered here with
@@ -31,6 +32,13 @@ def rss_now_mib() -> float:
 
 def rss_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> None:
+    """Restart the kernel's peak-RSS count (VmHWM, ru_maxrss) from the current RSS, so the peak
+    read after a phase is that phase's own, not an earlier one's (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 def emit(kind: str, **fields) -> None:
@@ -80,6 +88,7 @@ def install() -> None:
 
     def probed_build(cfg, pstate, *args, **kwargs):
         warm_up()
+        reset_peak()
         before = rss_now_mib()
         model = build(cfg, pstate, *args, **kwargs)
         emit("build", rss_before=before, peak_after=rss_peak_mib(), param_bytes=local_param_bytes(model))
@@ -91,6 +100,7 @@ def install() -> None:
     save = trainer.Trainer.save
 
     def probed_save(self):
+        reset_peak()  # the training steps and evaluation before it peak higher than a streamed save
         before = rss_now_mib()
         path = save(self)
         emit("save", rss_before=before, peak_after=rss_peak_mib(), step=self.state.step)
