@@ -144,7 +144,7 @@ class TrainingLoop:
                 raise
             watchdog.reporting()
             report = watchdog.diagnose()  # while this rank's own heartbeat goes on
-            watchdog.stop()
+            watchdog.stop(reported=True)
             if report is None:
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

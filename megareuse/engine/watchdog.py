@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megareuse.engine.guard import EXIT_RANK_FAILURE
 
 PREFIX = "megareuse/heartbeat/"
+REPORTED = "reported a rank failure"  # a rank's last phase when it diagnosed a failure and exits
 
 
 class RankFailure(RuntimeError):
@@ -78,12 +79,20 @@ class Watchdog:
         """The main thread reports a failure itself: no hang report from the thread."""
         self._hang = self._hang or threading.current_thread()
 
-    def stop(self) -> None:
+    def stop(self, reported: bool = False) -> None:
         """End the heartbeat and wait (bounded) for a beat still in flight: a daemon thread left
-        inside a store call while the interpreter finalizes can abort the process at exit."""
+        inside a store call while the interpreter finalizes can abort the process at exit.
+        ``reported``: this rank diagnosed a failure and is exiting; its last record says so, so
+        peers still diagnosing do not take its silence for a second failure."""
         self._stop.set()
         self._join(self._thread)  # first: it is what starts beats
         self._join(self._publisher)
+        if reported and self.phase != REPORTED:
+            self.phase = REPORTED
+            try:
+                self._store_op(self._publish_record)
+            except Exception:  # the store is gone: peers diagnose that themselves
+                pass
 
     def _join(self, thread: Optional[threading.Thread]) -> None:
         if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
@@ -171,14 +180,15 @@ class Watchdog:
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return (f"the job's rendezvous store at {self.address} is unreachable ({first_line}): "
                     "the process or node holding it (rank 0's) died or is cut off")
-        silent = [r for r in range(self.world_size) if r != self.rank and
+        exiting = {r for r, info in second.items() if info is not None and info.get("phase") == REPORTED}
+        silent = [r for r in range(self.world_size) if r != self.rank and r not in exiting and
                   (second[r] is None or first[r] is None or second[r]["beat"] == first[r]["beat"])]
         if silent:
             return "; ".join(self._describe(r, second[r] or first[r], f"sent no heartbeat for {watch_s:.0f} s "
                                                                       "(process dead or stopped)")
                              for r in silent)
         ahead = max(info["step"] for info in second.values())
-        behind = [r for r, info in second.items() if info["step"] < ahead]
+        behind = [r for r, info in second.items() if info["step"] < ahead and r not in exiting]
         if behind:
             return "; ".join(self._describe(r, second[r], f"is stuck (alive, idle {second[r]['idle_s']:.0f} s) "
                                                           f"while other ranks reached step {ahead}")
