@@ -135,10 +135,7 @@ class TrainingLoop:
             last_eval = self._loop(stop, log, progress, signals, watchdog)
             if not last_eval and self.stage.state.step >= self.stage.total_steps:
                 # resumed from the final checkpoint of a run killed before its summary was written
-                last_eval = self.stage.evaluate()
-                if log:
-                    log.write({"kind": "eval", "step": self.stage.state.step, "tokens": self.stage.state.tokens,
-                               **{f"valid_loss/{d}": v for d, v in last_eval.items()}})
+                last_eval = self._evaluate(self.stage.state.step, log)
         except RuntimeError as exc:
             if watchdog is None or isinstance(exc, (DivergenceError, RankFailure, ckpt.CheckpointError)):
                 raise
@@ -194,11 +191,7 @@ class TrainingLoop:
                 continue
             if step % run.eval_interval == 0 or last:
                 beat(step, "eval")
-                last_eval = self.stage.evaluate()
-                if log:
-                    log.write({"kind": "eval", "step": step, "tokens": self.stage.state.tokens,
-                               **{f"valid_loss/{d}": v for d, v in last_eval.items()}})
-                self.stage.emit(f"eval step {step}: " + ", ".join(f"{d} {v:.4f}" for d, v in last_eval.items()))
+                last_eval = self._evaluate(step, log)
             saved = None
             if step % run.save_interval == 0 or last or step == stop or step in self.stage.save_steps:
                 beat(step, "save")
@@ -209,6 +202,15 @@ class TrainingLoop:
                 beat(step, "save")
                 self._preempt(received, saved or self.stage.save(), log)
         return last_eval
+
+    def _evaluate(self, step: int, log: Optional[MetricsLog]) -> dict[str, float]:
+        """Validation loss per domain, logged as an eval record and shown."""
+        losses = self.stage.evaluate()
+        if log:
+            log.write({"kind": "eval", "step": step, "tokens": self.stage.state.tokens,
+                       **{f"valid_loss/{d}": v for d, v in losses.items()}})
+        self.stage.emit(f"eval step {step}: " + ", ".join(f"{d} {v:.4f}" for d, v in losses.items()))
+        return losses
 
     def _on_bad_step(self, step: int, loss: float, grad_norm: float, log: Optional[MetricsLog]) -> bool:
         """A skipped step: count it; roll back (returns True) or stop when the guard says so."""

@@ -16,7 +16,7 @@ import socket
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from megareuse.engine.checkpoint import CheckpointError
 
@@ -41,7 +41,6 @@ class RunLock:
         os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
         os.fsync(fd)
-        self._fd: Optional[int] = fd
         self._finalizer = weakref.finalize(self, _release, self.path, fd, created)
 
     def _acquire(self) -> int:
@@ -64,10 +63,8 @@ class RunLock:
         raise RunLockError(f"run error: could not take the lock {self.path}: it kept being replaced")
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (idempotent)."""
-        if self._fd is not None:
-            self._finalizer()
-            self._fd = None
+        """Remove the lock file and drop the lock (idempotent: a finalizer runs once)."""
+        self._finalizer()
 
 
 def _release(path: Path, fd: int, created: bool) -> None:
