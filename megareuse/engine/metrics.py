@@ -32,41 +32,58 @@ class MetricsLog:
 
     ``truncate_after(step)`` drops train/eval records of steps after a resumed checkpoint, so the
     loss curve of a resumed run reads as if it had never been interrupted; event records
-    (rollback, preempted) are history and stay.
+    (rollback, preempted) are history and stay. TensorBoard shows the same: its writer is
+    reopened with ``purge_step=step + 1`` (readers discard every earlier event of a later step)
+    and the kept event records of later steps are written to it again.
     """
 
     def __init__(self, out_dir: Path, tensorboard: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tb = None
+        self._tb_dir = str(Path(out_dir) / "tensorboard")
+        self._writer_cls = None
+        self._tb = None  # opened at the first scalar, after any truncate_after
+        self._purge_step: Optional[int] = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                self._writer_cls = SummaryWriter
             except Exception:  # tensorboard not installed: JSONL only
-                self._tb = None
+                pass
 
     def truncate_after(self, step: int) -> None:
         """Drop train/eval records after ``step``; events (skips, rollbacks, preemptions) stay.
         A torn last line (the process was killed while appending it) is dropped too."""
-        if not self.path.exists():
-            return
-        kept = [json.dumps(r) for r in read_metrics(self.path.parent)
+        kept = [r for r in read_metrics(self.path.parent)
                 if r.get("step", 0) <= step or r.get("kind") not in ("train", "eval")]
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        if self.path.exists():
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self._writer_cls is not None:
+            self.close()
+            self._purge_step = step + 1
+            for record in kept:
+                if record.get("step", 0) > step:
+                    self._mirror(record)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            step = record.get("step", 0)
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+        self._mirror(record)
+
+    def _mirror(self, record: dict[str, Any]) -> None:
+        if self._writer_cls is None:
+            return
+        if self._tb is None:
+            self._tb = self._writer_cls(self._tb_dir, purge_step=self._purge_step)
+        step = record.get("step", 0)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        self._tb, self._purge_step = None, None  # a later scalar appends to a new event file
 
 
 class MetricsError(ValueError):
