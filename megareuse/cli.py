@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -109,8 +110,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options (``--resum`` is not ``--resume``) and one-line errors. Subparsers are
+    of the same class (argparse's default ``parser_class``)."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments"):
+            options = [a.option_strings[0] for a in self._actions
+                       if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS]
+            message += "; accepted options: " + ", ".join(options)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")
+
+
+def looks_like_override(arg: str) -> bool:
+    """Whether ``arg`` is a dotted ``section.field=value`` override."""
+    return _OVERRIDE.match(arg) is not None
+
+
+def _bare_resume(argv: list[str]) -> list[str]:
+    """``--resume KEY=VALUE`` is a bare ``--resume`` (auto) followed by an override."""
+    return [f"{a}=auto" if a == "--resume" and i + 1 < len(argv) and looks_like_override(argv[i + 1])
+            else a for i, a in enumerate(argv)]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse a command line; a command's options may come before, between or after its dotted
+    overrides (argparse's intermixed parsing, which does not take subparsers: so the top parser
+    only picks the command)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # -h, or no or an unknown command: the top parser says so
+    args = commands[argv[0]].parse_intermixed_args(_bare_resume(argv[1:]))
+    args.command = argv[0]
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megareuse", description="Reuse-or-scratch studies for LLM pretraining, and the trainer that runs them.")
+    parser = _Parser(prog="megareuse", description="Reuse-or-scratch studies for LLM pretraining, and the trainer that runs them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="build the local corpora, train the tokenizer, write .bin/.idx")
@@ -126,12 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML file (see configs/)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the latest complete checkpoint in run.out_dir "
-                        "('auto', the default) or from the checkpoint directory given")
+                        "('auto', the default) or from the checkpoint directory given; "
+                        "--resume followed by a KEY=VALUE override is a bare --resume "
+                        "(write --resume=DIR for a directory named like one)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="stage 2: start from this base (or grown) checkpoint (= run.init_from)")
     p.add_argument("--keep-optimizer", action="store_true",
                    help="stage 2: carry the base's optimizer state (= run.keep_optimizer)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4 (options "
+                                                "may come before, between or after them)")
     # the deepspeed launcher (and torch's older launch) append --local_rank=N; LOCAL_RANK is read
     # from the environment, so the flag is accepted and ignored
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -198,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return guarded(args.command, lambda: args.func(args))
 
 

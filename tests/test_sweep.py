@@ -125,3 +125,36 @@ def test_run_refuses_a_dp_the_job_does_not_have(tmp_path, prepared, capsys):
     assert code == 2
     assert "--dp = 2 but this job has 1 ranks at TP=1" in capsys.readouterr().err
     assert not (tmp_path / "root" / "base").exists()
+
+
+def test_eta_weighs_runs_by_their_flops():
+    # a trunk of 8e12 FLOPs done in 800 s, four 1e12-FLOP branches left: 800 x 4e12 / 8e12 = 400 s
+    # (the run count said 800 / 1 x 4 = 3200 s)
+    assert local.eta_seconds(800.0, 8e12, 4e12) == 400.0
+    assert local.eta_seconds(5.0, 0.0, 4e12) is None  # only a grow (no FLOPs) is done: no rate yet
+    assert local.eta_seconds(900.0, 12e12, 0.0) == 0.0
+
+
+def test_sweep_progress_eta_counts_flops_left(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from megareuse.sweep.grid import RunSpec
+    clock = [0.0]
+    monkeypatch.setattr(local, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    runs = [RunSpec("old", "train", "s", "m", [], [], 0, 1e15),  # already done: not in the rate
+            RunSpec("trunk", "train", "s", "m", [], [], 0, 8e12)]
+    runs += [RunSpec(f"b{i}", "train", "s", "m", [], ["trunk"], 0, 1e12) for i in range(4)]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text(json.dumps({"finished": True}))
+
+    def execute(train, root, run, emit):  # 1e10 FLOP/s
+        clock[0] += run.flops / 1e10
+        return run.run_id
+
+    monkeypatch.setattr(local, "execute", execute)
+    lines = []
+    local.run_sweep({}, runs, tmp_path, emit=lines.append)
+    done = [line for line in lines if " done (" in line]
+    assert done == [f"sweep: [{i + 1}/5] {rid} done ({t}s elapsed, ~{left}s left)" for i, (rid, t, left) in
+                    enumerate([("trunk", 800, 400), ("b0", 900, 300), ("b1", 1000, 200), ("b2", 1100, 100),
+                               ("b3", 1200, 0)])], done

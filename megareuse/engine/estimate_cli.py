@@ -55,7 +55,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``estimate`` subcommand to ``subparsers`` (from ``add_subparsers``); returns it."""
     p = subparsers.add_parser(
-        "estimate", help="per-GPU memory (params, grads, optimizer, activations) and step FLOPs of a config",
+        "estimate", allow_abbrev=False,
+        help="per-GPU memory (params, grads, optimizer, activations) and step FLOPs of a config",
         description="Estimate per-GPU memory under TP x DP and ZeRO 0-3, with and without activation "
                     "checkpointing, and the FLOPs of one optimizer step. Reads the config only.")
     p.add_argument("--config", required=True, help="YAML file (see configs/; model-only files work too)")

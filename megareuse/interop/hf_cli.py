@@ -113,7 +113,8 @@ def cmd_prepare_hf(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add ``import-hf``, ``export-hf`` and ``prepare-hf`` to ``subparsers``."""
     p = subparsers.add_parser(
-        "import-hf", help="a local Hugging Face Llama checkpoint -> a megareuse checkpoint",
+        "import-hf", allow_abbrev=False,
+        help="a local Hugging Face Llama checkpoint -> a megareuse checkpoint",
         description="Convert config.json + safetensors (sharded or not) into a megareuse checkpoint "
                     "directory usable with `megareuse train --init-from`. Never downloads.")
     p.add_argument("--from", dest="src", required=True, metavar="HF_DIR",
@@ -127,7 +128,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_import_hf)
 
     p = subparsers.add_parser(
-        "export-hf", help="a megareuse checkpoint -> a Hugging Face Llama directory",
+        "export-hf", allow_abbrev=False,
+        help="a megareuse checkpoint -> a Hugging Face Llama directory",
         description="Write config.json + safetensors (+ tokenizer files) loadable with "
                     "LlamaForCausalLM.from_pretrained, from any checkpoint (any TP / ZeRO layout, grown or not).")
     p.add_argument("--from", dest="src", required=True, metavar="CKPT",
@@ -138,7 +140,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_export_hf)
 
     p = subparsers.add_parser(
-        "prepare-hf", help="like `prepare`, but tokenize with an existing (imported) tokenizer",
+        "prepare-hf", allow_abbrev=False,
+        help="like `prepare`, but tokenize with an existing (imported) tokenizer",
         description="Write a prepared data directory (tokenizer copied, <domain>_{train,valid}.{bin,idx}) "
                     "with the tokenizer of an imported checkpoint, so stage 2 passes the tokenizer check.")
     p.add_argument("--tokenizer", required=True,

@@ -271,7 +271,8 @@ def cmd_plan(args) -> int:
 
 def register(subparsers) -> None:
     """Add `fit` and `plan` to an argparse subparsers object."""
-    p = subparsers.add_parser("fit", help="fit a scaling law to a run table; check it on held-out runs")
+    p = subparsers.add_parser("fit", allow_abbrev=False,
+                              help="fit a scaling law to a run table; check it on held-out runs")
     p.add_argument("--runs", required=True, help="CSV/TSV/JSONL table: D1, D2 (or N, D, or D) and a loss column")
     p.add_argument("--form", default=None, help=f"the law to fit: {', '.join(available_forms())} "
                                                 f"(default: reuse for D1/D2 tables)")
@@ -291,7 +292,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory: law.json, report.md, figures")
     p.set_defaults(func=cmd_fit)
 
-    p = subparsers.add_parser("plan", help="reuse or from scratch? answers from fitted laws")
+    p = subparsers.add_parser("plan", allow_abbrev=False,
+                              help="reuse or from scratch? answers from fitted laws")
     p.add_argument("--law", required=True, help="law.json of a law over D1 and D2")
     p.add_argument("--scratch-law", default=None, help="law.json of a from-scratch law (power or chinchilla)")
     p.add_argument("--D1", default=None, help="base tokens, comma list (e.g. 1M,4M); default: the data's range")

@@ -88,6 +88,13 @@ def _quiet_execute(train: dict, root: str, run: RunSpec, log_dir: str) -> str:
             raise
 
 
+def eta_seconds(elapsed: float, done_work: float, remaining_work: float) -> Optional[float]:
+    """Seconds left at the rate so far: elapsed x remaining / done work (None before any is done)."""
+    if remaining_work <= 0:
+        return 0.0
+    return elapsed * remaining_work / done_work if done_work > 0 else None
+
+
 def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
               only: Optional[str] = None, emit: Callable[[str], None] = print) -> list[str]:
     """Run every run of the plan that is not done (or just ``only``); returns the ids run."""
@@ -109,12 +116,15 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
     done_ids = {r.run_id for r in runs} - {r.run_id for r in todo}
     ran: list[str] = []
     t0 = time.perf_counter()
+    work = {r.run_id: r.flops for r in todo}  # the ETA weighs runs by their training FLOPs
 
     def progress(run_id: str) -> None:
         ran.append(run_id)
         elapsed = time.perf_counter() - t0
-        eta = elapsed / len(ran) * (len(todo) - len(ran))
-        emit(f"sweep: [{len(ran)}/{len(todo)}] {run_id} done ({elapsed:.0f}s elapsed, ~{eta:.0f}s left)")
+        done = sum(w for i, w in work.items() if i in ran)
+        eta = eta_seconds(elapsed, done, sum(w for i, w in work.items() if i not in ran))
+        left = "?" if eta is None else f"{eta:.0f}"
+        emit(f"sweep: [{len(ran)}/{len(todo)}] {run_id} done ({elapsed:.0f}s elapsed, ~{left}s left)")
 
     if workers <= 1:
         for run in todo:
