@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import yaml
 
+from megareuse.paths import input_problem
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message is one line naming the field."""
@@ -233,8 +235,10 @@ class RunConfig:
     def validate(self, prefix: str = "run") -> None:
         if not self.out_dir:
             _fail(f"{prefix}.out_dir", self.out_dir, "a directory path")
-        if self.init_from is not None and not Path(self.init_from).is_dir():
-            _fail(f"{prefix}.init_from", self.init_from, "null or a checkpoint directory")
+        problem = None if self.init_from is None else input_problem(self.init_from, "directory")
+        if problem is not None:
+            raise ConfigError(f"config error: {prefix}.init_from = {self.init_from!r} {problem}; "
+                              "accepted null or a checkpoint directory")
         if self.keep_optimizer and self.init_from is None:
             _fail(f"{prefix}.keep_optimizer", self.keep_optimizer, "false unless run.init_from is set")
         for name in ("train_tokens", "micro_batch_size", "grad_accum", "eval_interval",
@@ -370,12 +374,15 @@ def _merge(base: dict, over: dict) -> dict:
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
     """Read a config YAML, resolving its ``base:`` chain (relative paths)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config error: config file {str(path)!r} does not exist")
+    problem = input_problem(path, "file")
+    if problem is not None:
+        raise ConfigError(f"config error: config file {str(path)!r} {problem}; accepted a YAML file")
     if path.resolve() in _seen:
         raise ConfigError(f"config error: {str(path)!r} includes itself through 'base'")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config error: {str(path)!r} is not UTF-8 text; accepted a YAML file") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise ConfigError(f"config error: {str(path)!r} is not valid YAML: {first}") from None

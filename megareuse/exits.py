@@ -1,17 +1,22 @@
 """What a command's exception means: one line on stderr and the process's exit code.
 
-Every user error (bad config, data, checkpoint, launch or sweep request) ends with one line and
-exit code 2, and nothing is written before the inputs have been checked. Training stops that
-are not input errors exit with their own codes (megareuse/engine/guard.py): 75 checkpointed
-after SIGTERM/SIGUSR1 (requeue), 3 stopped by the divergence guard, 124 another rank died or hung.
+Every user error (bad config, data, checkpoint, launch or sweep request) and every failure of
+the environment (an OS error: a full disk, a read-only or permission-denied path) ends with one
+line and exit code 2, and nothing is written before the inputs have been checked. Training stops
+that are not input errors exit with their own codes (megareuse/engine/guard.py): 75 checkpointed
+after SIGTERM/SIGUSR1 (requeue), 3 stopped by the divergence guard, 124 another rank died or
+hung; Ctrl-C (SIGINT) exits 130. ``MEGAREUSE_TRACEBACK=1`` shows the traceback as well.
 Shared by the ``megareuse`` CLI and the SLURM task entry (``python -m megareuse.sweep.slurm task``).
 """
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Callable
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -21,9 +26,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from megareuse.engine.inputs import DataError
     from megareuse.engine.metrics import MetricsError
     from megareuse.parallel.launch import LaunchError
+    from megareuse.reuse.records import RecordError
     from megareuse.sweep.local import SweepError
     return (ConfigError, DataError, CheckpointError, CorruptDatasetError, PrepareError,
-            FileNotFoundError, LaunchError, SweepError, MetricsError)
+            LaunchError, SweepError, MetricsError, RecordError, OSError)
 
 
 def run_stops() -> dict[type[BaseException], int]:
@@ -34,7 +40,13 @@ def run_stops() -> dict[type[BaseException], int]:
 
 
 def one_line(command: str, exc: BaseException) -> None:
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if os.environ.get("MEGAREUSE_TRACEBACK") == "1":
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, OSError) and exc.errno is not None:  # raised by the OS, not by our checks
+        from megareuse.paths import os_error_line
+        message = os_error_line(exc)
+    else:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     print(f"megareuse {command}: {message}", file=sys.stderr, flush=True)
 
 
@@ -49,3 +61,7 @@ def guarded(command: str, fn: Callable[[], int]) -> int:
     except tuple(stops) as exc:
         one_line(command, exc)
         return next(code for kind, code in stops.items() if isinstance(exc, kind))
+    except KeyboardInterrupt:
+        hint = "; continue from the last complete checkpoint with --resume auto" if command == "train" else ""
+        print(f"megareuse {command}: interrupted (SIGINT){hint}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED

@@ -50,7 +50,7 @@ def cases(prepared, good, flipped, tmp):
         "guard lr factor": ([*train, "guard.lr_factor=2"], "guard.lr_factor = 2.0: accepted a number in (0, 1]"),
         "ds_config batch": ([*train, f"parallel.ds_config={tmp / 'ds.json'}"],
                             "train_micro_batch_size_per_gpu = 3 but the run config gives"),
-        "resume missing": ([*train, "--resume", str(tmp / "none")], "no such directory"),
+        "resume missing": ([*train, "--resume", str(tmp / "none")], "does not exist"),
         "resume corrupt": ([*train, "--resume", str(flipped)], "model.safetensors fails its sha256 checksum"),
         "init from other shape": (["train", "--init-from", str(good), *train[1:], "model.n_layers=3"],
                                   "n_layers"),

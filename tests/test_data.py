@@ -129,7 +129,8 @@ def test_builder_writes_megatron_layout(tmp_path):
     assert ds[0].tolist() == [5, 6, 7] and ds[-1].tolist() == [8] and ds[2].tolist() == []
     assert ds.get(0, 1, 2).tolist() == [6, 7]
     assert ds.document(4).tolist() == [9, 9, 8]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.idx"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.ids.json", "x.idx"]  # no temp files
+    assert ds.token_range() == (1, 65000)  # the id range the builder recorded
 
 
 def test_builder_checks_range_and_aborts_cleanly(tmp_path):
@@ -335,7 +336,7 @@ def test_prepare_end_to_end(tmp_path):
     assert info == load_prepared(out) == json.loads((out / "prepare.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["tokenizer.model", "prepare.json"] + [f"{d}_{s}.{e}" for d in ("prose", "code")
-                                               for s in ("train", "valid") for e in ("bin", "idx")])
+                                               for s in ("train", "valid") for e in ("bin", "idx", "ids.json")])
     tok = Tokenizer(out / "tokenizer.model")
     assert info["tokenizer_sha256"] == tok.sha256 and info["vocab_size"] == tok.vocab_size
     for name, paths in files.items():

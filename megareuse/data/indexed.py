@@ -19,6 +19,7 @@ raises ``CorruptDatasetError`` (one line naming the file) instead of ever readin
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -55,6 +56,28 @@ def index_path(prefix: PathLike) -> Path:
     return Path(f"{os.fspath(prefix)}.idx")
 
 
+def ids_path(prefix: PathLike) -> Path:
+    """``<prefix>.ids.json``: the token id range of the pair, keyed by the files' sizes and
+    mtimes (written by the builder and by the first scan; a stale or missing one is rescanned)."""
+    return Path(f"{os.fspath(prefix)}.ids.json")
+
+
+def _files_key(prefix: PathLike) -> dict:
+    b, i = data_path(prefix).stat(), index_path(prefix).stat()
+    return {"bin_bytes": b.st_size, "bin_mtime_ns": b.st_mtime_ns, "idx_mtime_ns": i.st_mtime_ns}
+
+
+def _write_ids(prefix: PathLike, lo: int, hi: int) -> None:
+    """Best effort (a read-only data directory just means scanning again next time)."""
+    path = ids_path(prefix)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({**_files_key(prefix), "min": lo, "max": hi}))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 class IndexedDatasetBuilder:
     """Stream sequences into ``<prefix>.bin``; ``finalize()`` writes the index.
 
@@ -77,6 +100,7 @@ class IndexedDatasetBuilder:
         self.sizes: list[int] = []
         self.document_indices: list[int] = [0]
         self.finalized = False
+        self._lo, self._hi = None, None  # token id range written so far
 
     def add_item(self, tokens: Iterable[int]) -> None:
         """Append one sequence (part of the current document)."""
@@ -88,6 +112,8 @@ class IndexedDatasetBuilder:
             lo, hi = int(arr.min()), int(arr.max())
             if lo < info.min or hi > info.max:
                 raise ValueError(f"indexed: token ids [{lo}, {hi}] do not fit {self.dtype}")
+            self._lo = lo if self._lo is None else min(lo, self._lo)
+            self._hi = hi if self._hi is None else max(hi, self._hi)
         if arr.size > np.iinfo(np.int32).max:
             raise ValueError(f"indexed: a sequence of {arr.size} tokens exceeds int32 sizes")
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
@@ -127,6 +153,8 @@ class IndexedDatasetBuilder:
             os.fsync(f.fileno())
         os.replace(self._bin_tmp, data_path(self.prefix))
         os.replace(self._idx_tmp, index_path(self.prefix))
+        if self._lo is not None:
+            _write_ids(self.prefix, self._lo, self._hi)
         fsync_dir(self.prefix.parent)
         self.finalized = True
 
@@ -229,6 +257,33 @@ class IndexedDataset:
         if len(docs) > 1 and np.any(np.diff(docs) < 0):
             raise CorruptDatasetError(f"{idx_file} has corrupt document indices: not monotone")
         return int(nbytes.sum())
+
+    def token_range(self, chunk: int = 1 << 26) -> tuple[int, int] | None:
+        """(smallest, largest) token id in the .bin, None when it is empty. Read from
+        ``<prefix>.ids.json`` when that matches the files, else scanned in chunks of the memory
+        map (about a second per GB) and cached there."""
+        if not self.num_tokens:
+            return None
+        try:
+            cached = json.loads(ids_path(self.prefix).read_text())
+            if {k: cached.get(k) for k in ("bin_bytes", "bin_mtime_ns", "idx_mtime_ns")} == _files_key(self.prefix):
+                return int(cached["min"]), int(cached["max"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        lo, hi = None, None
+        for start in range(0, self.num_tokens, chunk):
+            part = self.tokens[start:start + chunk]
+            a, b = part.min(), part.max()
+            lo = a if lo is None else min(lo, a)
+            hi = b if hi is None else max(hi, b)
+        if np.issubdtype(self.dtype, np.floating):
+            lo, hi = float(lo), float(hi)
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo == int(lo) and hi == int(hi)):
+                raise CorruptDatasetError(f"{data_path(self.prefix)} holds non-integer token values "
+                                          f"(range [{lo}, {hi}])")
+        lo, hi = int(lo), int(hi)
+        _write_ids(self.prefix, lo, hi)
+        return lo, hi
 
     def __len__(self) -> int:
         return len(self.sizes)

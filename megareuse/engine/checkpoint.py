@@ -15,6 +15,7 @@ revision.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,12 +24,14 @@ import shutil
 import subprocess
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from megareuse.atomic import fsync_dir
+from megareuse.paths import disk_free, input_problem
 
 MANIFEST = "manifest.json"
 META = "meta.json"
@@ -84,6 +87,33 @@ def begin_checkpoint(root: Path, step: int) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+LOW_SPACE = 16 * 2**20  # bytes free below which a failed write is put down to a full disk
+
+
+@contextmanager
+def space_checked(root: Path, step: int) -> Iterator[None]:
+    """Around a checkpoint's whole write: a write that fails for lack of space (ENOSPC, EDQUOT,
+    or torch's "unexpected pos" error with the disk full) removes its partial temporary
+    directory, so the space comes back, and raises one line that says so. Earlier checkpoints
+    are never touched by a write, so the run can continue from them."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        free = disk_free(root)
+        no_space = (exc.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(exc, OSError)
+                    else free is not None and free < LOW_SPACE)
+        if not no_space:
+            raise
+        shutil.rmtree(Path(root) / f".tmp-{checkpoint_dir(root, step).name}", ignore_errors=True)
+        shown = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
+        raise CheckpointError(f"checkpoint error: no space left on the device of {root} writing the "
+                              f"checkpoint of step {step} ({shown} free); its partial write was removed "
+                              "and earlier checkpoints are intact: free space, then continue with "
+                              "--resume auto") from None
 
 
 def write_object(tmp: Path, name: str, obj: Any) -> None:
@@ -215,14 +245,26 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Any], meta: dict[s
 def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
     """Return None when ``path`` is a complete checkpoint, else the reason it is not."""
     path = Path(path)
+    problem = input_problem(path, "directory")
+    if problem is not None:
+        return problem
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        return "no manifest.json (write did not finish)"
+        return "no manifest.json (not a checkpoint, or its write did not finish)"
     try:
         files = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError, TypeError):
         return "manifest.json is unreadable"
+    except OSError as exc:
+        return f"manifest.json cannot be read ({exc.strerror})"
+    if not isinstance(files, dict):
+        return "manifest.json is unreadable (its 'files' is not a mapping)"
     for name, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)
+                and isinstance(info.get("sha256"), str)):
+            return f"manifest.json is unreadable (entry {name!r} lacks an integer 'bytes' and a 'sha256')"
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"manifest.json is unreadable (entry {name!r} points outside the checkpoint)"
         file = path / name
         if not file.is_file():
             return f"{name} is missing"

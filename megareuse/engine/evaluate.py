@@ -48,10 +48,15 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
     stage the checkpoint was trained with."""
     from megareuse.config import Config
     from megareuse.engine.checkpoint import CheckpointError, read_meta, verify_checkpoint
-    from megareuse.engine.weights import load_state_dict
     from megareuse.engine.inputs import open_training_data
+    from megareuse.engine.ds import resolve_device
+    from megareuse.engine.weights import load_state_dict
     from megareuse.model import GPT
 
+    from megareuse.config import ConfigError, RunConfig
+    if device not in RunConfig.DEVICES:
+        raise ConfigError(f"config error: --device = {device!r}: accepted one of {', '.join(RunConfig.DEVICES)}")
+    torch_device = resolve_device(device, field="--device")
     problem = verify_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
@@ -62,11 +67,21 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
     if domains:
         cfg.data.valid = list(domains)
     cfg.parallel.tp, cfg.parallel.ds_config = 1, None
+    # evaluation reads this checkpoint's own weights: the base it was trained from (which may be
+    # gone by now) and the stage-2 data options play no part
+    cfg.run.init_from, cfg.run.keep_optimizer, cfg.data.replay = None, False, 0.0
+    cfg.run.device = device
     cfg.validate()
     data = open_training_data(cfg.data, cfg.model)
-    model = GPT(cfg.model).to(device)
-    model.load_state_dict(load_state_dict(path, cfg.model.tie_embeddings, device))
+    saved_sha = meta.get("tokenizer", {}).get("sha256")
+    if saved_sha is not None and saved_sha != data.tokenizer.sha256:
+        raise CheckpointError(
+            f"evaluate error: --data {cfg.data.dir} was prepared with another tokenizer (sha256 "
+            f"{data.tokenizer.sha256[:12]}...) than checkpoint {path} was trained with ({saved_sha[:12]}...); "
+            "accepted data prepared with the checkpoint's tokenizer (its copy is in the checkpoint)")
+    model = GPT(cfg.model).to(torch_device)
+    model.load_state_dict(load_state_dict(path, cfg.model.tie_embeddings, torch_device))
     model.eval()
     return {domain: evaluate(model_batch_loss(model), ds, max_tokens or cfg.run.eval_tokens,
-                             batch_size or cfg.run.micro_batch_size, torch.device(device))
+                             batch_size or cfg.run.micro_batch_size, torch_device)
             for domain, ds in data.valid.items()}

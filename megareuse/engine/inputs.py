@@ -11,6 +11,7 @@ from typing import Union
 
 from megareuse.config import DataConfig, ModelConfig
 from megareuse.data import BlendedDataset, CorruptDatasetError, GPTDataset, IndexedDataset, Tokenizer
+from megareuse.paths import input_problem
 
 
 class DataError(ValueError):
@@ -36,16 +37,37 @@ def _available_domains(root: Path) -> list[str]:
     return sorted(p.name[: -len("_train.idx")] for p in root.glob("*_train.idx"))
 
 
-def _open_split(root: Path, domain: str, split: str, field: str) -> IndexedDataset:
+def _open_split(root: Path, domain: str, split: str, field: str, vocab_size: int) -> IndexedDataset:
     prefix = root / f"{domain}_{split}"
     if not prefix.with_suffix(".idx").is_file():
         accepted = ", ".join(_available_domains(root)) or "none found"
         raise DataError(f"data error: {field} names domain {domain!r} but {prefix}.idx does not "
                         f"exist; domains in {root}: {accepted}")
     try:
-        return IndexedDataset(str(prefix))
+        indexed = IndexedDataset(str(prefix))
+        ids = indexed.token_range()
     except CorruptDatasetError as exc:
         raise DataError(f"data error: {exc}") from None
+    if ids is not None and (ids[0] < 0 or ids[1] >= vocab_size):
+        raise DataError(f"data error: {prefix}.bin holds token ids {ids[0]}..{ids[1]} but the tokenizer "
+                        f"in {root} has {vocab_size} (accepted ids 0..{vocab_size - 1}); was it "
+                        "prepared with another tokenizer?")
+    return indexed
+
+
+def _open_tokenizer(root: Path, field: str) -> Tokenizer:
+    tok_path = root / "tokenizer.model"
+    problem = input_problem(tok_path, "file")
+    if problem == "does not exist":
+        raise DataError(f"data error: {field} = {str(root)!r} has no tokenizer.model; "
+                        f"accepted a directory written by `megareuse prepare`")
+    if problem is not None:
+        raise DataError(f"data error: {tok_path} {problem}; accepted a sentencepiece tokenizer.model file")
+    try:
+        return Tokenizer(str(tok_path))
+    except ValueError as exc:
+        raise DataError(f"data error: {str(exc).splitlines()[0]}; accepted the tokenizer.model "
+                        "written by `megareuse prepare` (or any sentencepiece model)") from None
 
 
 def open_training_data(data: DataConfig, model: ModelConfig,
@@ -53,23 +75,23 @@ def open_training_data(data: DataConfig, model: ModelConfig,
     """Open the tokenizer, the training blend (``train_weights`` or ``data.train``) and the
     validation sets, checking each."""
     root = Path(data.dir)
-    if not root.is_dir():
+    problem = input_problem(root, "directory")
+    if problem == "does not exist":
         raise DataError(f"data error: data.dir = {data.dir!r} does not exist; "
                         f"create it with `megareuse prepare --out {data.dir}`")
-    tok_path = root / "tokenizer.model"
-    if not tok_path.is_file():
-        raise DataError(f"data error: data.dir = {data.dir!r} has no tokenizer.model; "
-                        f"accepted a directory written by `megareuse prepare`")
-    tokenizer = Tokenizer(str(tok_path))
+    if problem is not None:
+        raise DataError(f"data error: data.dir = {data.dir!r} {problem}; accepted a directory "
+                        "written by `megareuse prepare`")
+    tokenizer = _open_tokenizer(root, "data.dir")
     if tokenizer.vocab_size > model.vocab_size:
         raise DataError(f"data error: model.vocab_size = {model.vocab_size} is smaller than the "
-                        f"tokenizer's vocabulary ({tokenizer.vocab_size}) in {tok_path}; accepted "
-                        f">= {tokenizer.vocab_size}")
+                        f"tokenizer's vocabulary ({tokenizer.vocab_size}) in {root / 'tokenizer.model'}; "
+                        f"accepted >= {tokenizer.vocab_size}")
     train_sets, weights, available = [], [], {}
     blend = data.train if train_weights is None else train_weights
     for i, (domain, weight) in enumerate(blend.items()):
         field = f"data.train.{domain}" if domain in data.train else f"data.replay (base domain {domain})"
-        indexed = _open_split(root, domain, "train", field)
+        indexed = _open_split(root, domain, "train", field, tokenizer.vocab_size)
         available[domain] = int(indexed.sizes.sum())
         try:
             train_sets.append(GPTDataset(indexed, data.seq_len, seed=data.seed + i))
@@ -79,7 +101,7 @@ def open_training_data(data: DataConfig, model: ModelConfig,
     train = train_sets[0] if len(train_sets) == 1 else BlendedDataset(train_sets, weights)
     valid = {}
     for domain in data.valid:
-        indexed = _open_split(root, domain, "valid", "data.valid")
+        indexed = _open_split(root, domain, "valid", "data.valid", tokenizer.vocab_size)
         try:
             valid[domain] = GPTDataset(indexed, data.seq_len, seed=0)
         except ValueError as exc:

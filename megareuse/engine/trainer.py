@@ -28,7 +28,7 @@ from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
 from megareuse.engine.build import CheckpointWeights, build_model
 from megareuse.engine.consolidate import load_full, optimizer_step, stream_full, write_full
-from megareuse.engine.ds import deepspeed_config, init_distributed
+from megareuse.engine.ds import deepspeed_config, init_distributed, resolve_device
 from megareuse.engine.runlock import RunLock
 from megareuse.engine.evaluate import evaluate
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
@@ -38,6 +38,7 @@ from megareuse.engine.metrics import read_metrics, tune_host_allocator
 from megareuse.engine.schedule import LRSchedule
 from megareuse.model import flops_per_token, non_embedding_param_count, param_count
 from megareuse.parallel.launch import discover
+from megareuse.paths import output_dir_problem
 from megareuse.parallel.state import MPU, init_parallel_state
 from megareuse.reuse.cpt import InitSource, model_diff, open_init_source, replay_blend
 from megareuse.reuse.records import build_record
@@ -49,18 +50,6 @@ class TrainState:
     samples: int = 0  # training samples consumed (all data-parallel ranks together)
     tokens: int = 0  # training tokens consumed in this stage (all ranks together)
     wall_s: float = 0.0  # training wall time, summed over resumed invocations
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("config error: run.device = 'cuda' but no CUDA device is available; "
-                             "accepted cpu or auto here")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def _layout(cfg: Config, dp_size: int) -> dict[str, int]:
@@ -106,6 +95,10 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.out_dir = Path(cfg.run.out_dir)
+        problem = output_dir_problem(self.out_dir)
+        if problem is not None:
+            raise ConfigError(f"config error: run.out_dir = {cfg.run.out_dir!r} {problem}; accepted a "
+                              "writable directory (created if missing)")
         self.ckpt_root = self.out_dir / "checkpoints"
         # checks that need no process group come first: a bad input writes nothing
         launch = discover()
@@ -197,7 +190,7 @@ class Trainer:
                     "run.out_dir to start afresh")
             return latest
         path = Path(resume)
-        problem = ckpt.verify_checkpoint(path) if path.is_dir() else "no such directory"
+        problem = ckpt.verify_checkpoint(path)
         if problem:
             raise ckpt.CheckpointError(f"run error: --resume {resume!r}: {problem}; accepted 'auto' "
                                        "or a complete checkpoint directory")
@@ -384,6 +377,10 @@ class Trainer:
         layout-free weights and Adam moments are streamed to rank 0's files (hashed while
         written), the ranks fsync and hash disjoint shares of the engine files, and rank 0
         commits the checkpoint atomically."""
+        with ckpt.space_checked(self.ckpt_root, self.state.step):
+            return self._save()
+
+    def _save(self) -> Path:
         step, ps = self.state.step, self.pstate
         tmp = ckpt.begin_checkpoint(self.ckpt_root, step) if self.is_main else None
         self._barrier()

@@ -355,7 +355,7 @@ def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
     torch_dtype, limit = EXPORT_DTYPES[dtype], parse_size(max_shard_size)
     dtype_name = str(torch_dtype).replace("torch.", "")
     _check_new(out)
-    problem = ckpt.verify_checkpoint(src) if src.is_dir() else "no such directory"
+    problem = ckpt.verify_checkpoint(src)
     if problem or weights.weights_file(src) is None:
         raise HFError(f"--from {str(src)!r} is not a usable checkpoint: {problem or 'no ' + weights.WEIGHTS}; "
                       "accepted a checkpoint directory written by megareuse")

@@ -46,7 +46,7 @@ def model_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def open_init_source(path: str | Path, cfg: Config, tokenizer_sha256: str) -> InitSource:
     """Verify ``path`` and check it fits the run: same model shape, same tokenizer."""
     path = Path(path)
-    problem = ckpt.verify_checkpoint(path) if path.is_dir() else "no such directory"
+    problem = ckpt.verify_checkpoint(path)
     if problem:
         raise ckpt.CheckpointError(f"run error: run.init_from = {str(path)!r}: {problem}; accepted a "
                                    "complete checkpoint directory")

@@ -283,7 +283,7 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"grow error: --out {str(out)!r} already exists; accepted a new path "
                               f"(growth never overwrites)")
-    problem = ckpt.verify_checkpoint(src) if src.is_dir() else "no such directory"
+    problem = ckpt.verify_checkpoint(src)
     if problem is not None:
         raise ckpt.CheckpointError(f"checkpoint {src} is not usable: {problem}")
     meta = ckpt.read_meta(src)

@@ -17,6 +17,12 @@ from megareuse.atomic import write_text_atomic
 
 RECORD = "record.json"
 SCHEMA = "megareuse-run-record/1"
+REQUIRED = {"stage": str, "method": str, "N": int, "N_total": int, "D1": int, "D2": int, "tokens": int,
+            "valid_loss": dict, "best_valid_loss": dict, "tokens_per_domain": dict}
+
+
+class RecordError(ValueError):
+    """A record.json is unreadable or not a run record (one line naming the file)."""
 
 
 def build_record(*, run_id: str, series: str, stage: str, method: str, n_params: int, n_total: int, d1: int,
@@ -54,15 +60,27 @@ def read_records(runs_dir: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"collect error: {str(runs_dir)!r} is not a directory")
     records = []
     for path in sorted(runs_dir.rglob(RECORD)):
-        try:
-            record = json.loads(path.read_text())
-        except ValueError:
-            raise ValueError(f"collect error: {path} is not valid JSON") from None
-        if record.get("schema") != SCHEMA:
-            raise ValueError(f"collect error: {path} has schema {record.get('schema')!r}; accepted {SCHEMA}")
+        record = read_record(path)
         record["run_id"] = path.parent.relative_to(runs_dir).as_posix()  # unique in the table
         records.append(record)
     return sorted(records, key=lambda r: r["run_id"])
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """One record.json, checked: valid JSON, our schema, the fields the table needs."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"collect error: {path} is not valid JSON ({str(exc).splitlines()[0]}); "
+                          "accepted a record.json written by `megareuse train` (rerun or remove that run)") from None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        schema = record.get("schema") if isinstance(record, dict) else type(record).__name__
+        raise RecordError(f"collect error: {path} has schema {schema!r}; accepted {SCHEMA}")
+    for key, kind in REQUIRED.items():
+        if not isinstance(record.get(key), kind) or (kind is int and isinstance(record[key], bool)):
+            raise RecordError(f"collect error: {path}: field {key!r} = {record.get(key)!r}; accepted "
+                              f"{'an integer' if kind is int else 'a string' if kind is str else 'a mapping'}")
+    return record
 
 
 def flatten(record: dict[str, Any]) -> dict[str, Any]:
