@@ -75,7 +75,10 @@ def _write_ids(prefix: PathLike, lo: int, hi: int) -> None:
         tmp.write_text(json.dumps({**_files_key(prefix), "min": lo, "max": hi}))
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 class IndexedDatasetBuilder:

@@ -96,11 +96,15 @@ LOW_SPACE = 16 * 2**20  # bytes free below which a failed write is put down to a
 def space_checked(root: Path, step: int) -> Iterator[None]:
     """Around a checkpoint's whole write: a write that fails for lack of space (ENOSPC, EDQUOT,
     or torch's "unexpected pos" error with the disk full) removes its partial temporary
-    directory, so the space comes back, and raises one line that says so. Earlier checkpoints
-    are never touched by a write, so the run can continue from them."""
+    directory, so the space comes back, and raises one line that says so (a Ctrl-C mid-write
+    removes it too). Earlier checkpoints are never touched by a write, so the run can continue
+    from them."""
     try:
         yield
     except CheckpointError:
+        raise
+    except KeyboardInterrupt:  # Ctrl-C mid-write: the partial copy is of no use to anyone
+        shutil.rmtree(Path(root) / f".tmp-{checkpoint_dir(root, step).name}", ignore_errors=True)
         raise
     except (OSError, RuntimeError) as exc:
         free = disk_free(root)
