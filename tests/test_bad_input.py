@@ -52,6 +52,8 @@ def cases(prepared, good, flipped, tmp):
                             "train_micro_batch_size_per_gpu = 3 but the run config gives"),
         "resume missing": ([*train, "--resume", str(tmp / "none")], "does not exist"),
         "resume corrupt": ([*train, "--resume", str(flipped)], "model.safetensors fails its sha256 checksum"),
+        "resume other shape": ([*train, "--resume", str(good), "model.n_layers=3"], "another model shape"),
+        "vocab too small": ([*train, "model.vocab_size=300"], "smaller than the tokenizer's vocabulary (512)"),
         "init from other shape": (["train", "--init-from", str(good), *train[1:], "model.n_layers=3"],
                                   "n_layers"),
         "init from corrupt": ([*train, "--init-from", str(flipped)], "fails its sha256"),
@@ -71,7 +73,8 @@ def cases(prepared, good, flipped, tmp):
 
 
 CASES = ["config file missing", "unknown key", "guard action", "guard signal", "guard lr factor",
-         "ds_config batch", "resume missing", "resume corrupt", "init from other shape",
+         "ds_config batch", "resume missing", "resume corrupt", "resume other shape", "vocab too small",
+         "init from other shape",
          "init from corrupt", "evaluate corrupt", "evaluate tokens", "fit bad number",
          "fit missing table", "fit unknown form", "grow width", "grow corrupt", "sweep workers",
          "estimate world", "prepare domain"]
