@@ -59,13 +59,15 @@ class ModelConfig:
     checkpoint_every: int = 2  # selective: blocks k-1, 2k-1, ... are recomputed in the backward
     loss: str = "auto"  # plain | chunked | fused | auto: how the head computes the training loss
     loss_chunk_tokens: int = 1024  # chunked / fused: tokens (rows of logits) formed at a time
+    compile: bool = False  # torch.compile each block (inductor; CPU and CUDA), ZeRO 0-2
 
     ATTENTION_BACKENDS = ("sdpa", "eager", "triton", "auto")
     CHECKPOINTING = ("none", "full", "selective")
     LOSSES = ("plain", "chunked", "fused", "auto")
     # how the model runs, not what it is: a checkpoint saved with other values (or without these
     # keys) still resumes and serves as run.init_from (reuse/cpt.py model_diff skips them)
-    RUNTIME_FIELDS = ("attention", "activation_checkpointing", "checkpoint_every", "loss", "loss_chunk_tokens")
+    RUNTIME_FIELDS = ("attention", "activation_checkpointing", "checkpoint_every", "loss", "loss_chunk_tokens",
+                      "compile")
 
     @property
     def kv_heads(self) -> int:
@@ -277,6 +279,9 @@ class Config:
             _fail("parallel.tp", self.parallel.tp, f"a divisor or multiple of the KV heads ({kv})")
         if self.data.replay and self.run.init_from is None:
             _fail("data.replay", self.data.replay, "0 unless run.init_from names a base checkpoint")
+        if self.model.compile and self.parallel.zero_stage == 3:
+            _fail("model.compile", self.model.compile, "false with parallel.zero_stage = 3 (its parameter "
+                  "hooks run inside the blocks)")
         if self.tokens_per_step > self.run.train_tokens:
             _fail("run.train_tokens", self.run.train_tokens,
                   f"at least one optimizer step of tokens ({self.tokens_per_step})")

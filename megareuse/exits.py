@@ -5,7 +5,8 @@ the environment (an OS error: a full disk, a read-only or permission-denied path
 line and exit code 2, and nothing is written before the inputs have been checked. Training stops
 that are not input errors exit with their own codes (megareuse/engine/guard.py): 75 checkpointed
 after SIGTERM/SIGUSR1 (requeue), 3 stopped by the divergence guard, 124 another rank died or
-hung; Ctrl-C (SIGINT) exits 130. ``MEGAREUSE_TRACEBACK=1`` shows the traceback as well.
+hung; Ctrl-C (SIGINT) exits 130. Running out of memory is one line and 2 too.
+``MEGAREUSE_TRACEBACK=1`` shows the traceback as well.
 Shared by the ``megareuse`` CLI and the SLURM task entry (``python -m megareuse.sweep.slurm task``).
 """
 from __future__ import annotations
@@ -50,6 +51,14 @@ def one_line(command: str, exc: BaseException) -> None:
     print(f"megareuse {command}: {message}", file=sys.stderr, flush=True)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    import torch
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
 def guarded(command: str, fn: Callable[[], int]) -> int:
     """Run a command; its user errors and training stops become one line and an exit code."""
     stops = run_stops()
@@ -61,6 +70,14 @@ def guarded(command: str, fn: Callable[[], int]) -> int:
     except tuple(stops) as exc:
         one_line(command, exc)
         return next(code for kind, code in stops.items() if isinstance(exc, kind))
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"megareuse {command}: out of memory ({first[:300]}); accepted a smaller model, batch "
+              "(run.micro_batch_size) or more sharding: `megareuse estimate` gives the memory a config needs",
+              file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         hint = "; continue from the last complete checkpoint with --resume auto" if command == "train" else ""
         print(f"megareuse {command}: interrupted (SIGINT){hint}", file=sys.stderr, flush=True)

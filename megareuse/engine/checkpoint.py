@@ -263,6 +263,8 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
         return f"manifest.json cannot be read ({exc.strerror})"
     if not isinstance(files, dict):
         return "manifest.json is unreadable (its 'files' is not a mapping)"
+    if META not in files:
+        return f"manifest.json does not list {META} (not a checkpoint written by megareuse)"
     for name, info in files.items():
         if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)
                 and isinstance(info.get("sha256"), str)):
@@ -310,13 +312,49 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return None
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / META).read_text())
+def read_meta(path: Path, config: bool = True) -> dict[str, Any]:
+    """A checkpoint's meta.json: a JSON object, with a ``config`` mapping unless ``config`` is
+    False (else CheckpointError naming the file)."""
+    file = Path(path) / META
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint error: {file} does not exist; accepted a checkpoint written by megareuse") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint error: {file} is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {} if not config else None), dict):
+        raise CheckpointError(f"checkpoint error: {file} holds no config mapping; accepted a checkpoint written by megareuse")
+    problem = _meta_problem(meta, config)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint error: {file}: {problem}; accepted a checkpoint written by megareuse")
+    return meta
+
+
+# meta.json fields the tools read, and their types (None allowed where a field may be null)
+_META_FIELDS = {"stage": (str,), "method": (str,), "D1": (int, type(None)), "D2": (int, type(None)),
+                "tokens_seen": (int, type(None)), "tokenizer": (dict, type(None)), "growth": (dict, type(None)),
+                "layout": (dict, type(None)), "init_from": (dict, type(None)), "step": (int,)}
+
+
+def _meta_problem(meta: dict[str, Any], config: bool) -> Optional[str]:
+    for key, kinds in _META_FIELDS.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"field {key!r} = {value!r} has the wrong type"
+    sections = meta.get("config", {})
+    for section in ("model", "data", "run", "optim", "schedule", "parallel", "guard"):
+        if not isinstance(sections.get(section, {}), dict):
+            return f"config.{section} is not a mapping"
+    if config and not isinstance(sections.get("model"), dict):
+        return "config.model is missing"
+    if not isinstance(sections.get("data", {}).get("train", {}), dict):
+        return "config.data.train is not a mapping"
+    return None
 
 
 def load_checkpoint(path: Path, names: tuple[str, ...] = ("model", "optimizer", "trainer"),
-                    map_location: str | torch.device = "cpu",
-                    checksums: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+                    map_location: str | torch.device = "cpu", checksums: bool = True,
+                    config: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Verify (``checksums=False``: sizes only, for a checkpoint verified just before) and load
     a checkpoint; returns (objects by stem, meta)."""
     path = Path(path)
@@ -328,4 +366,4 @@ def load_checkpoint(path: Path, names: tuple[str, ...] = ("model", "optimizer", 
         file = path / f"{name}.pt"
         if file.is_file():
             objs[name] = torch.load(file, map_location=map_location, weights_only=True)
-    return objs, read_meta(path)
+    return objs, read_meta(path, config)

@@ -80,7 +80,7 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
             f"{data.tokenizer.sha256[:12]}...) than checkpoint {path} was trained with ({saved_sha[:12]}...); "
             "accepted data prepared with the checkpoint's tokenizer (its copy is in the checkpoint)")
     model = GPT(cfg.model).to(torch_device)
-    model.load_state_dict(load_state_dict(path, cfg.model.tie_embeddings, torch_device))
+    model.load_state_dict(load_state_dict(path, cfg.model.tie_embeddings, torch_device, cfg.model))
     model.eval()
     return {domain: evaluate(model_batch_loss(model), ds, max_tokens or cfg.run.eval_tokens,
                              batch_size or cfg.run.micro_batch_size, torch_device)

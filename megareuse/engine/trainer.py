@@ -222,7 +222,7 @@ class Trainer:
         saved = None
         if self.resume_from is not None:
             # verified with checksums by rank 0 in _resolve_resume; sizes only here
-            objs, meta = ckpt.load_checkpoint(self.resume_from, names=("trainer",), checksums=False)
+            objs, meta = ckpt.load_checkpoint(self.resume_from, names=("trainer",), checksums=False, config=True)
             diff = model_diff(meta["config"]["model"], asdict(cfg.model))
             if diff:
                 raise ckpt.CheckpointError(f"run error: checkpoint {self.resume_from} was saved for "
@@ -232,9 +232,11 @@ class Trainer:
         source_dir = self.resume_from if self.resume_from is not None else (self.init.path if self.init else None)
         torch.manual_seed(cfg.run.seed)
         source = None if source_dir is None else CheckpointWeights(
-            weights.open_weights(source_dir, cfg.model.tie_embeddings))
+            weights.open_weights(source_dir, cfg.model.tie_embeddings, cfg.model))
         model = build_model(cfg.model, self.pstate, self.device, source, seed=cfg.run.seed,
                             zero3_config=ds_config if cfg.parallel.zero_stage == 3 else None)
+        if cfg.model.compile:
+            model.compile_blocks()
         self.optimizer = make_optimizer(model, cfg.optim, self.device)
         engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, mpu=MPU(self.pstate),
                                           config=ds_config)

@@ -23,6 +23,9 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
+from megareuse.config import ModelConfig
+from megareuse.model.flops import weight_shapes
+
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
@@ -134,20 +137,53 @@ def weights_file(ckpt_dir: Path) -> Optional[Path]:
     return None
 
 
-def open_weights(ckpt_dir: Path, tied: bool) -> Mapping[str, torch.Tensor]:
+def open_weights(ckpt_dir: Path, tied: bool, model: Optional[ModelConfig] = None) -> Mapping[str, torch.Tensor]:
     """The single-device state dict of a checkpoint, read lazily. With ``tied`` embeddings the
-    head's key "output.weight" is served from "tok_embeddings.weight" (stored once)."""
+    head's key "output.weight" is served from "tok_embeddings.weight" (stored once). With
+    ``model`` the tensors' names and shapes are checked against it first. A file that is not
+    what it should be raises CheckpointError naming it."""
+    from megareuse.engine.checkpoint import CheckpointError
     path = weights_file(ckpt_dir)
     if path is None:
-        raise FileNotFoundError(f"{ckpt_dir} holds neither {WEIGHTS} nor {LEGACY_WEIGHTS}")
-    if path.name == LEGACY_WEIGHTS:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return LazyTensors(path, TIED if tied else None)
+        raise CheckpointError(f"checkpoint error: {ckpt_dir} holds neither {WEIGHTS} nor {LEGACY_WEIGHTS}; "
+                              "accepted a checkpoint written by megareuse")
+    try:
+        if path.name == LEGACY_WEIGHTS:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            sd = LazyTensors(path, TIED if tied else None)
+    except Exception as exc:  # safetensors' and torch's own errors for a damaged file
+        raise CheckpointError(f"checkpoint error: {path} is not a readable weights file "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if model is not None:
+        problem = weights_problem(sd, model, tied)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint error: {path} does not fit the model of its meta.json: {problem}")
+    return sd
 
 
-def load_state_dict(ckpt_dir: Path, tied: bool, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def weights_problem(sd: Mapping[str, torch.Tensor], model: ModelConfig, tied: bool) -> Optional[str]:
+    """None when ``sd`` holds exactly the weights of ``GPT(model)``, else the first difference."""
+    want = weight_shapes(model)
+    names = set(sd)
+    if tied:
+        names |= {alias for alias, target in TIED.items() if target in names}
+    missing, extra = sorted(set(want) - names), sorted(names - set(want))
+    if missing:
+        return f"no tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    if extra:
+        return f"unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    for name, shape in want.items():
+        got = tuple(sd.shape(name)) if isinstance(sd, LazyTensors) else tuple(sd[name].shape)
+        if got != shape:
+            return f"{name} has shape {got}, the config gives {shape}"
+    return None
+
+
+def load_state_dict(ckpt_dir: Path, tied: bool, device: str | torch.device = "cpu",
+                    model: Optional[ModelConfig] = None) -> dict[str, torch.Tensor]:
     """The whole single-device state dict in memory (for one-process tools: evaluate, grow)."""
-    lazy = open_weights(ckpt_dir, tied)
+    lazy = open_weights(ckpt_dir, tied, model)
     out = {name: lazy[name].to(device) for name in lazy if not (tied and name in TIED)}
     if tied:  # one tensor, as in a tied GPT's state dict
         out.update((alias, out[target]) for alias, target in TIED.items() if target in out)

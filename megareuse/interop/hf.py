@@ -42,6 +42,7 @@ from megareuse.engine import weights
 from megareuse.interop.errors import HFError
 from megareuse.interop.hf_data import file_sha256, hf_lineage, special_ids, tokenizer_entry
 from megareuse.model import non_embedding_param_count, param_count
+from megareuse.model.flops import weight_shapes
 
 PathLike = Union[str, os.PathLike]
 MODEL_TYPES = ("llama", "mistral")
@@ -93,18 +94,6 @@ def to_hf_name(key: str) -> str:
     if match and match.group(2) in _TO_HF:
         return f"model.layers.{match.group(1)}.{_TO_HF[match.group(2)]}.weight"
     raise KeyError(key)
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """megareuse key -> shape of every weight of ``GPT(cfg)``, in HF file order."""
-    d, f, q, kv = cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    layer = dict(zip((ours for _, ours in _LAYER_NAMES),
-                     [(d,), (q, d), (kv, d), (kv, d), (d, q), (d,), (f, d), (f, d), (d, f)]))
-    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.n_layers):
-        shapes.update({f"layers.{i}.{name}.weight": shape for name, shape in layer.items()})
-    shapes.update({"norm.weight": (d,), "output.weight": (cfg.vocab_size, d)})
-    return shapes
 
 
 # --------------------------------------------------------------------------- config mapping
@@ -257,7 +246,7 @@ def import_hf(src: PathLike, out: PathLike, *, d1: int, max_seq_len: Optional[in
     raw = json.loads((src / "config.json").read_text())
     cfg = model_config_from_hf(raw, max_seq_len)
     files = _weight_index(src)
-    want = expected_shapes(cfg)
+    want = weight_shapes(cfg)
     plan: dict[Path, list[tuple[str, str]]] = {}  # file -> (our key, HF name), checked
     safe_open, _ = _safetensors()
     for path in sorted(set(files.values())):
@@ -366,7 +355,7 @@ def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
     except (KeyError, TypeError, ConfigError) as exc:
         raise HFError(f"{src}/meta.json has no valid model config ({exc})") from None
     sd = weights.open_weights(src, tied=False)
-    want = expected_shapes(cfg)
+    want = weight_shapes(cfg)
     unknown = sorted(set(sd) - set(want))
     if unknown:
         raise HFError(f"model.safetensors holds {unknown[0]}, which the config's model has no place for")

@@ -85,7 +85,11 @@ def special_ids(tokenizer: Path) -> Optional[dict[str, Optional[int]]]:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(Path(tokenizer).read_bytes())
+    try:
+        sp.LoadFromSerializedProto(Path(tokenizer).read_bytes())
+    except RuntimeError:
+        raise HFError(f"{tokenizer} is not a sentencepiece model; accepted the tokenizer.model the "
+                      "checkpoint was trained with") from None
     ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
     return {k: (None if v < 0 else v) for k, v in ids.items()}
 

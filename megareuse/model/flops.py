@@ -12,6 +12,23 @@ from __future__ import annotations
 from megareuse.config import ModelConfig
 
 
+LAYER_WEIGHTS = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                 "attention.wo.weight", "ffn_norm.weight", "feed_forward.w1.weight", "feed_forward.w3.weight",
+                 "feed_forward.w2.weight")  # one block's weights, in HF's file order
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every weight of ``GPT(cfg).state_dict()`` (closed form; a tied head is
+    listed too: it is the embedding)."""
+    d, f, q, kv = cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    layer = dict(zip(LAYER_WEIGHTS, [(d,), (q, d), (kv, d), (kv, d), (d, q), (d,), (f, d), (f, d), (d, f)]))
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+    shapes.update({"norm.weight": (d,), "output.weight": (cfg.vocab_size, d)})
+    return shapes
+
+
 def _layer_params(cfg: ModelConfig) -> int:
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo; wk, wv

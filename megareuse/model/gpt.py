@@ -73,6 +73,13 @@ class GPT(nn.Module):
 
             set_fused_kernels(self, cfg.attention)
 
+    def compile_blocks(self) -> None:
+        """torch.compile every block in place (``nn.Module.compile``: parameter names, state
+        dicts and checkpoints stay as they are). The embedding and the head, whose loss has its
+        own chunking, stay eager."""
+        for layer in self.layers:
+            layer.compile()
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """N(0, init_std) for embeddings and linears; N(0, init_std / sqrt(2 n_layers)) for the

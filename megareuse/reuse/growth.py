@@ -43,13 +43,11 @@ from megareuse.engine import checkpoint as ckpt
 from megareuse.atomic import publish_dir
 from megareuse.engine import weights
 from megareuse.model import non_embedding_param_count, param_count
+from megareuse.model.flops import LAYER_WEIGHTS, weight_shapes
 
 StateDict = dict[str, torch.Tensor]
 LayerMap = Union[str, Sequence[int], None]
 DEPTH_METHODS = ("stack", "identity")
-_LAYER = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-          "attention.wo.weight", "ffn_norm.weight", "feed_forward.w1.weight", "feed_forward.w3.weight",
-          "feed_forward.w2.weight")
 ZEROED = ("attention.wo.weight", "feed_forward.w2.weight")  # an identity block's output side
 
 
@@ -89,24 +87,13 @@ def parse_layer_map(layer_map: LayerMap) -> Optional[list[int]]:
     return parsed
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of every entry of ``GPT(cfg).state_dict()`` (closed form)."""
-    d, f, q, kv = cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    layer = dict(zip(_LAYER, [(d,), (q, d), (kv, d), (kv, d), (d, q), (d,), (f, d), (f, d), (d, f)]))
-    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.n_layers):
-        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
-    shapes.update({"norm.weight": (d,), "output.weight": (cfg.vocab_size, d)})
-    return shapes
-
-
 def check_state_dict(cfg: ModelConfig, sd: StateDict) -> StateDict:
     """``sd`` as a plain dict after checking its keys and shapes against ``cfg`` (a tied head may
     be left out: it is the embedding). Raises ValueError naming the first mismatch."""
     sd = dict(sd)
     if cfg.tie_embeddings and "output.weight" not in sd and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    want = expected_shapes(cfg)
+    want = weight_shapes(cfg)
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or extra:
         raise ValueError(f"growth: state dict does not fit the model config (missing {missing[:3]}, "
@@ -199,7 +186,7 @@ def _remap_layers(cfg: ModelConfig, sd: StateDict, mapping: list[int],
         out["output.weight"] = out["tok_embeddings.weight"]
     for i, src in enumerate(mapping):
         repeat = src in mapping[:i]
-        for name in _LAYER:
+        for name in LAYER_WEIGHTS:
             w = sd[f"layers.{src}.{name}"].detach()
             out[f"layers.{i}.{name}"] = torch.zeros_like(w) if zero_repeats and repeat and name in ZEROED \
                 else w.clone()
@@ -268,6 +255,20 @@ def grow(cfg: ModelConfig, sd: StateDict, width: Any = 1, depth: Any = 1, depth_
 
 
 # --------------------------------------------------------------------------- checkpoints
+def _check_fits_in_memory(cfg: ModelConfig, info: dict[str, Any]) -> None:
+    """Growth holds the base and the grown fp32 weights in memory: refuse a request that cannot."""
+    k = info["width_factor"]
+    grown = dataclasses.replace(cfg, d_model=k * cfg.d_model, n_heads=k * cfg.n_heads, ffn_hidden=k * cfg.ffn_hidden,
+                                n_kv_heads=None if cfg.n_kv_heads is None else k * cfg.n_kv_heads,
+                                n_layers=len(info["layer_map"]), tie_embeddings=cfg.tie_embeddings and k == 1)
+    need = 4 * (param_count(cfg) + 2 * param_count(grown))  # base, grown, one copy in flight
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise ValueError(f"growth: width={k}, {len(info['layer_map'])} layers gives {param_count(grown):,} "
+                         f"parameters, which need about {need / 2**30:,.1f} GiB of memory to grow; this machine "
+                         f"has {have / 2**30:,.1f} GiB: accepted smaller --width/--depth")
+
+
 def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any = 1, depth: Any = 1,
                     depth_method: str = "stack", layer_map: LayerMap = None, noise: float = 0.0,
                     seed: int = 0) -> Path:
@@ -292,8 +293,9 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
                                    f"meta.json; accepted a checkpoint written by megareuse train")
     base_cfg = Config.from_dict(meta["config"]).model
     base_cfg.validate()
-    base_sd = weights.load_state_dict(src, base_cfg.tie_embeddings)
     info = describe_growth(base_cfg, width, depth, depth_method, layer_map, noise, seed)
+    _check_fits_in_memory(base_cfg, info)
+    base_sd = weights.load_state_dict(src, base_cfg.tie_embeddings, model=base_cfg)
     new_cfg, new_sd = grow(base_cfg, base_sd, width, depth, depth_method, layer_map, noise, seed)
     new_cfg.validate()
     # tokens the base saw: D1 plus any stage-2 tokens (D2) when the base was itself a stage-2 run

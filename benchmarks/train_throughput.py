@@ -1,0 +1,289 @@
+"""Training throughput of megareuse against peers, measured in one run, interleaved.
+
+    python benchmarks/train_throughput.py [--model tiny,25m] [--steps 30] [--warmup 10]
+                                          [--rounds 2] [--peers megareuse,hf,bare,torchtitan]
+                                          [--set model.compile=true] [--json FILE]
+
+Every implementation trains the same model shape on the same batches (the same samples of a
+small local corpus, prepared once), with AdamW, the same learning rate, weight decay and
+gradient clipping, in the same process, one after the other, for ``--rounds`` rounds:
+
+- ``megareuse``: the real training loop, as ``megareuse train`` runs it (DeepSpeed engine,
+  divergence guard, metrics log, progress line); throughput from the loop's own per-step clock
+  in metrics.jsonl, steps after ``--warmup`` (the end-of-run evaluation and checkpoint are
+  outside the timed steps);
+- ``hf``: transformers' ``LlamaForCausalLM`` of the same shape + torch AdamW, a plain loop;
+- ``bare``: a plain loop over megareuse's own ``GPT`` + torch AdamW (the model without the
+  trainer: the difference to ``megareuse`` is the trainer's cost or gain);
+- ``torchtitan``: torchtitan's Llama 3 model, when it imports (skipped with the reason if not).
+
+Printed per model: tokens/s of each (median over rounds), MFU where the device's peak is known,
+peak memory (CUDA: max allocated; CPU: peak RSS of the process during that run) and the ratio
+to megareuse. CPU runs use fp32; CUDA runs bf16 (megareuse: DeepSpeed bf16; peers: autocast).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from megareuse.config import Config, load_config  # noqa: E402
+from megareuse.model import flops_per_token, non_embedding_param_count, param_count  # noqa: E402
+
+MODELS = {"tiny": "configs/model/tiny.yaml", "25m": "configs/model/llama_25m.yaml",
+          "85m": "configs/model/llama_85m.yaml", "350m": "configs/model/llama_350m.yaml",
+          "1.1b": "configs/model/llama_1b.yaml"}
+PEERS = ("megareuse", "hf", "bare", "torchtitan")
+
+
+# ---------------------------------------------------------------- memory
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # the kernel's peak RSS (VmHWM) restarts from the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- the runs
+def run_megareuse(cfg: Config, steps: int, warmup: int, out: Path) -> dict:
+    from megareuse.engine.metrics import read_metrics
+    from megareuse.engine.trainer import Trainer
+    cfg = Config.from_dict(cfg.to_dict())
+    cfg.run.out_dir = str(out)
+    cfg.run.train_tokens = steps * cfg.tokens_per_step
+    cfg.run.log_interval = 1
+    cfg.run.eval_interval = cfg.run.save_interval = 10**9  # evaluation and checkpoint at the end only
+    cfg.run.eval_tokens = cfg.data.seq_len * cfg.run.micro_batch_size
+    cfg.run.write_record = False
+    trainer = Trainer(cfg, emit=lambda s: None)
+    reset_peak(trainer.device)
+    trainer.run()
+    elapsed = {r["step"]: r["elapsed_s"] for r in read_metrics(out) if r.get("kind") == "train"}
+    seconds = elapsed[steps] - elapsed[warmup]
+    return {"tokens_per_s": (steps - warmup) * cfg.tokens_per_step / seconds, "peak_mib": peak_mib(trainer.device)}
+
+
+def plain_loop(model: torch.nn.Module, loss_fn: Callable, cfg: Config, batches: list[torch.Tensor], steps: int,
+               warmup: int, device: torch.device, bf16: bool) -> dict:
+    """The loop a user writes by hand: forward, backward, clip, AdamW step; no logging."""
+    o = cfg.optim
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type in ("cpu", "cuda"))
+    reset_peak(device)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if step == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        for micro in range(cfg.run.grad_accum):
+            batch = batches[(step * cfg.run.grad_accum + micro) % len(batches)].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model, batch) / cfg.run.grad_accum
+            loss.backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return {"tokens_per_s": (steps - warmup) * cfg.tokens_per_step / seconds, "peak_mib": peak_mib(device)}
+
+
+def ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def build_hf(cfg: Config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    m = cfg.model
+    hf = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_hidden,
+                     num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+                     max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+                     tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False)
+    hf._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf)
+    return model, lambda model, b: ce(model(input_ids=b[:, :-1]).logits, b[:, 1:])
+
+
+def build_bare(cfg: Config):
+    from megareuse.model import GPT
+    model = GPT(cfg.model)
+    return model, lambda model, b: model(b[:, :-1], b[:, 1:])
+
+
+def build_torchtitan(cfg: Config):
+    try:
+        from torchtitan.models.llama3.model.args import TransformerModelArgs
+        from torchtitan.models.llama3.model.model import Transformer
+    except Exception as exc:  # not installed, or needs a newer torch than this one
+        raise RuntimeError(f"torchtitan's Llama 3 does not import here ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); pip install torchtitan") from None
+    m = cfg.model
+    args = TransformerModelArgs(dim=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                                vocab_size=m.vocab_size, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+                                max_seq_len=m.max_seq_len)
+    model = Transformer(args)
+    model.init_weights()
+    return model, lambda model, b: ce(model(b[:, :-1]), b[:, 1:])
+
+
+BUILDERS = {"hf": build_hf, "bare": build_bare, "torchtitan": build_torchtitan}
+
+
+def model_config(name: str, data: Path, device: str, overrides: list[str], seq: Optional[int],
+                 micro: Optional[int], accum: int) -> Config:
+    path = MODELS.get(name, name)
+    cuda = device == "cuda"
+    seq = seq or (2048 if cuda else 128)
+    micro = micro or (4 if cuda else 8)
+    base = [f"data.dir={data}", "data.train={prose: 1.0}", "data.valid=[prose]", f"data.seq_len={seq}",
+            f"model.max_seq_len={max(seq, 32)}", f"run.micro_batch_size={micro}", f"run.grad_accum={accum}",
+            f"run.device={device}", f"run.dtype={'bf16' if cuda else 'fp32'}", "schedule.warmup_steps=1",
+            "parallel.zero_stage=0"]
+    return load_config(str(REPO / path), base + overrides)
+
+
+def measure(name: str, cfg: Config, peers: list[str], steps: int, warmup: int, rounds: int,
+            work: Path) -> dict:
+    from megareuse.engine.ds import resolve_device
+    from megareuse.engine.inputs import open_training_data
+    device = resolve_device(cfg.run.device)
+    bf16 = cfg.run.dtype == "bf16"
+    data = open_training_data(cfg.data, cfg.model)
+    per_step = cfg.run.micro_batch_size
+    batches = [data.train.batch(i * per_step, per_step) for i in range(steps * cfg.run.grad_accum)]
+    results: dict[str, dict] = {p: {"runs": []} for p in peers}
+    for r in range(rounds):
+        for peer in peers:
+            if "skipped" in results[peer]:
+                continue
+            torch.manual_seed(cfg.run.seed)
+            try:
+                if peer == "megareuse":
+                    got = run_megareuse(cfg, steps, warmup, work / f"{name}-r{r}")
+                else:
+                    model, loss_fn = BUILDERS[peer](cfg)
+                    model = model.to(device)
+                    if cfg.model.compile:  # every block, as megareuse does
+                        blocks = model.model.layers if peer == "hf" else model.layers
+                        for layer in (blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks):
+                            layer.compile()
+                    got = plain_loop(model, loss_fn, cfg, batches, steps, warmup, device, bf16)
+                    del model
+            except RuntimeError as exc:
+                if peer != "torchtitan":
+                    raise
+                results[peer]["skipped"] = str(exc).splitlines()[0]
+                continue
+            results[peer]["runs"].append(got)
+            print(f"  {name} round {r + 1}/{rounds} {peer:10s} {got['tokens_per_s']:>10,.0f} tok/s  "
+                  f"peak {got['peak_mib']:,.0f} MiB", flush=True)
+    from megareuse.engine.loop import peak_flops
+    peak = peak_flops(device, cfg.run.peak_tflops)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    for peer, res in results.items():
+        if res["runs"]:
+            res["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in res["runs"])
+            res["peak_mib"] = max(x["peak_mib"] for x in res["runs"])
+            res["mfu"] = res["tokens_per_s"] * fpt / peak if peak else None
+    return {"model": name, "params": param_count(cfg.model), "non_embedding_params": non_embedding_param_count(cfg.model),
+            "seq_len": cfg.data.seq_len, "micro_batch": cfg.run.micro_batch_size, "grad_accum": cfg.run.grad_accum,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
+            "dtype": cfg.run.dtype, "compile": cfg.model.compile, "attention": cfg.model.attention, "results": results}
+
+
+def table(points: list[dict]) -> str:
+    rows = ["| model | device | impl | tokens/s | MFU | peak MiB | vs megareuse |", "|---|---|---|---|---|---|---|"]
+    for pt in points:
+        ours = pt["results"].get("megareuse", {}).get("tokens_per_s")
+        for peer, res in pt["results"].items():
+            if "skipped" in res:
+                rows.append(f"| {pt['model']} | {pt['device']} | {peer} | skipped: {res['skipped']} | | | |")
+                continue
+            mfu = f"{100 * res['mfu']:.1f}%" if res.get("mfu") else "-"
+            ratio = f"{ours / res['tokens_per_s']:.2f}x" if ours and peer != "megareuse" else "1.00x"
+            rows.append(f"| {pt['model']} | {pt['device']} | {peer} | {res['tokens_per_s']:,.0f} | {mfu} | "
+                        f"{res['peak_mib']:,.0f} | {ratio} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="comma-separated: " + ", ".join(MODELS) +
+                    " or config paths (default tiny,25m on CPU; 350m,1.1b on CUDA)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (default 128 CPU, 2048 CUDA)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="default 8 CPU, 4 CUDA")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--data", default=None, help="a prepared data directory (default: prepared into a temp dir)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="a config override for every implementation")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if not 0 < args.warmup < args.steps:
+        ap.error(f"--warmup = {args.warmup}: accepted 1 .. --steps - 1 ({args.steps - 1})")
+    peers = args.peers.split(",")
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        ap.error(f"--peers: {bad} unknown; accepted {', '.join(PEERS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = (args.model or ("350m,1.1b" if args.device == "cuda" else "tiny,25m")).split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(args.data) if args.data else Path(tmp) / "data"
+        if not args.data:
+            from megareuse.data.preprocess import prepare_default
+            prepare_default(data, domains=["prose"], vocab_size=2048, progress=False)
+        points = []
+        for name in models:
+            cfg = model_config(name, data, args.device, args.overrides, args.seq, args.micro_batch, args.grad_accum)
+            if args.threads:
+                cfg.run.threads = args.threads
+            print(f"{name}: {param_count(cfg.model):,} parameters, seq {cfg.data.seq_len}, batch "
+                  f"{cfg.run.micro_batch_size} x {cfg.run.grad_accum}, {cfg.run.dtype}, compile={cfg.model.compile}",
+                  flush=True)
+            points.append(measure(name, cfg, peers, args.steps, args.warmup, args.rounds, Path(tmp)))
+    print()
+    print(table(points))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                                               "argv": sys.argv[1:], "points": points}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
