@@ -51,6 +51,11 @@ def one_line(command: str, exc: BaseException) -> None:
     print(f"megareuse {command}: {message}", file=sys.stderr, flush=True)
 
 
+def _no_space(exc: BaseException) -> bool:
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -70,7 +75,12 @@ def guarded(command: str, fn: Callable[[], int]) -> int:
     except tuple(stops) as exc:
         one_line(command, exc)
         return next(code for kind, code in stops.items() if isinstance(exc, kind))
-    except (MemoryError, RuntimeError) as exc:
+    except Exception as exc:  # libraries' own wrappers of OS conditions (safetensors, torch)
+        if _no_space(exc):
+            first = str(exc).strip().splitlines()[0]
+            print(f"megareuse {command}: no space left on device ({first[:300]}); free space and run the "
+                  "same command again", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
         if not _out_of_memory(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -181,7 +181,7 @@ def test_bootstrap_resamples_whole_groups():
     law = fit_form(table, "reuse")
     boot = bootstrap(table, law, 4, seed=0)
     assert boot["resample_unit"] == "group"
-    from megareuse.law.bootstrap import _resample_rows
+    from megareuse.law.resampling import _resample_rows
     rows = _resample_rows(table.group, 0, 0)
     assert len(rows) == 50 and all(np.sum(table.group[rows] == g) % 2 == 0 for g in range(25))
 

@@ -40,7 +40,7 @@ from megareuse.atomic import publish_dir
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
 from megareuse.interop.errors import HFError
-from megareuse.interop.hf_data import file_sha256, hf_lineage, special_ids, tokenizer_entry
+from megareuse.interop.hf_data import file_sha256, hf_lineage, read_json_object, special_ids, tokenizer_entry
 from megareuse.model import non_embedding_param_count, param_count
 from megareuse.model.flops import weight_shapes
 
@@ -71,7 +71,13 @@ def _safetensors():
         from safetensors.torch import save_file
     except ImportError:
         raise HFError("HF interop needs the safetensors package: pip install safetensors") from None
-    return safe_open, save_file
+
+    def checked_open(path: str, framework: str = "pt"):
+        try:
+            return safe_open(path, framework=framework)
+        except Exception as exc:  # safetensors' own error for a damaged header
+            raise HFError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    return checked_open, save_file
 
 
 # --------------------------------------------------------------------------- names and shapes
@@ -195,7 +201,7 @@ def _weight_index(src: Path) -> dict[str, Path]:
     """HF tensor name -> safetensors file, from the index json or the single file."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json_object(index, "a safetensors index (model.safetensors.index.json)").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFError(f"{index} has no weight_map; accepted the sharded safetensors index format")
         files = {name: src / file for name, file in weight_map.items()}
@@ -243,7 +249,7 @@ def import_hf(src: PathLike, out: PathLike, *, d1: int, max_seq_len: Optional[in
     _check_new(out)
     if isinstance(d1, bool) or not isinstance(d1, int) or d1 < 0:
         raise HFError(f"--d1 = {d1!r}: accepted a non-negative token count")
-    raw = json.loads((src / "config.json").read_text())
+    raw = read_json_object(src / "config.json", "a Hugging Face config.json")
     cfg = model_config_from_hf(raw, max_seq_len)
     files = _weight_index(src)
     want = weight_shapes(cfg)

@@ -67,6 +67,17 @@ def tokenizer_vocab_size(path: PathLike) -> int:
 
 
 
+def read_json_object(path: Path, what: str = "a JSON object") -> dict[str, Any]:
+    """``path`` parsed as a JSON object, or HFError naming the file and what was wrong."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HFError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); accepted {what}") from None
+    if not isinstance(raw, dict):
+        raise HFError(f"{path} holds a JSON {type(raw).__name__}, not an object; accepted {what}")
+    return raw
+
+
 def tokenizer_entry(model_dir: Path) -> Optional[dict[str, Any]]:
     """The meta.json ``tokenizer`` entry (file, sha256, vocab_size, source) for the tokenizer of
     an HF model directory (tokenizer.model first, else tokenizer.json); None when it has neither."""
@@ -124,7 +135,11 @@ class JsonTokenizer:
             raise HFError(f"{path}: tokenizer.json needs the tokenizers package: pip install tokenizers") from None
         self.path = Path(path)
         self.sha256 = file_sha256(self.path)
-        self._tok = _HFTokenizer.from_file(str(self.path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(self.path))
+        except Exception as exc:  # the tokenizers library raises plain Exceptions for a bad file
+            raise HFError(f"{self.path} is not a tokenizer.json the tokenizers library reads "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         self.vocab_size = tokenizer_vocab_size(self.path)
         special = self._special_tokens()
         eos = special.get("eos_token") or next((n for n in EOS_NAMES if self._tok.token_to_id(n) is not None), None)
@@ -137,7 +152,7 @@ class JsonTokenizer:
 
     def _special_tokens(self) -> dict[str, Optional[str]]:
         config = self.path.with_name("tokenizer_config.json")
-        raw = json.loads(config.read_text()) if config.is_file() else {}
+        raw = read_json_object(config, "a tokenizer_config.json") if config.is_file() else {}
         out = {}
         for key in ("eos_token", "bos_token", "pad_token"):
             value = raw.get(key)

@@ -15,7 +15,7 @@ Names are imported on first use, so `megareuse.law.commands.register` (called fo
 from megareuse._lazy import lazy_exports
 
 _WHERE = {
-    "bootstrap": ["bootstrap"],
+    "resampling": ["bootstrap"],
     "commands": ["analyse", "register", "write_fit", "write_outputs"],
     "data": ["LawError", "RunTable", "load_table", "table_from_arrays"],
     "fit": ["fit_form"],

@@ -44,7 +44,7 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
 
     compare: "auto" (every registered form the columns allow), a list of names, or None.
     checks: also "rollout" (expanding window over D2, or D) and/or "loo" (leave one run out)."""
-    from megareuse.law.bootstrap import bootstrap
+    from megareuse.law.resampling import bootstrap
     from megareuse.law.fit import fit_form
     from megareuse.law.perd1 import per_d1_analysis
     from megareuse.law.validate import compare_forms, expanding_window, holdout_check, holdout_mask, leave_one_out

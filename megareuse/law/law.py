@@ -18,6 +18,10 @@ from megareuse.law.forms import Form, get_form
 SCHEMA = "megareuse.law/1"
 
 
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
 class Law:
     def __init__(self, form: Union[str, Form], theta, units: Mapping, diagnostics: Optional[dict] = None,
                  data: Optional[dict] = None, bootstrap: Optional[dict] = None) -> None:
@@ -154,11 +158,31 @@ class Law:
         for key in ("form", "theta", "units"):
             if key not in d:
                 raise LawError(f"{where}: field {key!r} missing; accepted law.json written by `megareuse fit`")
-        boot = dict(d["bootstrap"]) if d.get("bootstrap") else None
-        if boot:
-            boot["theta"] = np.asarray(boot["theta"], dtype=float)
-            boot["residuals"] = np.asarray(boot["residuals"], dtype=float)
-        return cls(d["form"], d["theta"], d["units"], d.get("diagnostics"), d.get("data"), boot)
+        theta, units = d["theta"], d["units"]
+        if not (isinstance(theta, list) and all(_finite_number(t) for t in theta)):
+            raise LawError(f"{where}: theta = {theta!r}: accepted a list of finite numbers (as `megareuse fit` writes)")
+        if not (isinstance(units, Mapping) and all(_finite_number(units.get(k, 1.0)) and units.get(k, 1.0) > 0
+                                                   for k in ("tokens", "params"))):
+            raise LawError(f"{where}: units = {units!r}: accepted positive 'tokens' and 'params' units")
+        if not isinstance(d.get("data") or {}, Mapping) or not isinstance(d.get("diagnostics") or {}, Mapping):
+            raise LawError(f"{where}: 'data' and 'diagnostics' must be mappings")
+        try:
+            boot = dict(d["bootstrap"]) if d.get("bootstrap") else None
+            if boot:
+                boot["theta"] = np.asarray(boot["theta"], dtype=float)
+                boot["residuals"] = np.asarray(boot["residuals"], dtype=float)
+        except (KeyError, TypeError, ValueError):
+            raise LawError(f"{where}: 'bootstrap' is damaged; accepted law.json written by `megareuse fit`") from None
+        law = cls(d["form"], theta, units, d.get("diagnostics"), d.get("data"), boot)
+        stored = d.get("params")
+        if stored is not None:  # derived from theta when written: a disagreement means a hand edit
+            derived = law.params
+            if not isinstance(stored, Mapping) or set(stored) != set(derived) or not all(
+                    _finite_number(stored[k]) and np.isclose(stored[k], v, rtol=1e-9, atol=0) for k, v in derived.items()):
+                raise LawError(f"{where}: 'params' {stored!r} do not follow from 'theta' (the law is theta; "
+                               "params are written beside it for reading): accepted law.json as `megareuse fit` "
+                               "wrote it")
+        return law
 
     @classmethod
     def load(cls, path) -> "Law":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from megareuse.law.bootstrap import interval_text
+from megareuse.law.resampling import interval_text
 
 
 def _g(v, digits: int = 4) -> str:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megareuse.law.bootstrap import bootstrap
+from megareuse.law.resampling import bootstrap
 from megareuse.law.data import LawError, RunTable, parse_count
 from megareuse.law.fit import blas_single_thread, check_table, fit_form
 from megareuse.law.forms import Form, forms_for_columns, get_form
