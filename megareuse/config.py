@@ -376,23 +376,30 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
-    """Read a config YAML, resolving its ``base:`` chain (relative paths)."""
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file that holds a mapping (empty: {}); ConfigError naming the file otherwise."""
     path = Path(path)
     problem = input_problem(path, "file")
     if problem is not None:
-        raise ConfigError(f"config error: config file {str(path)!r} {problem}; accepted a YAML file")
-    if path.resolve() in _seen:
-        raise ConfigError(f"config error: {str(path)!r} includes itself through 'base'")
+        raise ConfigError(f"{what} error: {what} file {str(path)!r} {problem}; accepted a YAML file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
-        raise ConfigError(f"config error: {str(path)!r} is not UTF-8 text; accepted a YAML file") from None
+        raise ConfigError(f"{what} error: {str(path)!r} is not UTF-8 text; accepted a YAML file") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
-        raise ConfigError(f"config error: {str(path)!r} is not valid YAML: {first}") from None
+        raise ConfigError(f"{what} error: {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config error: {str(path)!r} must hold a mapping of sections")
+        raise ConfigError(f"{what} error: {str(path)!r} must hold a mapping of sections")
+    return raw
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    """Read a config YAML, resolving its ``base:`` chain (relative paths)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"config error: {str(path)!r} includes itself through 'base'")
+    raw = read_yaml_mapping(path)
     base = raw.pop("base", None)
     if base is None:
         return raw

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .corpora import DOMAINS, CorpusError
 from .indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from .tokenizer import MAX_VOCAB, MIN_VOCAB, Tokenizer, text_chunks, train_tokenizer
+from megareuse.paths import output_dir_problem
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,17 @@ def _validate(out_dir: Path, domains: Domains, vocab_size, workers, valid, force
             if name not in DOMAINS:
                 raise PrepareError(f"prepare: unknown domain {name!r}; built-in domains: "
                                    + ", ".join(DOMAINS))
-    if out_dir.exists() and not force and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise PrepareError(f"prepare: {out_dir} already exists and is not empty; remove it or "
-                           f"pass force=True (--force)")
+    problem = output_dir_problem(out_dir)
+    if problem is not None:
+        raise PrepareError(f"prepare: --out {out_dir} {problem}; accepted a writable directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise PrepareError(f"prepare: {out_dir} already exists and is not empty; remove it or "
+                               f"pass force=True (--force)")
+        if not (out_dir / "prepare.json").is_file():  # --force replaces prepared data, nothing else
+            raise PrepareError(f"prepare: --force would replace {out_dir}, which is not a prepared data "
+                               "directory (no prepare.json); accepted a new path, an empty directory or "
+                               "an earlier `megareuse prepare` output")
 
 
 def _read_text(path: Path) -> str:

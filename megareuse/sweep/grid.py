@@ -22,13 +22,14 @@ independent run per budget. Stage-2 series start from the base run at their D1
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from megareuse.config import Config, ConfigError, apply_overrides, read_yaml
+from megareuse.config import Config, ConfigError, apply_overrides, read_yaml, read_yaml_mapping
 from megareuse.model import flops_per_token, non_embedding_param_count
 
 SCHEDULES = ("wsd", "cosine")
@@ -79,6 +80,9 @@ def _fail(where: str, value: Any, accepted: str) -> None:
     raise ConfigError(f"experiment error: {where} = {value!r}: accepted {accepted}")
 
 
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def _series(raw: Any, where: str, budget_key: str, method: str) -> Series:
     if not isinstance(raw, dict):
         _fail(where, raw, "a mapping")
@@ -95,9 +99,22 @@ def _series(raw: Any, where: str, budget_key: str, method: str) -> Series:
     domains = raw.get("domains")
     if not isinstance(domains, dict) or not domains:
         _fail(f"{where}.domains", domains, "a mapping domain -> weight")
-    series = Series(name=str(raw.get("name", method)), method=str(raw.get("method", method)),
+    name = raw.get("name", method)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        _fail(f"{where}.name", name, "a name of letters, digits, '_', '-' and '.' (it names run directories)")
+    replay = raw.get("replay", 0.0)
+    if isinstance(replay, bool) or not isinstance(replay, (int, float)) or not 0 <= replay < 1:
+        _fail(f"{where}.replay", replay, "a number in [0, 1)")
+    growth = raw.get("growth") or {}
+    if not isinstance(growth, dict):
+        _fail(f"{where}.growth", growth, "a mapping such as {width: 2} or {depth: 2}")
+    for key in ("width", "depth"):
+        factor = growth.get(key, 1)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            _fail(f"{where}.growth.{key}", factor, "an integer >= 1")
+    series = Series(name=name, method=str(raw.get("method", method)),
                     domains=dict(domains), budgets=list(budgets), schedule=raw.get("schedule", "wsd"),
-                    replay=float(raw.get("replay", 0.0)), growth=dict(raw.get("growth") or {}),
+                    replay=float(replay), growth=dict(growth),
                     D1=raw.get("D1"))
     if series.schedule not in SCHEDULES:
         _fail(f"{where}.schedule", series.schedule, "one of " + ", ".join(SCHEDULES))
@@ -107,15 +124,20 @@ def _series(raw: Any, where: str, budget_key: str, method: str) -> Series:
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
     """Read and check an experiment file (one-line ExperimentError-style ConfigErrors)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment error: {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml_mapping(path, "experiment")
     known = {"name", "train_config", "overrides", "base", "stage2", "scratch", "decay_frac"}
     for key in raw:
         if key not in known:
             _fail(key, raw[key], "one of the keys " + ", ".join(sorted(known)))
-    if "train_config" not in raw:
-        _fail("train_config", None, "a training config path relative to the experiment file")
+    if not isinstance(raw.get("train_config"), str):
+        _fail("train_config", raw.get("train_config"), "a training config path relative to the experiment file")
+    if not isinstance(raw.get("overrides", []), list) or not all(isinstance(o, str) for o in raw.get("overrides", [])):
+        _fail("overrides", raw.get("overrides"), "a list of section.field=value strings")
+    for key in ("stage2", "scratch"):
+        if not isinstance(raw.get(key) or [], list):
+            _fail(key, raw[key], "a list of series")
+    if not isinstance(raw.get("name", ""), str):
+        _fail("name", raw["name"], "a string")
     train = apply_overrides(read_yaml(path.parent / raw["train_config"]),
                             list(raw.get("overrides", [])) + list(overrides))
     Config.from_dict(train).validate()
