@@ -267,3 +267,116 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_a_resumable_run(prepared, tmp
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     last = ckpt.latest_checkpoint(out / "checkpoints")  # what --resume auto continues from
     assert last is not None and ckpt.read_meta(last)["step"] >= 5
+
+
+# ---------------------------------------------------------------- contents that pass checksums
+def _rehash(ckpt_dir: Path) -> None:
+    """Re-write the manifest for the files as they are now: the damage is past the checksums."""
+    manifest = json.loads((ckpt_dir / "manifest.json").read_text())
+    for name in manifest["files"]:
+        file = ckpt_dir / name
+        manifest["files"][name] = {"bytes": file.stat().st_size, "sha256": ckpt.file_sha256(file)}
+    (ckpt_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("meta garbage", "meta.json is not valid JSON"),
+    ("meta list", "holds no config mapping"),
+    ("meta no model", "config.model is missing"),
+    ("meta D1 text", "field 'D1' = 'many' has the wrong type"),
+    ("weights garbage", "model.safetensors is not a readable weights file"),
+    ("weights of another shape", "tok_embeddings.weight has shape (512, 64)"),
+])
+@pytest.mark.parametrize("command", ["evaluate", "init-from", "grow", "export-hf"])
+def test_checkpoint_contents_are_checked_where_they_are_read(prepared, runs, tmp_path, capsys, damage, expected, command):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(runs[0], bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    if damage == "meta garbage":
+        (bad / "meta.json").write_text("{not json")
+    elif damage == "meta list":
+        (bad / "meta.json").write_text("[]")
+    elif damage == "meta no model":
+        del meta["config"]["model"]
+        (bad / "meta.json").write_text(json.dumps(meta))
+    elif damage == "meta D1 text":
+        meta["D1"] = "many"
+        (bad / "meta.json").write_text(json.dumps(meta))
+    elif damage == "weights garbage":
+        (bad / "model.safetensors").write_bytes(b"\xff" * 64)
+    else:  # a well-formed safetensors file of a model twice as wide
+        from megareuse.model import GPT
+        from megareuse.config import Config
+        from safetensors.torch import save_file
+        other = Config.from_dict(meta["config"]).model
+        other.d_model, other.ffn_hidden = 2 * other.d_model, 2 * other.ffn_hidden
+        sd = {k: v.contiguous() for k, v in GPT(other).state_dict().items() if k != "output.weight"}
+        save_file(sd, str(bad / "model.safetensors"))
+    _rehash(bad)
+    argv = {"evaluate": ["evaluate", "--checkpoint", str(bad)],
+            "init-from": train_argv(prepared, tmp_path / "o", f"run.init_from={bad}"),
+            "grow": ["grow", "--from", str(bad), "--out", str(tmp_path / "o"), "--width", "2"],
+            "export-hf": ["export-hf", "--from", str(bad), "--out", str(tmp_path / "o")]}[command]
+    if command == "init-from" and damage.startswith("meta D1"):
+        expected = "field 'D1'"
+    refused(argv, capsys, expected)
+    assert not (tmp_path / "o").exists()
+
+
+def test_grow_refuses_a_result_that_cannot_fit_in_memory(runs, tmp_path, capsys):
+    refused(["grow", "--from", str(runs[0]), "--out", str(tmp_path / "o"), "--width", "4000"], capsys,
+            "GiB of memory to grow; this machine has")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda law: law.update(theta=[float("nan")] * len(law["theta"])), "theta = "),
+    (lambda law: law.update(theta={"a": 1}), "theta = "),
+    (lambda law: law["params"].update({next(iter(law["params"])): 123.0}), "do not follow from 'theta'"),
+    (lambda law: law.update(units={"tokens": -1}), "units = "),
+])
+def test_a_hand_edited_law_file_is_refused(tmp_path, capsys, edit, expected):
+    rows = "".join(f"{a}e6,{b}e6,{3 + 1 / (a * b) ** 0.3:.6f}\n" for a in (1, 2, 4, 8) for b in (1, 2, 4))
+    (tmp_path / "runs.csv").write_text("D1,D2,loss\n" + rows)
+    assert main(["fit", "--runs", str(tmp_path / "runs.csv"), "--form", "reuse_no_interaction",
+                 "--out", str(tmp_path / "fit"), "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    law = json.loads((tmp_path / "fit" / "law.json").read_text())
+    edit(law)
+    (tmp_path / "fit" / "law.json").write_text(json.dumps(law))
+    refused(["plan", "--law", str(tmp_path / "fit" / "law.json"), "--D1", "1M", "--D2", "1M",
+             "--out", str(tmp_path / "plan")], capsys, expected)
+    assert not (tmp_path / "plan").exists()
+
+
+@pytest.mark.parametrize("content", [b"\xc8\x00binary", b"[1, 2]"])
+def test_hf_directory_with_garbage_files(runs, tmp_path, capsys, content):
+    out = tmp_path / "hf"
+    assert main(["export-hf", "--from", str(runs[0]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    for name in ("config.json", "model.safetensors"):
+        bad = tmp_path / f"bad-{name}"
+        shutil.copytree(out, bad)
+        (bad / name).write_bytes(content)
+        refused(["import-hf", "--from", str(bad), "--out", str(tmp_path / "o"), "--d1", "1000"], capsys, name)
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\xf2\x00binary", "is not UTF-8 text"), (b"- a\n- b\n", "must hold a mapping"),
+    (b"train_config: 7\n", "train_config = 7"), (b"train_config: x.yaml\noverrides: 3\n", "overrides = 3"),
+])
+def test_garbage_experiment_file(tmp_path, capsys, content, expected):
+    (tmp_path / "exp.yaml").write_bytes(content)
+    refused(["sweep", "--config", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "o"), "--dry-run"], capsys, expected)
+
+
+def test_prepare_force_replaces_only_prepared_data(tmp_path, capsys):
+    victim = tmp_path / "mine"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    refused(["prepare", "--out", str(victim), "--force"], capsys, "which is not a prepared data directory")
+    assert (victim / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "f").write_text("x")
+    refused(["prepare", "--out", str(tmp_path / "f"), "--force"], capsys, "is a file, not a directory")
+    assert (tmp_path / "f").read_text() == "x"
