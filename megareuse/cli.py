@@ -245,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the command's modules load
+        print("megareuse: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 130
     return guarded(args.command, lambda: args.func(args))
 
 

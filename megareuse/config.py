@@ -87,6 +87,16 @@ class ModelConfig:
             _fail(f"{prefix}.n_heads", self.n_heads, "a value giving an even head_dim (RoPE)")
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             _fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"null or a divisor of n_heads={self.n_heads}")
+        for name in ("vocab_size", "d_model", "n_heads", "ffn_hidden", "max_seq_len"):
+            if getattr(self, name) > 2**31 - 1:
+                _fail(f"{prefix}.{name}", getattr(self, name), "at most 2147483647 (tensor sizes are int32-indexed)")
+        if self.n_layers > 65536:
+            _fail(f"{prefix}.n_layers", self.n_layers, "at most 65536")
+        from megareuse.model.flops import param_count
+        if param_count(self) > 10**14:
+            raise ConfigError(f"config error: the model has {param_count(self):.3g} parameters "
+                              f"(model.d_model = {self.d_model}, model.n_layers = {self.n_layers}, "
+                              f"model.ffn_hidden = {self.ffn_hidden}, model.vocab_size = {self.vocab_size}); accepted at most 1e14")
         _choice(f"{prefix}.attention", self.attention, self.ATTENTION_BACKENDS)
         _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, self.CHECKPOINTING)
         _choice(f"{prefix}.loss", self.loss, self.LOSSES)
