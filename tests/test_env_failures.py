@@ -239,10 +239,16 @@ def test_unreadable_inputs_are_named_as_unreadable(prepared, tmp_path):
         assert f"{data / 'tokenizer.model'} is not readable (permission denied)" in line, line
         line = _one_line(run(["train", "--config", str(cfg)]), 2)
         assert f"config file '{cfg}' is not readable (permission denied)" in line, line
+        table = tmp_path / "runs.csv"
+        table.write_text("D1,D2,loss\n1e6,1e6,3.0\n")
+        table.chmod(0o000)
+        line = _one_line(run(["fit", "--runs", str(table), "--out", str(tmp_path / "out")]), 2)
+        assert "Permission denied (EACCES)" in line and str(table) in line and "write" not in line.split(";")[0], line
         assert not (tmp_path / "out").exists()
     finally:
-        (data / "tokenizer.model").chmod(0o644)
-        cfg.chmod(0o644)
+        for path in (data / "tokenizer.model", cfg, tmp_path / "runs.csv"):
+            if path.exists():
+                path.chmod(0o644)
 
 
 def test_ctrl_c_exits_130_with_one_line_and_leaves_a_resumable_run(prepared, tmp_path):

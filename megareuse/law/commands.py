@@ -213,9 +213,6 @@ def cmd_fit(args) -> int:
     except ValueError as exc:  # LawError and bad numbers
         print(f"megareuse fit: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"megareuse fit: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
     law = result["law"]
     print(f"{law.label}: " + ", ".join(f"{k}={v:.4g}" for k, v in law.params.items())
           + f"; converged={law.diagnostics['converged']}, RMS log {law.diagnostics['rms_log']:.4g}")
@@ -257,9 +254,6 @@ def cmd_plan(args) -> int:
         paths = write_outputs(out, {"plan.json": json.dumps(finite_json(plan), indent=1) + "\n", "plan.md": text, **files})
     except ValueError as exc:
         print(f"megareuse plan: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"megareuse plan: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if plan["split"]:
         s = plan["split"]
