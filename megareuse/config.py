@@ -92,9 +92,9 @@ class ModelConfig:
                 _fail(f"{prefix}.{name}", getattr(self, name), "at most 2147483647 (tensor sizes are int32-indexed)")
         if self.n_layers > 65536:
             _fail(f"{prefix}.n_layers", self.n_layers, "at most 65536")
-        from megareuse.model.flops import param_count
-        if param_count(self) > 10**14:
-            raise ConfigError(f"config error: the model has {param_count(self):.3g} parameters "
+        size = 2 * self.vocab_size * self.d_model + self.n_layers * (4 * self.d_model ** 2 + 3 * self.d_model * self.ffn_hidden)
+        if size > 10**14:  # an upper bound of megareuse.model.param_count (not imported: no cycle)
+            raise ConfigError(f"config error: the model has about {size:.3g} parameters "
                               f"(model.d_model = {self.d_model}, model.n_layers = {self.n_layers}, "
                               f"model.ffn_hidden = {self.ffn_hidden}, model.vocab_size = {self.vocab_size}); accepted at most 1e14")
         _choice(f"{prefix}.attention", self.attention, self.ATTENTION_BACKENDS)

@@ -255,8 +255,10 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_a_resumable_run(prepared, tmp
     out = tmp_path / "run"
     args = train_argv(prepared, out, "run.train_tokens=400000", "run.save_interval=5", "run.eval_interval=100000",
                       "run.log_interval=1")
+    # a shell's background job inherits SIGINT ignored (and Python then installs no handler): restore it
     proc = subprocess.Popen([sys.executable, "-m", "megareuse.cli", *args], env=base_env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not ckpt.step_dirs(out / "checkpoints"):

@@ -25,6 +25,10 @@ from megareuse.parallel.launch import LaunchEnv
 def _select_accelerator() -> None:
     # must happen before deepspeed is imported anywhere in the process
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    # DeepSpeed's JIT-built ops go with this Python environment: two virtualenvs sharing torch's
+    # default ~/.cache/torch_extensions rebuild the op over each other at every start-up
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):  # a virtualenv of our own
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def resolve_device(name: str, local_rank: int = 0, field: str = "run.device") -> torch.device:
