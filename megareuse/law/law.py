@@ -177,8 +177,12 @@ class Law:
         stored = d.get("params")
         if stored is not None:  # derived from theta when written: a disagreement means a hand edit
             derived = law.params
+            def same(written, value) -> bool:  # a non-finite value is written as null (finite_json)
+                if written is None:
+                    return not np.isfinite(value)
+                return _finite_number(written) and bool(np.isclose(written, value, rtol=1e-9, atol=0))
             if not isinstance(stored, Mapping) or set(stored) != set(derived) or not all(
-                    _finite_number(stored[k]) and np.isclose(stored[k], v, rtol=1e-9, atol=0) for k, v in derived.items()):
+                    same(stored[k], v) for k, v in derived.items()):
                 raise LawError(f"{where}: 'params' {stored!r} do not follow from 'theta' (the law is theta; "
                                "params are written beside it for reading): accepted law.json as `megareuse fit` "
                                "wrote it")
