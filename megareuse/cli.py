@@ -60,6 +60,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from megareuse.reuse.records import collect
     from megareuse.sweep.grid import format_plan, load_experiment, plan_experiment
     from megareuse.sweep.local import run_planned
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ConfigError(f"config error: --nodes = {args.nodes}, --gpus-per-node = {args.gpus_per_node}: "
+                          "accepted integers >= 1")
     if args.workers < 1 or args.dp < 1:
         raise ConfigError(f"config error: --workers = {args.workers}, --dp = {args.dp}: accepted integers >= 1")
     exp = load_experiment(args.config, args.overrides)

@@ -388,3 +388,17 @@ def test_prepare_force_replaces_only_prepared_data(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     refused(["prepare", "--out", str(tmp_path / "f"), "--force"], capsys, "is a file, not a directory")
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_third_round_garbage_trainer_state_ds_config_list_and_zero_nodes(prepared, runs, tmp_path, capsys):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(runs[0], bad)
+    (bad / "trainer.pt").write_bytes(b"not a pickle")
+    _rehash(bad)
+    refused(train_argv(prepared, tmp_path / "o", "--resume", str(bad)), capsys, "trainer.pt is not readable by torch.load")
+    (tmp_path / "ds.json").write_text("[1, 2]")
+    refused(train_argv(prepared, tmp_path / "o", f"parallel.ds_config={tmp_path / 'ds.json'}"), capsys,
+            "holds a JSON list; accepted a DeepSpeed config object")
+    refused(["sweep", "--config", str(REPO / "configs" / "experiments" / "demo.yaml"), "--out", str(tmp_path / "o"),
+             "--slurm", str(tmp_path / "s"), "--nodes", "0"], capsys, "--nodes = 0")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()

@@ -365,5 +365,9 @@ def load_checkpoint(path: Path, names: tuple[str, ...] = ("model", "optimizer", 
     for name in names:
         file = path / f"{name}.pt"
         if file.is_file():
-            objs[name] = torch.load(file, map_location=map_location, weights_only=True)
+            try:
+                objs[name] = torch.load(file, map_location=map_location, weights_only=True)
+            except Exception as exc:  # pickle's and torch's own errors for a damaged file
+                raise CheckpointError(f"checkpoint error: {file} is not readable by torch.load "
+                                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return objs, read_meta(path, config)

@@ -125,6 +125,9 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"config error: parallel.ds_config = {str(path)!r}: not a readable JSON "
                           f"file ({exc})") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(f"config error: parallel.ds_config = {str(path)!r} holds a JSON {type(extra).__name__}; "
+                          "accepted a DeepSpeed config object")
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         if key in extra and extra[key] not in ("auto", generated[key]):
             raise ConfigError(f"config error: parallel.ds_config sets {key} = {extra[key]!r} but the run "
