@@ -40,15 +40,22 @@ def run_stops() -> dict[type[BaseException], int]:
             RankFailure: guard.EXIT_RANK_FAILURE}
 
 
-def one_line(command: str, exc: BaseException) -> None:
-    if os.environ.get("MEGAREUSE_TRACEBACK") == "1":
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _say(command: str, message: str, exc: BaseException | None = None) -> None:
+    if exc is not None and os.environ.get("MEGAREUSE_TRACEBACK") == "1":
         traceback.print_exception(exc, file=sys.stderr)
+    print(f"megareuse {command}: {message}", file=sys.stderr, flush=True)
+
+
+def one_line(command: str, exc: BaseException) -> None:
     if isinstance(exc, OSError) and exc.errno is not None:  # raised by the OS, not by our checks
         from megareuse.paths import os_error_line
-        message = os_error_line(exc)
+        _say(command, os_error_line(exc), exc)
     else:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    print(f"megareuse {command}: {message}", file=sys.stderr, flush=True)
+        _say(command, _first_line(exc), exc)
 
 
 def _no_space(exc: BaseException) -> bool:
@@ -77,18 +84,15 @@ def guarded(command: str, fn: Callable[[], int]) -> int:
         return next(code for kind, code in stops.items() if isinstance(exc, kind))
     except Exception as exc:  # libraries' own wrappers of OS conditions (safetensors, torch)
         if _no_space(exc):
-            first = str(exc).strip().splitlines()[0]
-            print(f"megareuse {command}: no space left on device ({first[:300]}); free space and run the "
-                  "same command again", file=sys.stderr, flush=True)
+            _say(command, f"no space left on device ({_first_line(exc)[:300]}); free space and run the "
+                 "same command again", exc)
             return EXIT_USER_ERROR
         if not _out_of_memory(exc):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"megareuse {command}: out of memory ({first[:300]}); accepted a smaller model, batch "
-              "(run.micro_batch_size) or more sharding: `megareuse estimate` gives the memory a config needs",
-              file=sys.stderr, flush=True)
+        _say(command, f"out of memory ({_first_line(exc)[:300]}); accepted a smaller model, batch "
+             "(run.micro_batch_size) or more sharding: `megareuse estimate` gives the memory a config needs", exc)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         hint = "; continue from the last complete checkpoint with --resume auto" if command == "train" else ""
-        print(f"megareuse {command}: interrupted (SIGINT){hint}", file=sys.stderr, flush=True)
+        _say(command, f"interrupted (SIGINT){hint}")
         return EXIT_INTERRUPTED

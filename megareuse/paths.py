@@ -15,10 +15,6 @@ from typing import Optional, Union
 PathLike = Union[str, os.PathLike]
 
 
-def _kind(path: Path) -> str:
-    return "a directory" if path.is_dir() else "a file" if path.exists() else "missing"
-
-
 def input_problem(path: PathLike, want: str) -> Optional[str]:
     """None when ``path`` is an existing, readable ``want`` ("file" or "directory"), else what
     is wrong with it."""

@@ -75,6 +75,11 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
+def temp_dir(root: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before its rename (the same name on every rank)."""
+    return Path(root) / f".tmp-{checkpoint_dir(root, step).name}"
+
+
 def begin_checkpoint(root: Path, step: int) -> Path:
     """Create (afresh) the temporary directory a checkpoint of ``step`` is written into.
 
@@ -82,7 +87,7 @@ def begin_checkpoint(root: Path, step: int) -> Path:
     one process (rank 0) calls this, before the others write."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{checkpoint_dir(root, step).name}"
+    tmp = temp_dir(root, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -104,7 +109,7 @@ def space_checked(root: Path, step: int) -> Iterator[None]:
     except CheckpointError:
         raise
     except KeyboardInterrupt:  # Ctrl-C mid-write: the partial copy is of no use to anyone
-        shutil.rmtree(Path(root) / f".tmp-{checkpoint_dir(root, step).name}", ignore_errors=True)
+        shutil.rmtree(temp_dir(root, step), ignore_errors=True)
         raise
     except (OSError, RuntimeError) as exc:
         free = disk_free(root)
@@ -112,7 +117,7 @@ def space_checked(root: Path, step: int) -> Iterator[None]:
                     else free is not None and free < LOW_SPACE)
         if not no_space:
             raise
-        shutil.rmtree(Path(root) / f".tmp-{checkpoint_dir(root, step).name}", ignore_errors=True)
+        shutil.rmtree(temp_dir(root, step), ignore_errors=True)
         shown = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
         raise CheckpointError(f"checkpoint error: no space left on the device of {root} writing the "
                               f"checkpoint of step {step} ({shown} free); its partial write was removed "

@@ -386,7 +386,7 @@ class Trainer:
         step, ps = self.state.step, self.pstate
         tmp = ckpt.begin_checkpoint(self.ckpt_root, step) if self.is_main else None
         self._barrier()
-        tmp = self.ckpt_root / f".tmp-step_{step:08d}"
+        tmp = ckpt.temp_dir(self.ckpt_root, step)
         self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=True)
         known = {}
         mine = (lambda name: tmp / name) if self.is_main else (lambda name: None)
