@@ -123,3 +123,60 @@ def test_resume_of_another_kind_of_run_is_refused(prepared, tmp_path):
     resumed = Trainer(cpt, resume="auto", emit=quiet)
     assert resumed.state.step == 2 and resumed.D1 == 1024
     assert resumed.run()["finished"]
+
+
+def _rehash(step_dir, name):
+    """Make ``name``'s manifest entry match its (replaced) content: damage the checksum cannot see."""
+    manifest = json.loads((step_dir / ckpt.MANIFEST).read_text())
+    files = manifest["files"] if "files" in manifest else manifest
+    file = step_dir / name
+    files[name] = {"bytes": file.stat().st_size, "sha256": ckpt.file_sha256(file)}
+    (step_dir / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_engine_state_deepspeed_cannot_load_is_one_checkpoint_error(prepared, tmp_path):
+    out = tmp_path / "run"
+    cfg, _ = _finished_run(prepared, out)
+    last = ckpt.step_dirs(out / "checkpoints")[-1]
+    states = sorted((last / "deepspeed").rglob("mp_rank_00_model_states.pt"))
+    assert states, sorted((last / "deepspeed").rglob("*"))
+    states[0].write_bytes(b"not a torch file at all")
+    _rehash(last, states[0].relative_to(last).as_posix())
+    assert ckpt.verify_checkpoint(last) is None  # past the checksums
+    (out / "summary.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint error: .*step_00000004/deepspeed: DeepSpeed "
+                                                   r"cannot load its engine state \(\w+: .*\); accepted"):
+        Trainer(cfg, resume="auto", emit=quiet)
+
+
+def test_broken_newer_checkpoints_are_notes_and_a_fresh_start_never_writes_over_them(prepared, tmp_path):
+    import warnings
+    out = tmp_path / "run"
+    cfg, _ = _finished_run(prepared, out)
+    newest = ckpt.step_dirs(out / "checkpoints")[-1]
+    (newest / "trainer.pt").write_bytes(b"garbage")
+    lines = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(cfg, resume="auto", emit=lines.append)
+    trainer._release_lock()
+    assert not [w for w in caught if "skipping checkpoint" in str(w.message)]  # no stray stderr lines
+    assert any(line.startswith(f"note: skipping checkpoint {newest}: ") for line in lines), lines
+    assert trainer.resume_from.name == "step_00000002"
+    for step_dir in ckpt.step_dirs(out / "checkpoints"):
+        (step_dir / "trainer.pt").write_bytes(b"garbage")
+    before = _snapshot(out)
+    with pytest.raises(ckpt.CheckpointError, match=r"already holds checkpoint step_00000004; pass --resume"):
+        Trainer(cfg, emit=quiet)  # no --resume over broken checkpoints: refused, not overwritten
+    assert _snapshot(out) == before
+
+
+def test_a_checkpoint_directory_that_is_a_file_is_refused_before_training(prepared, tmp_path):
+    from megareuse.config import ConfigError
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a directory")
+    cfg = tiny(prepared, out, "run.train_tokens=512")
+    with pytest.raises(ConfigError, match=r"checkpoints \(run.out_dir's checkpoint directory\) is a file"):
+        Trainer(cfg, emit=quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # no log, no lock left

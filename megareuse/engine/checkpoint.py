@@ -26,7 +26,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -306,14 +306,18 @@ def step_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The newest checkpoint that verifies (checksums included); newer broken ones are skipped
-    with a warning naming them. Only checkpoints newer than the result are checksummed."""
+def latest_checkpoint(root: Path, skipped: Optional[Callable[[Path, str], None]] = None) -> Optional[Path]:
+    """The newest checkpoint that verifies (checksums included). Newer broken ones are skipped,
+    each reported to ``skipped(path, problem)`` (default: a warning naming it). Only checkpoints
+    newer than the result are checksummed."""
     for candidate in reversed(step_dirs(root)):
         problem = verify_checkpoint(candidate)
         if problem is None:
             return candidate
-        warnings.warn(f"skipping checkpoint {candidate}: {problem}", stacklevel=2)
+        if skipped is None:
+            warnings.warn(f"skipping checkpoint {candidate}: {problem}", stacklevel=2)
+        else:
+            skipped(candidate, problem)
     return None
 
 

@@ -56,6 +56,20 @@ def _layout(cfg: Config, dp_size: int) -> dict[str, int]:
     return {"tp": cfg.parallel.tp, "dp": dp_size, "zero_stage": cfg.parallel.zero_stage}
 
 
+def _load_engine_state(engine, path: Path) -> None:
+    """DeepSpeed's sharded engine state from checkpoint ``path``. Its files passed their
+    checksums, so a file DeepSpeed cannot read was written so (or replaced with its manifest):
+    a CheckpointError naming it, not DeepSpeed's traceback (MEGAREUSE_TRACEBACK=1 shows that)."""
+    try:
+        engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+    except Exception as exc:  # noqa: BLE001 - torch.load / pickle / DeepSpeed raise many kinds
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ckpt.CheckpointError(
+            f"checkpoint error: {path / 'deepspeed'}: DeepSpeed cannot load its engine state "
+            f"({type(exc).__name__}: {first}); accepted a checkpoint written by megareuse "
+            f"(delete or move {path.name} to resume from an older one)") from exc
+
+
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose next ``step()`` can be declined: at ZeRO-0 DeepSpeed has no overflow check of
     its own, so the trainer declines the update of a step whose gradient norm is not finite (the
@@ -100,6 +114,10 @@ class Trainer:
             raise ConfigError(f"config error: run.out_dir = {cfg.run.out_dir!r} {problem}; accepted a "
                               "writable directory (created if missing)")
         self.ckpt_root = self.out_dir / "checkpoints"
+        problem = output_dir_problem(self.ckpt_root)
+        if problem is not None:  # found now, not at the first save
+            raise ConfigError(f"config error: {self.ckpt_root} (run.out_dir's checkpoint directory) {problem}; "
+                              "accepted a writable directory (created if missing)")
         # checks that need no process group come first: a bad input writes nothing
         launch = discover()
         self.data = open_training_data(cfg.data, cfg.model)
@@ -172,15 +190,24 @@ class Trainer:
             self._lock = None
 
     # ------------------------------------------------------------------ setup
+    def _latest(self) -> Optional[Path]:
+        """The newest checkpoint that verifies; each newer broken one is named in a note."""
+        broken: list[str] = []
+        latest = ckpt.latest_checkpoint(self.ckpt_root, lambda path, problem: broken.append(f"{path}: {problem}"))
+        for line in broken if latest is not None else []:  # with none good, the caller says it in one line
+            self.emit(f"note: skipping checkpoint {line} (left for inspection)")
+        return latest
+
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
         if resume is None:
-            if latest is not None:
+            existing = ckpt.step_dirs(self.ckpt_root)  # verified or not: a fresh start never writes over one
+            if existing:
                 raise ckpt.CheckpointError(
                     f"run error: run.out_dir = {str(self.out_dir)!r} already holds checkpoint "
-                    f"{latest.name}; pass --resume to continue it or choose another run.out_dir")
+                    f"{existing[-1].name}; pass --resume to continue it or choose another run.out_dir")
             return None
         if resume == "auto":
+            latest = self._latest()
             broken = ckpt.step_dirs(self.ckpt_root) if latest is None else []
             if broken:  # never restart over checkpoints that exist: they are left for inspection
                 raise ckpt.CheckpointError(
@@ -264,7 +291,7 @@ class Trainer:
     def _keep_optimizer(self, engine) -> None:
         here, there = _layout(self.cfg, self.pstate.dp_size), self.init.meta.get("layout")
         if there == here and (self.init.path / "deepspeed").is_dir():
-            engine.load_checkpoint(str(self.init.path / "deepspeed"), tag="state")
+            _load_engine_state(engine, self.init.path)
         elif not self._load_layout_free_optimizer(engine, self.init.path):
             raise ckpt.CheckpointError(
                 f"run error: run.keep_optimizer needs the base's optimizer state; {self.init.path} has none "
@@ -275,7 +302,7 @@ class Trainer:
         here = _layout(self.cfg, self.pstate.dp_size)
         there = meta.get("layout")
         if there == here and (path / "deepspeed").is_dir():
-            engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+            _load_engine_state(engine, path)
         elif self._load_layout_free_optimizer(engine, path, trainer):
             self.emit(f"note: {path} was saved at {there}; weights and optimizer state resharded to {here}")
         else:
@@ -295,7 +322,7 @@ class Trainer:
     def _rollback(self, from_step: int) -> Path:
         """Reload the last checkpoint's engine state and counters, keep the data cursor (the
         batches since are not replayed) and lower the learning rate (guard.lr_factor)."""
-        last = self._on_rank0(lambda: ckpt.latest_checkpoint(self.ckpt_root))
+        last = self._on_rank0(self._latest)
         problem = "no checkpoint has been written yet" if last is None else None
         if last is not None:
             objs, meta = ckpt.load_checkpoint(last, names=("trainer",), checksums=False)
@@ -304,7 +331,7 @@ class Trainer:
         if problem:
             raise DivergenceError(f"{self.guard.stop_message(from_step)} (no rollback possible: {problem})")
         cursor, wall = self.state.samples, self.state.wall_s
-        self.engine.load_checkpoint(str(last / "deepspeed"), tag="state")
+        _load_engine_state(self.engine, last)
         self._load_trainer_state(objs["trainer"])
         self.state.samples, self.state.wall_s = max(cursor, self.state.samples), wall
         self.guard.rolled_back()
