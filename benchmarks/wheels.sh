@@ -65,7 +65,7 @@ echo "== downloading ${PACKAGES[*]} (and what they need) for CPython 3.12 manyli
 "${PIP[@]}" download -q "${PLATFORM[@]}" -d "$TMP/dl" "${PACKAGES[@]}"
 # the GPU machine's own torch / triton / numpy / nvidia-* stay: drop them if a dependency pulled one
 for f in "$TMP"/dl/*.whl; do
-    case "$(basename "$f" | tr 'A-Z' 'a-z')" in
+    case "$(basename "$f" | tr '[:upper:]' '[:lower:]')" in
         torch-*|triton-*|nvidia_*) continue ;;
         numpy-*) [ "$FULL" = 1 ] || continue ;;
     esac
