@@ -240,6 +240,8 @@ class RunConfig:
     dtype: str = "fp32"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     peak_tflops: float = 0.0  # per device, for MFU; 0 = unknown (MFU not shown)
+    prefetch: Optional[bool] = None  # build the next micro-batches in a background thread; null: on CUDA only
+    sync_every_step: bool = False  # read loss / grad norm on the host every step (else at log, eval, save steps)
 
     DEVICES = ("cpu", "cuda", "auto")
     DTYPES = ("fp32", "bf16")

@@ -178,11 +178,14 @@ def test_truncated_bin_is_refused_with_one_line(prepared, tmp_path):
 
 
 # ----------------------------------------------------------------------------- divergence
-def test_nan_steps_skipped_then_rollback_lowers_lr_and_spike_logged(prepared, tmp_path):
+@pytest.mark.parametrize("reads", ["run.log_interval=1", "run.log_interval=5"])
+def test_nan_steps_skipped_then_rollback_lowers_lr_and_spike_logged(prepared, tmp_path, reads):
+    """Losses are read at log/eval/save steps (log_interval 5: the NaNs of steps 6 and 7 are seen
+    at step 8, after step 8 trained): the same skips, rollback, cursor and weights as reading each step."""
     out = tmp_path / "run"
     args = tiny_args(prepared, out, "run.train_tokens=3072", "run.save_interval=4", "guard.max_skips=2",
                      "guard.skip_window=3", "guard.lr_factor=0.5", "schedule.kind=constant",
-                     "schedule.warmup_steps=0")
+                     "schedule.warmup_steps=0", reads)
     proc = run_job([sys.executable, RUNNER, "--nan-batches", "3,6,7", "--spike-batches", "10", "--",
                     *args, "guard.spike_window=4"])
     assert proc.returncode == 0, proc.stdout[-3000:]

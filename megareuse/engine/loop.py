@@ -157,51 +157,74 @@ class TrainingLoop:
 
     def _loop(self, stop: int, log: Optional[MetricsLog], progress: Progress, signals: StopSignals,
               watchdog: Optional[Watchdog]) -> dict[str, float]:
-        run = self.stage.cfg.run
+        """Steps run back to back without waiting for the device; their losses, norms and skip
+        flags are read (one host sync) and judged by the guard at the next log, eval or save
+        step, and before acting on a stop signal. A step that is not finite was never applied
+        (the optimizer declines it on the device); only the skip counting and a rollback wait."""
+        run, stage = self.stage.cfg.run, self.stage
         t_start, last_eval = time.perf_counter(), {}
-        wall_before = self.stage.state.wall_s
-        progress.start(self.stage.state.step)
-        self.stage.engine.train()
+        wall_before = stage.state.wall_s
+        progress.start(stage.state.step)
+        stage.engine.train()
         beat = watchdog.progress if watchdog is not None else (lambda step, phase: None)
-        while self.stage.state.step < stop:
-            beat(self.stage.state.step, "train")
-            loss, lr, grad_norm, applied = self.stage.train_step()
-            self.stage.state.wall_s = wall_before + time.perf_counter() - t_start
-            step = self.stage.state.step
+        pending: list[tuple[int, int, int, Any]] = []  # (step, tokens, samples, StepResult) not read yet
+        while stage.state.step < stop:
+            beat(stage.state.step, "train")
+            result = stage.train_step()
+            pending.append((stage.state.step, stage.state.tokens, stage.state.samples, result))
+            stage.state.wall_s = wall_before + time.perf_counter() - t_start
+            step = stage.state.step
+            last = step == stage.total_steps
+            evaluating = step % run.eval_interval == 0 or last
+            saving = step % run.save_interval == 0 or last or step == stop or step in stage.save_steps
+            saved = None
+            if evaluating or saving or step % run.log_interval == 0:
+                if self._settle(pending, stop, log, progress):  # rolled back
+                    t_start, wall_before = time.perf_counter(), stage.state.wall_s
+                    progress.start(stage.state.step)
+                    continue
+                if evaluating:
+                    beat(step, "eval")
+                    last_eval = self._evaluate(step, log)
+                if saving:
+                    beat(step, "save")
+                    saved = stage.save()
+                    stage.emit(f"saved {saved}")
+            received = signals.agreed()
+            if received is not None:
+                if self._settle(pending, stop, log, progress):
+                    continue  # the signal stays set: acted on after the rollback's next step
+                beat(step, "save")
+                self._preempt(received, saved or stage.save(), log)
+        return last_eval
+
+    def _settle(self, pending: list[tuple[int, int, int, Any]], stop: int, log: Optional[MetricsLog],
+                progress: Progress) -> bool:
+        """Read the pending steps, log them and apply the guard; True when it rolled back."""
+        from megareuse.engine.trainer import read_steps
+        run, stage = self.stage.cfg.run, self.stage
+        steps = list(zip(pending, read_steps([r for *_, r in pending])))
+        pending.clear()
+        for (step, tokens, samples, _), (loss, lr, grad_norm, applied) in steps:
             finite = applied and math.isfinite(loss)
-            record = {"kind": "train", "step": step, "tokens": self.stage.state.tokens,
+            record = {"kind": "train", "step": step, "tokens": tokens,
                       "loss": loss if math.isfinite(loss) else None, "lr": lr,
                       "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
             if not finite:
                 record["skipped"] = True
-            elif (median := self.stage.guard.spikes.observe(loss)) is not None:
-                self.stage.guard.state.spikes += 1
+            elif (median := stage.guard.spikes.observe(loss)) is not None:
+                stage.guard.state.spikes += 1
                 record["spike_median"] = median
-                self.stage.emit(f"loss spike at step {step}: {loss:.4f} > {self.stage.cfg.guard.spike_ratio:g} x "
-                          f"running median {median:.4f}")
-            last = step == self.stage.total_steps
-            if step % run.log_interval == 0 or last or step == stop:
-                skipped = self.stage.guard.state.skipped_steps + (not finite)
+                stage.emit(f"loss spike at step {step}: {loss:.4f} > {stage.cfg.guard.spike_ratio:g} x "
+                           f"running median {median:.4f}")
+            if step % run.log_interval == 0 or step == stage.total_steps or step == stop:
+                skipped = stage.guard.state.skipped_steps + (not finite)
                 record.update(progress.line(step, loss, lr, f"skipped {skipped}" if skipped else ""))
             if log:
                 log.write(record)
-            if not finite and self._on_bad_step(step, loss, grad_norm, log):
-                t_start, wall_before = time.perf_counter(), self.stage.state.wall_s
-                progress.start(self.stage.state.step)
-                continue
-            if step % run.eval_interval == 0 or last:
-                beat(step, "eval")
-                last_eval = self._evaluate(step, log)
-            saved = None
-            if step % run.save_interval == 0 or last or step == stop or step in self.stage.save_steps:
-                beat(step, "save")
-                saved = self.stage.save()
-                self.stage.emit(f"saved {saved}")
-            received = signals.agreed()
-            if received is not None:
-                beat(step, "save")
-                self._preempt(received, saved or self.stage.save(), log)
-        return last_eval
+            if not finite and self._on_bad_step(step, loss, grad_norm, log, samples):
+                return True  # the steps after it trained on the diverging model: the rollback drops them
+        return False
 
     def _evaluate(self, step: int, log: Optional[MetricsLog]) -> dict[str, float]:
         """Validation loss per domain, logged as an eval record and shown."""
@@ -212,8 +235,11 @@ class TrainingLoop:
         self.stage.emit(f"eval step {step}: " + ", ".join(f"{d} {v:.4f}" for d, v in losses.items()))
         return losses
 
-    def _on_bad_step(self, step: int, loss: float, grad_norm: float, log: Optional[MetricsLog]) -> bool:
-        """A skipped step: count it; roll back (returns True) or stop when the guard says so."""
+    def _on_bad_step(self, step: int, loss: float, grad_norm: float, log: Optional[MetricsLog],
+                     samples: int) -> bool:
+        """A skipped step: count it; roll back (returns True) or stop when the guard says so.
+        ``samples``: the data cursor right after that step, where training goes on after a
+        rollback (steps trained after it, before it was read, are dropped and not skipped over)."""
         self.stage.emit(f"warning: step {step} skipped (loss {loss}, gradient norm {grad_norm}); "
                   f"{self.stage.guard.state.skipped_steps + 1} skipped so far")
         action = self.stage.guard.on_skip(step)
@@ -221,6 +247,7 @@ class TrainingLoop:
             return False
         if action == "stop":
             raise DivergenceError(self.stage.guard.stop_message(step))
+        self.stage.state.samples = samples
         path = self.stage._rollback(step)
         self.stage.emit(f"rolled back to {path} (step {self.stage.state.step}) after {self.stage.cfg.guard.max_skips} skipped "
                   f"steps; learning rate x {self.stage.guard.state.lr_scale:g} from now on")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
 from megareuse.engine.inputs import open_training_data
 from megareuse.engine.loop import TrainingLoop
 from megareuse.engine.metrics import read_metrics, tune_host_allocator
+from megareuse.engine.prefetch import Prefetcher
 from megareuse.engine.schedule import LRSchedule
 from megareuse.model import flops_per_token, non_embedding_param_count, param_count
 from megareuse.parallel.launch import discover
@@ -73,20 +74,48 @@ def _load_engine_state(engine, path: Path) -> None:
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose next ``step()`` can be declined: at ZeRO-0 DeepSpeed has no overflow check of
     its own, so the trainer declines the update of a step whose gradient norm is not finite (the
-    engine still zeroes the gradients and counts the step). ZeRO 1-3 skip such steps themselves."""
+    engine still zeroes the gradients and counts the step). ZeRO 1-3 skip such steps themselves.
+
+    The fused kernel takes the decision as a device tensor (``found_inf``, as torch's GradScaler
+    hands it over): an update is declined without the host waiting for the gradient norm."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._skip_next = False
+        self._skip_next: Optional[torch.Tensor] = None
 
-    def skip_next_step(self) -> None:
-        self._skip_next = True
+    def skip_next_step_if(self, not_finite: torch.Tensor) -> None:
+        self._skip_next = not_finite
 
     def step(self, closure=None):
-        if self._skip_next:
-            self._skip_next = False
-            return None
-        return super().step(closure)
+        skip, self._skip_next = self._skip_next, None
+        if skip is None:
+            return super().step(closure)
+        if not self.defaults.get("fused"):  # the foreach/for-loop kernels take no found_inf: decide here
+            return None if bool(skip) else super().step(closure)
+        self.found_inf = skip.float()
+        try:
+            return super().step(closure)
+        finally:
+            del self.found_inf
+
+
+class StepResult(NamedTuple):
+    """What one optimizer step returns. ``loss``, ``grad_norm`` and ``applied`` may be device
+    tensors not read yet (``read_steps`` reads many at once: one host sync for all of them)."""
+
+    loss: Union[torch.Tensor, float]
+    lr: float
+    grad_norm: Union[torch.Tensor, float]
+    applied: Union[torch.Tensor, bool]
+
+
+def read_steps(results: list[StepResult]) -> list[tuple[float, float, float, bool]]:
+    """(loss, lr, grad norm, applied) as Python values for each step, with one device-to-host copy."""
+    tensors = [x.detach().reshape(()).double() for r in results for x in (r.loss, r.grad_norm, r.applied)
+               if isinstance(x, torch.Tensor)]
+    values = iter(torch.stack(tensors).tolist() if tensors else [])
+    take = lambda x: next(values) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return [(float(take(r.loss)), r.lr, float(take(r.grad_norm)), bool(take(r.applied))) for r in results]
 
 
 def make_optimizer(model: torch.nn.Module, o, device: torch.device) -> SkippableAdamW:
@@ -154,6 +183,9 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         if self.pstate.world_size > 1:  # sharded ranks stream tensors; one process holds the model anyway
             tune_host_allocator()
+        prefetch = self.device.type == "cuda" if cfg.run.prefetch is None else cfg.run.prefetch
+        self._prefetch = Prefetcher(self.data.train, cfg.run.micro_batch_size,
+                                    cfg.run.micro_batch_size * self.pstate.dp_size, self.device) if prefetch else None
         self.state = TrainState()
         self.guard = DivergenceGuard(cfg.guard)  # its state comes back with a resumed checkpoint
         self._lock: Optional[RunLock] = None
@@ -453,6 +485,8 @@ class Trainer:
         try:
             return TrainingLoop(self).run(until_step)
         finally:
+            if self._prefetch is not None:
+                self._prefetch.close()
             self._release_lock()
 
     def batch_loss(self, batch: torch.Tensor) -> torch.Tensor:
@@ -460,43 +494,50 @@ class Trainer:
         chunked / fused / plain, vocab-parallel under TP) so no [B, T, V] logits need exist."""
         return self.engine(batch[:, :-1], batch[:, 1:])
 
-    def train_step(self) -> tuple[float, float, float, bool]:
+    def train_step(self) -> StepResult:
         """One optimizer step: (mean loss, lr, gradient norm before clipping, applied?).
 
         A step whose gradient norm is not finite is not applied: ZeRO 1-3 skip it themselves
         (DeepSpeed's overflow check); at ZeRO-0 the norm is measured before the engine steps
-        and the optimizer update is left out here. Data and step counters advance either way."""
+        and the fused optimizer declines the update on the device. Data and step counters
+        advance either way. Nothing here waits for the device: loss, norm and the applied flag
+        come back as tensors, read by the loop at its log, eval and save steps."""
         run, ps = self.cfg.run, self.pstate
         lr = self.schedule(self.state.step) * self.guard.state.lr_scale
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        losses = torch.zeros(1, dtype=torch.float64)
-        norm_before_step, skipped_before, applied = None, self.engine.skipped_steps, True
+        losses = None
+        norm_before_step, skipped_before, finite = None, self.engine.skipped_steps, True
         for micro in range(run.grad_accum):
-            first = self.state.samples + ps.dp_rank * run.micro_batch_size
-            batch = self.data.train.batch(first, run.micro_batch_size).to(self.device)
+            batch = self._batch(self.state.samples + ps.dp_rank * run.micro_batch_size)
             loss = self.batch_loss(batch)
             self.engine.backward(loss)
             if micro == run.grad_accum - 1 and self.cfg.parallel.zero_stage == 0:
                 # ZeRO-0 clips without keeping the norm: measure it (TP-aware; no clipping at inf)
                 from deepspeed.runtime.utils import clip_grad_norm_
                 norm_before_step = clip_grad_norm_(list(self.engine.module.parameters()), math.inf,
-                                                   mpu=self.engine.mpu)
-                applied = math.isfinite(float(norm_before_step))
-            if not applied:
-                self.optimizer.skip_next_step()
+                                                   mpu=self.engine.mpu).reshape(())
+                finite = torch.isfinite(norm_before_step)
+                self.optimizer.skip_next_step_if(~finite)
             self.engine.step()
-            losses += float(loss.detach())
+            losses = loss.detach().double() if losses is None else losses + loss.detach().double()
             self.state.samples += run.micro_batch_size * ps.dp_size
-        applied = applied and self.engine.skipped_steps == skipped_before
         if ps.dp_size > 1:
             dist.all_reduce(losses, group=ps.dp_group)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = norm_before_step if grad_norm is None else grad_norm
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
-        loss = float(losses[0]) / (run.grad_accum * ps.dp_size)
-        return loss, lr, float("nan") if grad_norm is None else float(grad_norm), applied
+        applied = finite & (self.engine.skipped_steps == skipped_before)
+        result = StepResult(losses / (run.grad_accum * ps.dp_size), lr,
+                            float("nan") if grad_norm is None else grad_norm, applied)
+        return StepResult(*read_steps([result])[0]) if run.sync_every_step else result
+
+    def _batch(self, first: int) -> torch.Tensor:
+        """Micro-batch of global samples ``first ..`` on the device (prefetched when run.prefetch is on)."""
+        if self._prefetch is None:
+            return self.data.train.batch(first, self.cfg.run.micro_batch_size).to(self.device)
+        return self._prefetch.get(first)
 
     def evaluate(self) -> dict[str, float]:
         run, ps = self.cfg.run, self.pstate
