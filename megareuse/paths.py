@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -55,6 +56,38 @@ def output_dir_problem(path: PathLike) -> Optional[str]:
         return f"cannot be created: {parent} is a file, not a directory"
     problem = _write_problem(parent)
     return None if problem is None else f"cannot be created: {parent} {problem}"
+
+
+def check_input(path: PathLike, want: str, field: str, accepted: str,
+                error: type[Exception] = ValueError) -> Path:
+    """``path`` when ``input_problem`` finds nothing wrong, else raise ``error`` with one line:
+    ``{field} '{path}' {problem}; accepted {accepted}``."""
+    problem = input_problem(path, want)
+    if problem is not None:
+        raise error(f"{field} {str(path)!r} {problem}; accepted {accepted}")
+    return Path(path)
+
+
+def check_output_dir(path: PathLike, field: str, error: type[Exception] = ValueError) -> Path:
+    """``path`` when ``output_dir_problem`` finds nothing wrong, else raise ``error`` with one line
+    naming ``field`` and the path."""
+    problem = output_dir_problem(path)
+    if problem is not None:
+        raise error(f"{field} {str(path)!r} {problem}; accepted a writable directory (or a new path "
+                    "whose nearest existing parent is one)")
+    return Path(path)
+
+
+@contextmanager
+def naming(path: PathLike) -> Iterator[None]:
+    """An OSError raised without a path (a ``write`` on an open file that hits a full disk) gets
+    ``path`` as its filename, so its one line says where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+        raise
 
 
 def _write_problem(directory: Path) -> Optional[str]:

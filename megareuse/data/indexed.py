@@ -28,6 +28,7 @@ from typing import Iterable, Union
 import numpy as np
 
 from megareuse.atomic import fsync_dir
+from megareuse.paths import input_problem
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -189,8 +190,10 @@ class IndexedDataset:
         self.prefix = Path(prefix)
         idx_file, bin_file = index_path(prefix), data_path(prefix)
         for path in (idx_file, bin_file):
-            if not path.is_file():
-                raise CorruptDatasetError(f"{path} does not exist (run `megareuse prepare`?)")
+            problem = input_problem(path, "file")
+            if problem is not None:
+                raise CorruptDatasetError(f"{path} {problem}; accepted the .bin/.idx pair written by "
+                                          "`megareuse prepare`")
         self.dtype, seq_count, doc_count = self._read_header(idx_file)
         expected = HEADER_SIZE + seq_count * (4 + 8) + doc_count * 8
         actual = idx_file.stat().st_size

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .corpora import DOMAINS, CorpusError
 from .indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from .tokenizer import MAX_VOCAB, MIN_VOCAB, Tokenizer, text_chunks, train_tokenizer
+from megareuse.exits import quiet_worker
 from megareuse.paths import output_dir_problem
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,9 @@ def _validate(out_dir: Path, domains: Domains, vocab_size, workers, valid, force
                 if not Path(path).is_file():
                     raise PrepareError(f"prepare: input file {path} (domain {name!r}) does not "
                                        f"exist")
+            if not any(_has_text(Path(path)) for path in files):  # stops at the first with text
+                raise PrepareError(f"prepare: domain {name!r}: all {len(files)} document files are empty "
+                                   "(or whitespace only); accepted documents with text to tokenize")
     else:
         for name in domains:
             if name not in DOMAINS:
@@ -148,6 +152,16 @@ def _validate(out_dir: Path, domains: Domains, vocab_size, workers, valid, force
             raise PrepareError(f"prepare: --force would replace {out_dir}, which is not a prepared data "
                                "directory (no prepare.json); accepted a new path, an empty directory or "
                                "an earlier `megareuse prepare` output")
+
+
+def _has_text(path: Path) -> bool:
+    """Whether a document file holds anything but whitespace (read in 1 MiB blocks, stopping at
+    the first non-blank byte)."""
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            if block.strip():
+                return True
+    return False
 
 
 def _read_text(path: Path) -> str:
@@ -179,7 +193,7 @@ def _pool(workers: int, model_path: Path):
     """A worker pool (fork on Linux: no re-import; spawn elsewhere)."""
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     ctx = multiprocessing.get_context(method)
-    return ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_path),))
+    return ctx.Pool(workers, initializer=quiet_worker, initargs=(_init_worker, str(model_path)))
 
 
 # --------------------------------------------------------------------------- main entry

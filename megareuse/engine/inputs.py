@@ -5,12 +5,14 @@ domain's train/valid files (their integrity is checked by IndexedDataset), the v
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 from megareuse.config import DataConfig, ModelConfig
 from megareuse.data import BlendedDataset, CorruptDatasetError, GPTDataset, IndexedDataset, Tokenizer
+from megareuse.data.preprocess import INFO_FILE
 from megareuse.paths import input_problem
 
 
@@ -64,10 +66,34 @@ def _open_tokenizer(root: Path, field: str) -> Tokenizer:
     if problem is not None:
         raise DataError(f"data error: {tok_path} {problem}; accepted a sentencepiece tokenizer.model file")
     try:
-        return Tokenizer(str(tok_path))
+        tokenizer = Tokenizer(str(tok_path))
     except ValueError as exc:
         raise DataError(f"data error: {str(exc).splitlines()[0]}; accepted the tokenizer.model "
                         "written by `megareuse prepare` (or any sentencepiece model)") from None
+    _check_prepared_tokenizer(root, tok_path, tokenizer.sha256)
+    return tokenizer
+
+
+def _check_prepared_tokenizer(root: Path, tok_path: Path, sha256: str) -> None:
+    """When the directory's prepare.json records the tokenizer's sha256, tokenizer.model must be
+    that file: a replaced tokenizer would train on ids it did not write."""
+    info_path = root / INFO_FILE
+    if not info_path.is_file():
+        return
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"data error: {info_path} is not valid JSON ({str(exc).splitlines()[0]}); accepted the "
+                        "prepare.json written by `megareuse prepare`") from None
+    recorded = info.get("tokenizer_sha256") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or (recorded is not None and not isinstance(recorded, str)):
+        raise DataError(f"data error: {info_path} is not a prepare.json object with a tokenizer_sha256 string; "
+                        "accepted the prepare.json written by `megareuse prepare`")
+    if info.get("tokenizer", "tokenizer.model") != "tokenizer.model" or recorded in (None, sha256):
+        return
+    raise DataError(f"data error: {tok_path} has sha256 {sha256[:12]}... but {info_path} records "
+                    f"tokenizer_sha256 {recorded[:12]}... (the token ids were written with another tokenizer); "
+                    "accepted the tokenizer.model the directory was prepared with (prepare it again)")
 
 
 def open_training_data(data: DataConfig, model: ModelConfig,

@@ -43,6 +43,7 @@ from megareuse.interop.errors import HFError
 from megareuse.interop.hf_data import file_sha256, hf_lineage, read_json_object, special_ids, tokenizer_entry
 from megareuse.model import non_embedding_param_count, param_count
 from megareuse.model.flops import weight_shapes
+from megareuse.paths import check_input, check_output_dir
 
 PathLike = Union[str, os.PathLike]
 MODEL_TYPES = ("llama", "mistral")
@@ -231,6 +232,7 @@ def _publish(staging: Path, out: Path) -> None:
 def _check_new(out: Path) -> None:
     if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise HFError(f"--out {str(out)!r} already exists; accepted a new path or an empty directory")
+    check_output_dir(out, "--out", HFError)
 
 
 # --------------------------------------------------------------------------- import
@@ -244,6 +246,7 @@ def import_hf(src: PathLike, out: PathLike, *, d1: int, max_seq_len: Optional[in
     """
 
     src, out = Path(src), Path(out)
+    check_input(src, "directory", "--from", "a Hugging Face model directory (config.json, *.safetensors)", HFError)
     if not (src / "config.json").is_file():
         raise HFError(f"--from {str(src)!r} has no config.json; accepted a Hugging Face model directory")
     _check_new(out)

@@ -84,14 +84,22 @@ def _domains(args: argparse.Namespace):
     if not args.files:
         return [d for d in args.domains.split(",") if d]
     mapping: dict[str, list[Path]] = {}
+    seen: dict[str, set[Path]] = {}
     for item in args.files:
         name, sep, pattern = item.partition("=")
         if not sep or not name or not pattern:
             raise HFError(f"--files {item!r}: accepted NAME=GLOB, e.g. prose=corpus/prose/*.txt")
-        matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-        mapping.setdefault(name, []).extend(p for p in matched if p.is_file())
-        if not mapping[name]:
+        matched = [p for p in sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if p.is_file()]
+        if not matched:
             raise HFError(f"--files {item!r}: the pattern matches no files")
+        taken = seen.setdefault(name, set())
+        new = [p for p in matched if p.resolve() not in taken]
+        taken.update(p.resolve() for p in new)
+        if len(new) < len(matched):  # overlapping globs: each document is tokenized once
+            print(f"megareuse prepare-hf: note: --files {item!r}: {len(matched) - len(new)} of its "
+                  f"{len(matched)} files were already matched for domain {name!r}; each is taken once",
+                  file=sys.stderr)
+        mapping.setdefault(name, []).extend(new)
     return mapping
 
 

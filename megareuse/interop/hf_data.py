@@ -35,6 +35,8 @@ from megareuse.data import preprocess as pp
 from megareuse.data.indexed import best_dtype
 from megareuse.data.tokenizer import MIN_VOCAB, Tokenizer
 from megareuse.engine.checkpoint import META, file_sha256, read_meta
+from megareuse.exits import quiet_worker
+from megareuse.paths import check_input
 from megareuse.interop.errors import HFError
 
 log = logging.getLogger(__name__)
@@ -184,7 +186,9 @@ def tokenizer_file(path: PathLike) -> Path:
                 return path / name
         raise HFError(f"--tokenizer {str(path)!r} holds no tokenizer.model or tokenizer.json; accepted an "
                       "imported checkpoint, an HF model directory or a tokenizer file")
-    if not path.is_file() or path.suffix not in (".model", ".json"):
+    check_input(path, "file", "--tokenizer", "an imported checkpoint, an HF model directory or a tokenizer.model / "
+                "tokenizer.json file", HFError)
+    if path.suffix not in (".model", ".json"):
         raise HFError(f"--tokenizer {str(path)!r}: accepted an existing tokenizer.model / tokenizer.json file "
                       "or a directory holding one")
     return path
@@ -240,7 +244,7 @@ def _encoded(paths: list[Path], tok, workers: int, dtype: np.dtype) -> Iterator[
         yield from map(_encode_job, jobs)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),))
+    pool = ctx.Pool(workers, initializer=quiet_worker, initargs=(_init_worker, str(tok.path)))
     try:
         yield from pool.imap(_encode_job, jobs)
     finally:

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 from megareuse.law.data import LawError, RunTable, load_table, parse_count
 from megareuse.law.forms import available_forms, forms_for_columns, get_form
+from megareuse.paths import check_output_dir
 
 CHECKS = ("rollout", "loo")
 
@@ -186,10 +187,7 @@ def _pairs(name: str, items: Sequence[str]) -> dict:
 
 
 def _out_dir(text: str) -> Path:
-    out = Path(text)
-    if out.exists() and not out.is_dir():
-        raise LawError(f"--out {text}: exists and is not a directory; accepted a directory path")
-    return out
+    return check_output_dir(text, "--out", LawError)
 
 
 def cmd_fit(args) -> int:

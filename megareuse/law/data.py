@@ -20,6 +20,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from megareuse.paths import check_input
+
 KNOWN = ("D1", "D2", "N", "D")
 TOKEN_COLUMNS = ("D1", "D2", "D")
 UNITS = [(1.0, ""), (1e3, "K"), (1e6, "M"), (1e9, "B"), (1e12, "T")]
@@ -174,9 +176,7 @@ def load_table(path, loss_col: str = "loss", where: Optional[Mapping[str, str]] 
                rename: Optional[Mapping[str, str]] = None) -> RunTable:
     """Read a CSV/TSV/JSONL run table. `where` keeps rows whose column equals the value;
     `rename` maps a law column to a table column (e.g. {"D": "D2"})."""
-    path = Path(path)
-    if not path.is_file():
-        raise LawError(f"runs table {path} does not exist; accepted a .csv or .jsonl file")
+    path = check_input(path, "file", "runs table", "a .csv or .jsonl file", LawError)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")

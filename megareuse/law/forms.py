@@ -70,7 +70,8 @@ class Form:
 
     def params_from_theta(self, theta: Sequence[float]) -> dict[str, float]:
         m = len(self.linear)
-        values = {p: float(np.exp(theta[i])) for i, p in enumerate(self.linear)}
+        with np.errstate(over="ignore"):  # a huge log-coefficient is inf, which the callers check
+            values = {p: float(np.exp(theta[i])) for i, p in enumerate(self.linear)}
         values.update({p: float(theta[m + i]) for i, p in enumerate(self.nonlinear)})
         return {p: values[p] for p in self.params}
 

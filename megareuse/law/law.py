@@ -14,6 +14,7 @@ import numpy as np
 from megareuse import __version__
 from megareuse.law.data import LawError, RunTable
 from megareuse.law.forms import Form, get_form
+from megareuse.paths import check_input
 
 SCHEMA = "megareuse.law/1"
 
@@ -190,9 +191,7 @@ class Law:
 
     @classmethod
     def load(cls, path) -> "Law":
-        path = Path(path)
-        if not path.is_file():
-            raise LawError(f"law file {path} does not exist; accepted law.json written by `megareuse fit`")
+        path = check_input(path, "file", "law file", "law.json written by `megareuse fit`", LawError)
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

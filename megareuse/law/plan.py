@@ -131,6 +131,26 @@ def best_split(law: Law, budget_tokens: Optional[float] = None, budget_flops: Op
     return out
 
 
+def _data_ranges(law: Law) -> dict:
+    """The law file's data.ranges (the token ranges of the fitted runs), checked: D1 and D2 each
+    [low, high] with 0 < low <= high (finite)."""
+    ranges = law.data.get("ranges") or {}
+    where = law.data.get("law_file") or "law"
+    if not isinstance(ranges, dict):
+        raise LawError(f"{where}: data.ranges = {ranges!r}: accepted a mapping column -> [low, high]")
+    for name in ("D1", "D2"):
+        if name not in ranges:
+            continue
+        span = ranges[name]
+        ok = (isinstance(span, list) and len(span) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+                      for v in span) and span[0] <= span[1])
+        if not ok:
+            raise LawError(f"{where}: data.ranges.{name} = {span!r}: accepted [low, high] token counts "
+                           "with 0 < low <= high (as `megareuse fit` writes them)")
+    return ranges
+
+
 def make_plan(law: Law, scratch: Optional[Law] = None, D1: Sequence[float] = (), D2: Sequence[float] = (),
               budget_tokens: Optional[float] = None, budget_flops: Optional[float] = None,
               N: Optional[float] = None, N_base: Optional[float] = None) -> dict:
@@ -138,7 +158,7 @@ def make_plan(law: Law, scratch: Optional[Law] = None, D1: Sequence[float] = (),
     N, N_base = _positive("N", N), _positive("N_base", N_base)
     budget_tokens, budget_flops = _positive("budget_tokens", budget_tokens), _positive("budget_flops", budget_flops)
     check_laws(law, scratch, N)
-    ranges = law.data.get("ranges", {})
+    ranges = _data_ranges(law)
     if not len(D1) or not len(D2):
         if not ("D1" in ranges and "D2" in ranges):
             raise LawError("the law file has no data ranges: accepted --D1 and --D2 lists")

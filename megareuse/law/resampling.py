@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megareuse.exits import quiet_worker
 from megareuse.law.data import LawError, RunTable
 from megareuse.law.fit import DELTA, blas_limit_available, blas_single_thread, fit_form
 from megareuse.law.law import Law
@@ -80,7 +81,8 @@ def bootstrap(table: RunTable, law: Law, n_resamples: int = 1000, seed: int = 0,
         else:
             size = max(1, -(-n_resamples // (workers * 8)))
             chunks = [indices[i:i + size] for i in range(0, n_resamples, size)]
-            with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(payload,)) as pool:
+            with mp.get_context("fork").Pool(workers, initializer=quiet_worker,
+                                                  initargs=(_init, payload)) as pool:
                 results = [r for part in pool.map(_chunk, chunks) for r in part]
     thetas = np.array([r[0] for r in results])
     ok = np.array([r[1] for r in results]) & np.all(np.isfinite(thetas), axis=1)

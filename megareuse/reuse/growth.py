@@ -44,6 +44,7 @@ from megareuse.atomic import publish_dir
 from megareuse.engine import weights
 from megareuse.model import non_embedding_param_count, param_count
 from megareuse.model.flops import LAYER_WEIGHTS, weight_shapes
+from megareuse.paths import check_output_dir, naming
 
 StateDict = dict[str, torch.Tensor]
 LayerMap = Union[str, Sequence[int], None]
@@ -284,6 +285,7 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"grow error: --out {str(out)!r} already exists; accepted a new path "
                               f"(growth never overwrites)")
+    check_output_dir(out, "grow error: --out", ckpt.CheckpointError)
     problem = ckpt.verify_checkpoint(src)
     if problem is not None:
         raise ckpt.CheckpointError(f"checkpoint {src} is not usable: {problem}")
@@ -314,10 +316,11 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".tmp-grow-{out.name}-{os.getpid()}"
     try:
-        tmp = ckpt.begin_checkpoint(staging, 0)
-        written_file = weights.write_state_dict(tmp / weights.WEIGHTS, new_sd, new_cfg.tie_embeddings)
-        known = {weights.WEIGHTS: {"bytes": written_file[0], "sha256": written_file[1]}}
-        written = ckpt.commit_checkpoint(staging, tmp, 0, new_meta, extra_files=extra, known=known)
+        with naming(out):  # a full disk's write error names where
+            tmp = ckpt.begin_checkpoint(staging, 0)
+            written_file = weights.write_state_dict(tmp / weights.WEIGHTS, new_sd, new_cfg.tie_embeddings)
+            known = {weights.WEIGHTS: {"bytes": written_file[0], "sha256": written_file[1]}}
+            written = ckpt.commit_checkpoint(staging, tmp, 0, new_meta, extra_files=extra, known=known)
         if out.exists():
             raise FileExistsError(f"grow error: --out {str(out)!r} appeared while growing; nothing written")
         publish_dir(written, out)

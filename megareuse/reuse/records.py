@@ -10,15 +10,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
 from megareuse.atomic import write_text_atomic
+from megareuse.paths import check_input, check_output_dir
 
 RECORD = "record.json"
 SCHEMA = "megareuse-run-record/1"
 REQUIRED = {"stage": str, "method": str, "N": int, "N_total": int, "D1": int, "D2": int, "tokens": int,
             "valid_loss": dict, "best_valid_loss": dict, "tokens_per_domain": dict}
+LOSSES = ("valid_loss", "best_valid_loss")
 
 
 class RecordError(ValueError):
@@ -55,9 +58,8 @@ def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
 
 def read_records(runs_dir: Path) -> list[dict[str, Any]]:
     """Every record.json under ``runs_dir`` (recursively), sorted by run_id."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise FileNotFoundError(f"collect error: {str(runs_dir)!r} is not a directory")
+    runs_dir = check_input(runs_dir, "directory", "collect error: RUNS_DIR",
+                           "a directory holding run directories with record.json", RecordError)
     records = []
     for path in sorted(runs_dir.rglob(RECORD)):
         record = read_record(path)
@@ -80,7 +82,20 @@ def read_record(path: Path) -> dict[str, Any]:
         if not isinstance(record.get(key), kind) or (kind is int and isinstance(record[key], bool)):
             raise RecordError(f"collect error: {path}: field {key!r} = {record.get(key)!r}; accepted "
                               f"{'an integer' if kind is int else 'a string' if kind is str else 'a mapping'}")
+    for key in LOSSES:
+        for domain, value in record[key].items():
+            if value is not None and not _finite_number(value):
+                raise RecordError(f"collect error: {path}: field {key}.{domain} = {value!r}; accepted a "
+                                  "finite number (the validation loss; null when never measured)")
+    for domain, value in record["tokens_per_domain"].items():
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise RecordError(f"collect error: {path}: field tokens_per_domain.{domain} = {value!r}; "
+                              "accepted an integer >= 0")
     return record
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def flatten(record: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +130,7 @@ def collect(runs_dir: Path, out: Path | None = None) -> tuple[Path, Path, int]:
         stem = stem.with_suffix("")
     rows = [flatten(r) for r in records]
     csv_path, jsonl_path = stem.with_suffix(".csv"), stem.with_suffix(".jsonl")
+    check_output_dir(csv_path.parent, f"collect error: --out {str(out or stem)!r}: its directory", RecordError)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=_columns(rows), restval="")

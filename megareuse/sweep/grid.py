@@ -22,6 +22,7 @@ independent run per budget. Stage-2 series start from the base run at their D1
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,10 @@ def _series(raw: Any, where: str, budget_key: str, method: str) -> Series:
     domains = raw.get("domains")
     if not isinstance(domains, dict) or not domains:
         _fail(f"{where}.domains", domains, "a mapping domain -> weight")
+    for domain, weight in domains.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight <= 0:
+            _fail(f"{where}.domains.{domain}", weight, "a finite number > 0 (the domain's share of the blend)")
     name = raw.get("name", method)
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         _fail(f"{where}.name", name, "a name of letters, digits, '_', '-' and '.' (it names run directories)")

@@ -17,6 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Optional
 
+from megareuse.paths import check_output_dir
 from megareuse.sweep.grid import Experiment, RunSpec, plan_experiment
 
 
@@ -99,12 +100,12 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
               only: Optional[str] = None, emit: Callable[[str], None] = print) -> list[str]:
     """Run every run of the plan that is not done (or just ``only``); returns the ids run."""
     root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     by_id = {r.run_id: r for r in runs}
+    if only is not None and only not in by_id:  # checked before anything is created
+        raise SweepError(f"sweep error: --run {only!r} is not in the plan; accepted one of " + ", ".join(by_id))
+    check_output_dir(root, "sweep error: --out", SweepError)
+    root.mkdir(parents=True, exist_ok=True)
     if only is not None:
-        if only not in by_id:
-            raise SweepError(f"sweep error: --run {only!r} is not in the plan; accepted one of "
-                           + ", ".join(by_id))
         missing = [d for d in by_id[only].depends_on if not is_done(root, by_id[d])]
         if missing:
             raise SweepError(f"sweep error: run {only!r} waits for {', '.join(missing)}")

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from megareuse.paths import check_output_dir
 from megareuse.sweep.grid import RunSpec
 from megareuse.sweep.local import SweepError
 
@@ -191,6 +193,24 @@ def _check_export(name: str, value: str) -> str:
     return value
 
 
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*")  # a name, or a comma list of names
+TIME_FORMATS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 24:00:00, 2-00:00:00)"
+
+
+def check_sbatch_options(time: str, partition: Optional[str], account: Optional[str]) -> None:
+    """sbatch's --time format, and partition / account names without whitespace or shell
+    metacharacters, checked before anything is written."""
+    if not isinstance(time, str) or not _TIME.fullmatch(time):
+        raise SweepError(f"sweep error: --time = {time!r}: accepted {TIME_FORMATS}")
+    for field, value in (("--partition", partition), ("--account", account)):
+        if value is not None and not _SLURM_NAME.fullmatch(value):
+            raise SweepError(f"sweep error: {field} = {value!r}: accepted a non-empty name of letters, digits, "
+                             "'_', '.', '+', '-' (or a comma list of them), without whitespace or shell "
+                             "metacharacters")
+
+
 def _q(words: Sequence[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
@@ -208,8 +228,11 @@ def write_slurm(runs: list[RunSpec], experiment_path: Path, out_root: Path, scri
     results already exist under ``out_root`` (and drops dependencies on them)."""
     if nodes < 1 or gpus_per_node < 1:
         raise SweepError(f"sweep error: nodes = {nodes}, gpus_per_node = {gpus_per_node}: accepted >= 1")
+    check_sbatch_options(time, partition, account)
     experiment_path, out_root = Path(experiment_path).resolve(), Path(out_root).resolve()
     script_dir = Path(script_dir).resolve()
+    check_output_dir(out_root, "sweep error: --out", SweepError)
+    check_output_dir(script_dir, "sweep error: --slurm", SweepError)
     job_dp = runtime_dp(experiment_path, extra_overrides, nodes, gpus_per_node)
     if dp is not None and dp != job_dp:
         raise SweepError(f"sweep error: the runs were planned for DP = {dp} but the jobs run DP = "
