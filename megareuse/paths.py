@@ -73,8 +73,7 @@ def check_output_dir(path: PathLike, field: str, error: type[Exception] = ValueE
     naming ``field`` and the path."""
     problem = output_dir_problem(path)
     if problem is not None:
-        raise error(f"{field} {str(path)!r} {problem}; accepted a writable directory (or a new path "
-                    "whose nearest existing parent is one)")
+        raise error(f"{field} {str(path)!r} {problem}; accepted a writable directory or a new path under one")
     return Path(path)
 
 
