@@ -5,7 +5,8 @@
 #
 # Steps, each with its own timeout and log, a failing one recorded and the rest run on:
 #   setup            install the carried wheels (.whl/, built by benchmarks/wheels.sh) that the
-#                    machine lacks (never torch/triton/numpy); record GPU, torch/triton/CUDA versions
+#                    machine lacks (never torch/triton/numpy) and megareuse itself (editable, no
+#                    deps, no network); record the GPU and the torch/triton/CUDA versions
 #   data             prepare the prose corpus once (vocab 2048) for the benchmarks and the train
 #                    test; decide whether the hf peer can run (transformers builds a Llama here)
 #   tests-kernels    MEGAREUSE_TEST_GPU=1 pytest tests/test_kernels*.py (bf16 included on CUDA)
@@ -37,7 +38,7 @@ BG_BEFORE=throughput-350m
 KILL_AFTER=3               # SIGKILL this long after a step's timeout (its SIGTERM) if it still runs
 LIMIT_S=480
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY=0
 OUTDIR=""
@@ -93,7 +94,7 @@ peers() {
 step_cmd() {
     case "$1" in
         setup) CMD=("$PY" benchmarks/gpu_report.py setup --wheels "$REPO/.whl" --target "$REPO/.whl-site"
-                    --env-json "$WORK/env.json") ;;
+                    --shim "$REPO/.gpu-path" --env-json "$WORK/env.json") ;;
         data) CMD=("$PY" benchmarks/gpu_report.py prepare "$DATA" --peers-file "$PEERS_FILE") ;;
         tests-kernels) CMD=(env MEGAREUSE_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider
                             tests/test_kernels.py tests/test_kernels_attention.py tests/test_kernels_ce.py
@@ -104,7 +105,7 @@ step_cmd() {
         kernels) CMD=("$PY" benchmarks/kernels.py --json "$WORK/kernels.json" --seqs 1024 4096
                       --reps 20 --warmup 3) ;;
         memory) CMD=(env CUDA_VISIBLE_DEVICES= "$PY" benchmarks/memory.py --world 2 --zero "0,3" --tp 1
-                     --ac "none,full" --steps 2) ;;
+                     --ac none --steps 2) ;;
         throughput-350m|throughput-1.1b)
             local model=${1#throughput-}
             CMD=("$PY" benchmarks/train_throughput.py --device cuda --model "$model" --peers "$(peers)"
@@ -191,8 +192,10 @@ for s in "${STEPS[@]}"; do
         bg_pid=""
     fi
     run_step "$s"
-    if [ "$s" = setup ] && [ -d "$REPO/.whl-site" ]; then  # wheels.py fell back to --target
-        export PYTHONPATH="$PYTHONPATH:$REPO/.whl-site"
+    if [ "$s" = setup ]; then  # the fall-backs of setup: wheels in --target, megareuse_kernels by a link
+        for extra in "$REPO/.whl-site" "$REPO/.gpu-path"; do
+            if [ -d "$extra" ]; then export PYTHONPATH="$PYTHONPATH:$extra"; fi
+        done
     fi
     if [ "$s" = "$BG_AFTER" ]; then
         run_step "$BACKGROUND" &

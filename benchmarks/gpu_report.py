@@ -40,9 +40,9 @@ try:
         info["capability"] = f"{p.major}.{p.minor}"
 except Exception as exc:
     info["torch_error"] = f"{type(exc).__name__}: {exc}"
-for mod in ("triton", "deepspeed", "transformers", "numpy", "pydantic"):
+for mod in ("triton", "deepspeed", "transformers", "numpy", "pydantic", "megareuse", "megareuse_kernels"):
     try:
-        info[mod] = __import__(mod).__version__
+        info[mod] = getattr(__import__(mod), "__version__", "")
     except Exception as exc:
         info[mod] = None
         info[mod + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -50,14 +50,41 @@ print(json.dumps(info))
 """
 
 
+def install_megareuse(shim: Path) -> int:
+    """Make megareuse and megareuse_kernels (kernels/, mapped by setup.py) importable in every process,
+    torchrun's children included (benchmarks/memory.py sets their PYTHONPATH to the repo alone):
+    an editable install without dependencies, build isolation or the network; where that fails, a
+    folder ``shim`` holding a link megareuse_kernels -> kernels/ for PYTHONPATH."""
+    probe = ("import megareuse, megareuse_kernels, pathlib; "
+             "print(pathlib.Path(megareuse_kernels.__file__).resolve().parent)")
+    got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd="/", timeout=60)
+    if got.returncode == 0 and Path(got.stdout.strip()) == (REPO / "kernels").resolve():
+        print("megareuse: already importable from this checkout")
+        return 0
+    proc = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "-q", "--no-deps",
+                           "--no-build-isolation", "--no-index", "-e", str(REPO)], timeout=120)
+    if proc.returncode == 0:
+        print("megareuse: installed editable (pip install --no-deps --no-build-isolation -e .)")
+        return 0
+    shim.mkdir(parents=True, exist_ok=True)
+    link = shim / "megareuse_kernels"
+    if not link.exists():
+        link.symlink_to(REPO / "kernels")
+    print(f"megareuse: the editable install failed; megareuse_kernels through {shim} on PYTHONPATH "
+          "(benchmarks/memory.py's ranks will not see it)")
+    return 1
+
+
 def cmd_setup(args) -> int:
     sys.path.insert(0, str(HERE))
     import wheels
 
     rc = wheels.install(Path(args.wheels), Path(args.target))
+    rc = install_megareuse(Path(args.shim)) or rc
     env = dict(__import__("os").environ)
-    if Path(args.target).is_dir():
-        env["PYTHONPATH"] = f"{args.target}:{env.get('PYTHONPATH', '')}"
+    for extra in (args.target, args.shim):
+        if Path(extra).is_dir():
+            env["PYTHONPATH"] = f"{env.get('PYTHONPATH', '')}:{extra}"
     probe = subprocess.run([sys.executable, "-c", ENV_PROBE], capture_output=True, text=True, env=env, timeout=60)
     try:
         info = json.loads(probe.stdout.strip().splitlines()[-1])
@@ -150,9 +177,12 @@ def read_json(path: Path):
 
 
 def memory_table(log: Path) -> list[str]:
+    """memory.py's closing table, else (it was stopped) the per-point lines it printed on the way."""
     if not log.exists():
         return []
-    return [line for line in log.read_text(errors="replace").splitlines() if line.startswith("|")]
+    lines = log.read_text(errors="replace").splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    return table or [f"- {line}" for line in lines if ": peak RSS per rank" in line]
 
 
 def fmt(v, spec: str, empty: str = "-") -> str:
@@ -243,6 +273,7 @@ def main(argv=None) -> int:
     s = sub.add_parser("setup")
     s.add_argument("--wheels", default=str(REPO / ".whl"))
     s.add_argument("--target", default=str(REPO / ".whl-site"))
+    s.add_argument("--shim", default=str(REPO / ".gpu-path"))
     s.add_argument("--env-json", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("data")

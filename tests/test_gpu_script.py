@@ -117,13 +117,20 @@ def test_report_merges_step_results(tmp_path):
         '<testcase classname="tests.test_kernels_ops" name="test_c"><skipped/></testcase>'
         '</testsuite></testsuites>')
     (work / "memory.log").write_text("noise\n| TP | ZeRO |\n|---:|---:|\n| 1 | 0 |\n")
+    (work / "kernels.json").write_text(json.dumps({"device": "NVIDIA H200", "dtype": "torch.bfloat16", "reps": 20,
+        "results": [{"kernel": "rmsnorm", "shape": "[16384, 2048]", "mode": "fwd", "impl": "triton", "ms": 0.05,
+                     "gbps": 2000.0, "pct_peak": 41.7, "speedup": 3.0},
+                    {"kernel": "attention", "shape": "D128 S4096", "mode": "fwd", "impl": "sdpa-cudnn",
+                     "error": "not supported"}],
+        "targets": {"rmsnorm": True, "attention": None}}))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), "report", str(tmp_path),
                            "--work", str(work), "--rev", "abc", "--started", "2026-01-01T00:00:00Z",
                            "--wall-so-far", "70"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert [s["status"] for s in res["steps"]] == ["pass", "timeout", "skipped"]
-    assert res["revision"] == "abc" and res["env"]["gpu"] == "NVIDIA H200" and res["kernels"] is None
+    assert res["revision"] == "abc" and res["env"]["gpu"] == "NVIDIA H200"
+    assert res["kernels"]["results"][0]["ms"] == 0.05
     assert res["tests"]["tests-kernels"]["passed"] == 1 and res["tests"]["tests-kernels"]["failed"] == [
         "tests.test_kernels_ops::test_b"]
     assert res["throughput"][0]["results"]["hf"]["tokens_per_s"] == 50.0
@@ -132,6 +139,13 @@ def test_report_merges_step_results(tmp_path):
     assert "| 350m | 2048 x 4 | hf | 50 | 25.0% | 12 | 2.00 |" in md
     assert "| torchtitan | skipped: not installed |" in md
     assert "| 1 | 0 |" in md
+    assert "| rmsnorm | [16384, 2048] | fwd | triton | 0.050 | 2000.0 | 41.7 | 3.00 | - | - |" in md
+    assert "unavailable: not supported" in md and "target rmsnorm: PASS" in md and "target attention: not measured" in md
+    # a memory run stopped before its table: the points it printed
+    (work / "memory.log").write_text("tp=1 zero=0 ac=none: peak RSS per rank [2079.4, 2088.5] MiB\n")
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), "report", str(tmp_path),
+                    "--work", str(work)], check=True, capture_output=True, timeout=60)
+    assert "- tp=1 zero=0 ac=none: peak RSS per rank [2079.4, 2088.5] MiB" in (tmp_path / "gpu.md").read_text()
 
 
 # ------------------------------------------------------------------ the wheel set (slow)
@@ -179,10 +193,12 @@ def test_wheel_set_is_complete_for_python_312(wheel_dir, tmp_path):
 
 @pytest.mark.slow
 def test_wheel_set_installs_offline_into_a_clean_python_312(wheel_dir, tmp_path):
-    py312 = shutil.which("python3.12") or next(
-        (str(p) for p in Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")), None)
+    candidates = [str(p) for p in sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+    candidates += [shutil.which("python3.12")] if shutil.which("python3.12") else []
+    py312 = next((c for c in candidates if subprocess.run([c, "-c", "import venv"], capture_output=True,
+                                                          timeout=60).returncode == 0), None)
     if py312 is None:
-        pytest.skip("no python3.12 here")
+        pytest.skip("no working python3.12 here")
     venv = tmp_path / "venv"
     subprocess.run([py312, "-m", "venv", str(venv)], check=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}

@@ -61,7 +61,7 @@ def losses(data: Path, out: Path, *overrides: str) -> list[float]:
         "schedule.warmup_steps=1", "run.seed=0", "run.log_interval=1", *overrides])
     trainer = Trainer(cfg, emit=lambda _s: None)
     try:
-        got = [trainer.train_step()[0] for _ in range(STEPS)]
+        got = [float(trainer.train_step()[0]) for _ in range(STEPS)]
     finally:
         del trainer
         torch.cuda.empty_cache()
