@@ -241,6 +241,7 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     peak_tflops: float = 0.0  # per device, for MFU; 0 = unknown (MFU not shown)
     prefetch: Optional[bool] = None  # build the next micro-batches in a background thread; null: on CUDA only
+    async_save: Optional[bool] = None  # finish checkpoints on a background thread; null: on CUDA only
     sync_every_step: bool = False  # read loss / grad norm on the host every step (else at log, eval, save steps)
 
     DEVICES = ("cpu", "cuda", "auto")

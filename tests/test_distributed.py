@@ -47,8 +47,10 @@ def test_save_tp2_zero2_resume_and_load_at_tp1(prepared, tmp_path):
     common = ["parallel.tp=2", "parallel.zero_stage=2", "run.micro_batch_size=4", "schedule.kind=constant",
               "run.save_interval=3"]
     full, part = tmp_path / "full", tmp_path / "part"
-    first = torchrun(4, tiny_args(prepared, full, *common))
+    # the first run's checkpoints finish on background threads (4 ranks hand their hashes to rank 0)
+    first = torchrun(4, tiny_args(prepared, full, *common, "run.async_save=true"))
     assert first.returncode == 0, first.stdout[-3000:]
+    assert "step_00000003 (finished in the background)" in first.stdout, first.stdout[-3000:]
     # a copy of the run, continued from its step-3 checkpoint at the same layout
     shutil.copytree(full, part)
     second = torchrun(4, [*tiny_args(prepared, part, *common), "--resume", str(part / "checkpoints" / "step_00000003")])

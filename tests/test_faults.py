@@ -59,11 +59,12 @@ def long_reference(prepared, tmp_path_factory):
     return train_losses(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
-                         ids=["SIGTERM", "SIGUSR1"])
-def test_signal_checkpoints_exits_requeue_and_resumes_bit_identical(prepared, tmp_path, long_reference, sig):
+@pytest.mark.parametrize("sig, save", [(signal.SIGTERM, "sync"), pytest.param(signal.SIGUSR1, "sync", marks=pytest.mark.slow),
+                                       pytest.param(signal.SIGTERM, "async", marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGUSR1", "SIGTERM-async_save"])
+def test_signal_checkpoints_exits_requeue_and_resumes_bit_identical(prepared, tmp_path, long_reference, sig, save):
     out = tmp_path / "run"
-    args = tiny_args(prepared, out, *LONG)
+    args = tiny_args(prepared, out, *LONG, f"run.async_save={'true' if save == 'async' else 'false'}")
     proc = start([sys.executable, TRAIN, *args])
     try:
         wait_for_steps(out, 3, [proc])
@@ -125,12 +126,17 @@ def short_reference(prepared, tmp_path_factory):
     return train_losses(out)
 
 
-@pytest.mark.parametrize("point, resumes_at", [
-    pytest.param("deepspeed", 2, marks=pytest.mark.slow), ("model", 2), ("manifest", 2),
-    pytest.param("rename", 4, marks=pytest.mark.slow), ("retention", 4)])
-def test_sigkill_during_checkpoint_write(prepared, tmp_path, short_reference, point, resumes_at):
+@pytest.mark.parametrize("point, resumes_at, save", [
+    pytest.param("deepspeed", 2, "sync", marks=pytest.mark.slow), ("model", 2, "sync"), ("manifest", 2, "sync"),
+    pytest.param("rename", 4, "sync", marks=pytest.mark.slow), ("retention", 4, "sync"),
+    pytest.param("deepspeed", 2, "async", marks=pytest.mark.slow), ("manifest", 2, "async"),
+    pytest.param("rename", 4, "async", marks=pytest.mark.slow), pytest.param("retention", 4, "async", marks=pytest.mark.slow)])
+def test_sigkill_during_checkpoint_write(prepared, tmp_path, short_reference, point, resumes_at, save):
+    """A kill inside a save, on the training thread or (run.async_save) on the background thread
+    that finishes it: the resume continues from the last committed checkpoint, bit for bit."""
     out = tmp_path / "run"
-    args = tiny_args(prepared, out, "run.save_interval=2", "run.keep_last=1")  # saves at 2, 4, 6
+    args = tiny_args(prepared, out, "run.save_interval=2", "run.keep_last=1",  # saves at 2, 4, 6
+                     f"run.async_save={'true' if save == 'async' else 'false'}")
     killed = run_job([sys.executable, RUNNER, "--kill-at", point, "--on-save", "2", "--", *args])
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
 

@@ -72,3 +72,47 @@ def test_deferred_reads_and_prefetch_change_no_number(prepared, tmp_path):
     b = load_state_dict(fast / "checkpoints" / "step_00000012", tied=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not [t for t in threading.enumerate() if t.name == "megareuse-prefetch"]  # closed at the end
+
+
+def test_async_save_writes_the_same_checkpoints_and_resumes_bit_identical(prepared, tmp_path):
+    from megareuse.engine import checkpoint as ckpt
+    sync_run = tmp_path / "sync"
+    Trainer(tiny(prepared, sync_run, "run.save_interval=4", "run.keep_last=5", "run.async_save=false"),
+            emit=quiet).run()
+    lines = []
+    background = tmp_path / "async"
+    cfg = tiny(prepared, background, "run.save_interval=4", "run.keep_last=5", "run.async_save=true")
+    Trainer(cfg, emit=lines.append).run(until_step=8)
+    assert any(line.startswith("saved ") and "finished in the background" in line for line in lines), lines
+    assert [p.name for p in ckpt.complete_checkpoints(background / "checkpoints")] == ["step_00000004", "step_00000008"]
+    assert not list((background / "checkpoints").glob(".tmp-*"))  # committed before run() returned
+    for step in ("step_00000004", "step_00000008"):
+        a, b = sync_run / "checkpoints" / step, background / "checkpoints" / step
+        assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+        assert sorted(p.relative_to(a).as_posix() for p in a.rglob("*")) == \
+            sorted(p.relative_to(b).as_posix() for p in b.rglob("*"))  # no hash files left in it
+    Trainer(cfg, resume="auto", emit=quiet).run()
+    assert train_losses(background) == train_losses(sync_run)
+    a = load_state_dict(sync_run / "checkpoints" / "step_00000012", tied=True)
+    b = load_state_dict(background / "checkpoints" / "step_00000012", tied=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_async_save_failure_is_raised_and_leaves_no_partial_checkpoint(prepared, tmp_path, monkeypatch):
+    import errno
+    from megareuse.engine import async_save
+    from megareuse.engine import checkpoint as ckpt
+    real = async_save.write_staged
+
+    def full_disk(staged):
+        real(staged[:1])
+        raise OSError(errno.ENOSPC, "No space left on device", str(staged[-1][1]))
+    monkeypatch.setattr(async_save, "write_staged", full_disk)
+    monkeypatch.setattr("megareuse.engine.trainer.write_staged", full_disk)
+    out = tmp_path / "run"
+    trainer = Trainer(tiny(prepared, out, "run.save_interval=4", "run.async_save=true"), emit=quiet)
+    with pytest.raises(ckpt.CheckpointError, match=r"no space left on the device of .* writing the checkpoint "
+                                                   r"of step 4 .*partial write was removed"):
+        trainer.run()
+    assert not list((out / "checkpoints").glob(".tmp-*")) and ckpt.step_dirs(out / "checkpoints") == []
+    assert not (out / ".lock").exists() and not [t for t in threading.enumerate() if t.name.startswith("megareuse-")]

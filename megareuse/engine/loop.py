@@ -62,11 +62,13 @@ class Stage(Protocol):
     tokens_per_step: int
     save_steps: frozenset[int]
     device: torch.device
+    pending_save: Any  # a checkpoint finishing in the background (engine/async_save.py), or None
 
     def train_step(self) -> tuple[float, float, float, bool]: ...
     def evaluate(self) -> dict[str, float]: ...
     def save(self) -> Path: ...
     def _rollback(self, from_step: int) -> Path: ...
+    def wait_for_saves(self, collective: bool = True) -> None: ...
     def _barrier(self) -> None: ...
     def record(self, checkpoint: Path) -> dict[str, Any]: ...
 
@@ -133,6 +135,7 @@ class TrainingLoop:
         t_start = time.perf_counter()
         try:
             last_eval = self._loop(stop, log, progress, signals, watchdog)
+            self.stage.wait_for_saves()  # the summary names the last checkpoint: it must be committed
             if not last_eval and self.stage.state.step >= self.stage.total_steps:
                 # resumed from the final checkpoint of a run killed before its summary was written
                 last_eval = self._evaluate(self.stage.state.step, log)
@@ -189,7 +192,8 @@ class TrainingLoop:
                 if saving:
                     beat(step, "save")
                     saved = stage.save()
-                    stage.emit(f"saved {saved}")
+                    if stage.pending_save is None:
+                        stage.emit(f"saved {saved}")
             received = signals.agreed()
             if received is not None:
                 if self._settle(pending, stop, log, progress):

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megareuse.config import Config, ConfigError
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
+from megareuse.engine.async_save import PendingSave, collect_hashes, publish_hashes, stage_engine_state, write_staged
 from megareuse.engine.build import CheckpointWeights, build_model
 from megareuse.engine.consolidate import load_full, optimizer_step, stream_full, write_full
 from megareuse.engine.ds import deepspeed_config, init_distributed, resolve_device
@@ -186,6 +187,8 @@ class Trainer:
         prefetch = self.device.type == "cuda" if cfg.run.prefetch is None else cfg.run.prefetch
         self._prefetch = Prefetcher(self.data.train, cfg.run.micro_batch_size,
                                     cfg.run.micro_batch_size * self.pstate.dp_size, self.device) if prefetch else None
+        self.async_save = self.device.type == "cuda" if cfg.run.async_save is None else cfg.run.async_save
+        self.pending_save: Optional[PendingSave] = None
         self.state = TrainState()
         self.guard = DivergenceGuard(cfg.guard)  # its state comes back with a resumed checkpoint
         self._lock: Optional[RunLock] = None
@@ -354,6 +357,7 @@ class Trainer:
     def _rollback(self, from_step: int) -> Path:
         """Reload the last checkpoint's engine state and counters, keep the data cursor (the
         batches since are not replayed) and lower the learning rate (guard.lr_factor)."""
+        self.wait_for_saves()
         last = self._on_rank0(self._latest)
         problem = "no checkpoint has been written yet" if last is None else None
         if last is not None:
@@ -436,8 +440,11 @@ class Trainer:
     def save(self) -> Path:
         """Every rank writes its part of DeepSpeed's sharded state in parallel, then the
         layout-free weights and Adam moments are streamed to rank 0's files (hashed while
-        written), the ranks fsync and hash disjoint shares of the engine files, and rank 0
-        commits the checkpoint atomically."""
+        written), the ranks fsync and hash their engine files, and rank 0 commits the checkpoint
+        atomically. With ``run.async_save`` the engine files are staged in host memory and
+        everything after the streamed weights finishes on a background thread (engine/async_save.py);
+        the path is returned at once and committed later (``wait_for_saves``)."""
+        self.wait_for_saves()
         with ckpt.space_checked(self.ckpt_root, self.state.step):
             return self._save()
 
@@ -446,7 +453,11 @@ class Trainer:
         tmp = ckpt.begin_checkpoint(self.ckpt_root, step) if self.is_main else None
         self._barrier()
         tmp = ckpt.temp_dir(self.ckpt_root, step)
-        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=True)
+        staged = None
+        if self.async_save:
+            staged = stage_engine_state(self.engine, tmp / "deepspeed")
+        else:
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=True)
         known = {}
         mine = (lambda name: tmp / name) if self.is_main else (lambda name: None)
         known[weights.WEIGHTS] = write_full(mine(weights.WEIGHTS), self.engine, self.model, self.cfg.model, ps, False)
@@ -454,6 +465,11 @@ class Trainer:
         if adam_step > 0:
             known[weights.OPTIMIZER] = write_full(mine(weights.OPTIMIZER), self.engine, self.model,
                                                   self.cfg.model, ps, True)
+        commit = self._committer(tmp, step, known, adam_step)
+        if staged is not None:
+            self.pending_save = PendingSave(step, lambda: self._finish_in_background(tmp, staged, commit),
+                                            self.ckpt_root)
+            return ckpt.checkpoint_dir(self.ckpt_root, step)
         self._barrier()  # every rank's engine files are on disk
         engine_files = sorted(p.relative_to(tmp).as_posix() for p in (tmp / "deepspeed").rglob("*") if p.is_file())
         entries = ckpt.hash_files(tmp, engine_files[ps.rank::ps.world_size])
@@ -461,21 +477,65 @@ class Trainer:
         if ps.world_size > 1:
             gathered = [None] * ps.world_size if self.is_main else None
             dist.gather_object(entries, gathered, dst=0)
-        path = ckpt.checkpoint_dir(self.ckpt_root, step)
-        if self.is_main:
-            for part in gathered:
-                known.update(part)
-            known = {k: {"bytes": v[0], "sha256": v[1]} if isinstance(v, tuple) else v for k, v in known.items()}
-            trainer = {**asdict(self.state), "guard": asdict(self.guard.state), "rng_cpu": torch.get_rng_state(),
-                       "optimizer_step": adam_step}
-            if torch.cuda.is_available():
-                trainer["rng_cuda"] = torch.cuda.get_rng_state()
-            ckpt.write_object(tmp, "trainer.pt", trainer)
-            path = ckpt.commit_checkpoint(self.ckpt_root, tmp, step, self.meta(),
-                                          keep_last=self.cfg.run.keep_last, pinned=self.save_steps, known=known,
-                                          extra_files={"tokenizer.model": Path(self.data.tokenizer.path)})
+        path = commit([e for part in gathered for e in part.items()]) if self.is_main else \
+            ckpt.checkpoint_dir(self.ckpt_root, step)
         self._barrier()
         return path
+
+    def _committer(self, tmp: Path, step: int, known: dict[str, Any], adam_step: int) -> Callable[[list], Path]:
+        """Rank 0's last act of a save, with the state of this step captured now: given the
+        engine files' manifest entries, write trainer.pt and commit the checkpoint."""
+        trainer = {**asdict(self.state), "guard": asdict(self.guard.state), "rng_cpu": torch.get_rng_state(),
+                   "optimizer_step": adam_step}
+        if torch.cuda.is_available():
+            trainer["rng_cuda"] = torch.cuda.get_rng_state()
+        meta = self.meta() if self.is_main else None
+
+        def commit(engine_entries: list) -> Path:
+            files = {**known, **dict(engine_entries)}
+            files = {k: {"bytes": v[0], "sha256": v[1]} if isinstance(v, tuple) else v for k, v in files.items()}
+            ckpt.write_object(tmp, "trainer.pt", trainer)
+            return ckpt.commit_checkpoint(self.ckpt_root, tmp, step, meta, keep_last=self.cfg.run.keep_last,
+                                          pinned=self.save_steps, known=files,
+                                          extra_files={"tokenizer.model": Path(self.data.tokenizer.path)})
+        return commit
+
+    def _finish_in_background(self, tmp: Path, staged: list, commit: Callable[[list], Path]) -> Optional[Path]:
+        """A background save's own part on this rank: write and hash its staged engine files, hand
+        the hashes to rank 0; rank 0 then commits (its thread waits for every rank's)."""
+        ps = self.pstate
+        try:
+            written = write_staged(staged)
+            entries = ckpt.hash_files(tmp, [p.relative_to(tmp).as_posix() for p in written])
+        except BaseException as exc:
+            publish_hashes(tmp, ps.rank, {"error": f"{type(exc).__name__}: {exc}"[:300]})
+            raise
+        publish_hashes(tmp, ps.rank, entries)
+        if not self.is_main:
+            return None
+        path = commit(list(collect_hashes(tmp, ps.world_size, self.cfg.parallel.timeout_s).items()))
+        self.emit(f"saved {path} (finished in the background)")
+        return path
+
+    def wait_for_saves(self, collective: bool = True) -> None:
+        """Wait for the checkpoint finishing in the background, if any, and raise its error. The
+        ranks agree on the outcome (``collective``; not on a way out where one rank alone is)."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is None:
+            return
+        error: Optional[BaseException] = None
+        try:
+            pending.wait(self.cfg.parallel.timeout_s)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+            error = exc
+        if collective and self.pstate.world_size > 1:
+            failed = torch.tensor([int(error is not None)])
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if int(failed) and error is None:
+                error = ckpt.CheckpointError(f"checkpoint error: another rank's background write of step "
+                                             f"{pending.step} failed (rank 0 names it)")
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ loop
     def run(self, until_step: Optional[int] = None) -> dict[str, Any]:
@@ -483,7 +543,13 @@ class Trainer:
         directory's lock is held meanwhile and released on every way out."""
         self._take_lock()
         try:
-            return TrainingLoop(self).run(until_step)
+            return TrainingLoop(self).run(until_step)  # it waits for the last save before the summary
+        except BaseException:
+            try:  # one rank may be alone on this way out: no collective
+                self.wait_for_saves(collective=False)
+            except BaseException as exc:  # noqa: BLE001 - the first error is the one to report
+                self.emit(f"note: the checkpoint being written in the background failed too: {exc}")
+            raise
         finally:
             if self._prefetch is not None:
                 self._prefetch.close()
