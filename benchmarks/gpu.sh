@@ -108,8 +108,13 @@ step_cmd() {
                      --ac none --steps 2) ;;
         throughput-350m|throughput-1.1b)
             local model=${1#throughput-}
+            # variants: megareuse with a switch flipped (sdpa: the fused-attention default's gain;
+            # sync-every-step: the deferred host reads' gain); steps 9 / warmup 3: losses read every 3 steps
+            local variants=sdpa
+            [ "$model" = 350m ] && variants=sync-every-step,sdpa
             CMD=("$PY" benchmarks/train_throughput.py --device cuda --model "$model" --peers "$(peers)"
-                 --steps 8 --warmup 3 --rounds 1 --data "$DATA" --json "$WORK/throughput-$model.json") ;;
+                 --variants "$variants" --steps 9 --warmup 3 --rounds 1 --data "$DATA"
+                 --json "$WORK/throughput-$model.json") ;;
         report) CMD=("$PY" benchmarks/gpu_report.py report "$OUTDIR" --work "$WORK" --rev "$REV"
                      --started "$STARTED" --wall-so-far "$((SECONDS))") ;;
     esac

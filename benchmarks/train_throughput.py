@@ -2,7 +2,8 @@
 
     python benchmarks/train_throughput.py [--model tiny,25m] [--steps 30] [--warmup 10]
                                           [--rounds 2] [--peers megareuse,hf,bare,torchtitan]
-                                          [--set model.compile=true] [--json FILE]
+                                          [--variants prefetch,sync-every-step,compile]
+                                          [--save-timing] [--set model.compile=true] [--json FILE]
 
 Every implementation trains the same model shape on the same batches (the same samples of a
 small local corpus, prepared once), with AdamW, the same learning rate, weight decay and
@@ -15,7 +16,13 @@ gradient clipping, in the same process, one after the other, for ``--rounds`` ro
 - ``hf``: transformers' ``LlamaForCausalLM`` of the same shape + torch AdamW, a plain loop;
 - ``bare``: a plain loop over megareuse's own ``GPT`` + torch AdamW (the model without the
   trainer: the difference to ``megareuse`` is the trainer's cost or gain);
-- ``torchtitan``: torchtitan's Llama 3 model, when it imports (skipped with the reason if not).
+- ``torchtitan``: torchtitan's Llama 3 model, when it imports (skipped with the reason if not);
+- ``megareuse[X]``: megareuse with one speed switch flipped against the device's defaults
+  (``--variants``: prefetch / no-prefetch, sync-every-step, compile, sdpa / fused-attention), so
+  each feature's effect is measured; its row shows how fast the default is against it.
+
+``--save-timing`` also writes one checkpoint synchronously and one with ``run.async_save`` after
+megareuse's run and prints how long each blocked training.
 
 Printed per model: tokens/s of each (median over rounds), MFU where the device's peak is known,
 peak memory (CUDA: max allocated; CPU: peak RSS of the process during that run) and the ratio
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -44,6 +52,11 @@ MODELS = {"tiny": "configs/model/tiny.yaml", "25m": "configs/model/llama_25m.yam
           "85m": "configs/model/llama_85m.yaml", "350m": "configs/model/llama_350m.yaml",
           "1.1b": "configs/model/llama_1b.yaml"}
 PEERS = ("megareuse", "hf", "bare", "torchtitan")
+# megareuse with one speed switch flipped against the device's defaults: each feature measured
+VARIANTS = {"prefetch": ["run.prefetch=true"], "no-prefetch": ["run.prefetch=false"],
+            "sync-every-step": ["run.sync_every_step=true"], "compile": ["model.compile=true"],
+            "sdpa": ["model.attention=sdpa"], "fused-attention": ["model.attention=auto"]}
+DEFAULT_VARIANTS = {"cpu": "prefetch,sync-every-step,compile", "cuda": "no-prefetch,sync-every-step,sdpa"}
 
 
 # ---------------------------------------------------------------- memory
@@ -73,22 +86,39 @@ def sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------- the runs
-def run_megareuse(cfg: Config, steps: int, warmup: int, out: Path) -> dict:
+def run_megareuse(cfg: Config, steps: int, warmup: int, out: Path, save_timing: bool) -> dict:
+    """The real training loop; its throughput from the loop's own clock (metrics.jsonl) over the
+    steps after ``warmup``. The run's final checkpoint is left out (a 1.1B one is ~17 GB); with
+    ``save_timing`` a checkpoint is then written twice, synchronously and with run.async_save, and
+    the seconds training is blocked (and the whole write) are reported for each."""
+    from megareuse.engine import checkpoint as ckpt
     from megareuse.engine.metrics import read_metrics
     from megareuse.engine.trainer import Trainer
     cfg = Config.from_dict(cfg.to_dict())
     cfg.run.out_dir = str(out)
     cfg.run.train_tokens = steps * cfg.tokens_per_step
-    cfg.run.log_interval = 1
+    cfg.run.log_interval = math.gcd(steps, warmup)  # losses are read (a host sync) at log steps only
     cfg.run.eval_interval = cfg.run.save_interval = 10**9  # evaluation and checkpoint at the end only
     cfg.run.eval_tokens = cfg.data.seq_len * cfg.run.micro_batch_size
     cfg.run.write_record = False
     trainer = Trainer(cfg, emit=lambda s: None)
+    trainer.save = lambda: ckpt.checkpoint_dir(trainer.ckpt_root, trainer.state.step)  # no final checkpoint
     reset_peak(trainer.device)
     trainer.run()
-    elapsed = {r["step"]: r["elapsed_s"] for r in read_metrics(out) if r.get("kind") == "train"}
+    elapsed = {r["step"]: r["elapsed_s"] for r in read_metrics(out) if r.get("kind") == "train" and "elapsed_s" in r}
     seconds = elapsed[steps] - elapsed[warmup]
-    return {"tokens_per_s": (steps - warmup) * cfg.tokens_per_step / seconds, "peak_mib": peak_mib(trainer.device)}
+    got = {"tokens_per_s": (steps - warmup) * cfg.tokens_per_step / seconds, "peak_mib": peak_mib(trainer.device)}
+    if save_timing:
+        del trainer.save
+        for mode in (False, True):
+            trainer.async_save = mode
+            sync(trainer.device)
+            t0 = time.perf_counter()
+            trainer.save()
+            blocked = time.perf_counter() - t0
+            trainer.wait_for_saves()
+            got[f"save_{'async' if mode else 'sync'}"] = {"blocked_s": blocked, "total_s": time.perf_counter() - t0}
+    return got
 
 
 def plain_loop(model: torch.nn.Module, loss_fn: Callable, cfg: Config, batches: list[torch.Tensor], steps: int,
@@ -174,8 +204,13 @@ def model_config(name: str, data: Path, device: str, overrides: list[str], seq: 
     return load_config(str(REPO / path), base + overrides)
 
 
+def variant(cfg: Config, name: str) -> Config:
+    from megareuse.config import apply_overrides
+    return Config.from_dict(apply_overrides(cfg.to_dict(), VARIANTS[name])).validate()
+
+
 def measure(name: str, cfg: Config, peers: list[str], steps: int, warmup: int, rounds: int,
-            work: Path) -> dict:
+            work: Path, save_timing: bool = False) -> dict:
     from megareuse.engine.ds import resolve_device
     from megareuse.engine.inputs import open_training_data
     device = resolve_device(cfg.run.device)
@@ -191,7 +226,9 @@ def measure(name: str, cfg: Config, peers: list[str], steps: int, warmup: int, r
             torch.manual_seed(cfg.run.seed)
             try:
                 if peer == "megareuse":
-                    got = run_megareuse(cfg, steps, warmup, work / f"{name}-r{r}")
+                    got = run_megareuse(cfg, steps, warmup, work / f"{name}-r{r}", save_timing)
+                elif peer.startswith("megareuse["):
+                    got = run_megareuse(variant(cfg, peer[10:-1]), steps, warmup, work / f"{name}-{peer[10:-1]}-r{r}", False)
                 else:
                     model, loss_fn = BUILDERS[peer](cfg)
                     model = model.to(device)
@@ -217,6 +254,9 @@ def measure(name: str, cfg: Config, peers: list[str], steps: int, warmup: int, r
             res["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in res["runs"])
             res["peak_mib"] = max(x["peak_mib"] for x in res["runs"])
             res["mfu"] = res["tokens_per_s"] * fpt / peak if peak else None
+            for key in ("save_sync", "save_async"):
+                if key in res["runs"][0]:
+                    res[key] = {k: statistics.median(x[key][k] for x in res["runs"]) for k in ("blocked_s", "total_s")}
     return {"model": name, "params": param_count(cfg.model), "non_embedding_params": non_embedding_param_count(cfg.model),
             "seq_len": cfg.data.seq_len, "micro_batch": cfg.run.micro_batch_size, "grad_accum": cfg.run.grad_accum,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
@@ -233,8 +273,16 @@ def table(points: list[dict]) -> str:
                 continue
             mfu = f"{100 * res['mfu']:.1f}%" if res.get("mfu") else "-"
             ratio = f"{ours / res['tokens_per_s']:.2f}x" if ours and peer != "megareuse" else "1.00x"
+            if peer.startswith("megareuse["):  # a switch flipped: its gain over the default
+                ratio = f"default {ours / res['tokens_per_s']:.2f}x of this"
             rows.append(f"| {pt['model']} | {pt['device']} | {peer} | {res['tokens_per_s']:,.0f} | {mfu} | "
                         f"{res['peak_mib']:,.0f} | {ratio} |")
+    for pt in points:
+        res = pt["results"].get("megareuse", {})
+        if "save_sync" in res:
+            rows.append(f"\n{pt['model']}: checkpoint save blocks training {res['save_sync']['blocked_s']:.2f} s "
+                        f"synchronously, {res['save_async']['blocked_s']:.2f} s with run.async_save "
+                        f"(whole write {res['save_sync']['total_s']:.2f} s / {res['save_async']['total_s']:.2f} s)")
     return "\n".join(rows)
 
 
@@ -244,6 +292,9 @@ def main(argv=None) -> None:
                     " or config paths (default tiny,25m on CPU; 350m,1.1b on CUDA)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--variants", default=None, help="megareuse with one switch flipped, comma-separated: " +
+                    ", ".join(VARIANTS) + " or none (default: " + "; ".join(f"{k}: {v}" for k, v in DEFAULT_VARIANTS.items()) + ")")
+    ap.add_argument("--save-timing", action="store_true", help="also time a checkpoint save, sync and async")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
@@ -261,6 +312,14 @@ def main(argv=None) -> None:
     bad = [p for p in peers if p not in PEERS]
     if bad:
         ap.error(f"--peers: {bad} unknown; accepted {', '.join(PEERS)}")
+    variants = (DEFAULT_VARIANTS[args.device] if args.variants is None else args.variants).split(",")
+    variants = [v for v in variants if v not in ("none", "")]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: {bad} unknown; accepted {', '.join(VARIANTS)} or none")
+    if variants and "megareuse" not in peers:
+        ap.error("--variants needs megareuse among --peers (the variants are compared with it)")
+    peers += [f"megareuse[{v}]" for v in variants]
     if args.threads:
         torch.set_num_threads(args.threads)
     models = (args.model or ("350m,1.1b" if args.device == "cuda" else "tiny,25m")).split(",")
@@ -277,7 +336,7 @@ def main(argv=None) -> None:
             print(f"{name}: {param_count(cfg.model):,} parameters, seq {cfg.data.seq_len}, batch "
                   f"{cfg.run.micro_batch_size} x {cfg.run.grad_accum}, {cfg.run.dtype}, compile={cfg.model.compile}",
                   flush=True)
-            points.append(measure(name, cfg, peers, args.steps, args.warmup, args.rounds, Path(tmp)))
+            points.append(measure(name, cfg, peers, args.steps, args.warmup, args.rounds, Path(tmp), args.save_timing))
     print()
     print(table(points))
     if args.json:

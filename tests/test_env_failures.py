@@ -142,6 +142,12 @@ def test_evaluate_checks_the_tokenizer_of_the_data(prepared, runs, tmp_path, cap
     text = [p.read_text() for p in sorted((REPO / "docs").glob("*.md"))]
     train_tokenizer(text, data / "tokenizer", 512)  # same size, other pieces: ids mean other text
     refused(["evaluate", "--checkpoint", str(runs[0]), "--data", str(data)], capsys,
+            "records tokenizer_sha256")  # the data dir's own record says so first
+    import hashlib
+    record = json.loads((data / "prepare.json").read_text())  # a directory prepared with that tokenizer
+    record["tokenizer_sha256"] = hashlib.sha256((data / "tokenizer.model").read_bytes()).hexdigest()
+    (data / "prepare.json").write_text(json.dumps(record))
+    refused(["evaluate", "--checkpoint", str(runs[0]), "--data", str(data)], capsys,
             "was prepared with another tokenizer")
 
 
