@@ -33,15 +33,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
             LaunchError, SweepError, MetricsError, RecordError, OSError)
 
 
-def quiet_worker(init: Callable[..., None], *args) -> None:
-    """A worker pool's initializer: SIGINT ignored, then ``init(*args)``. Ctrl-C reaches the whole
-    process group; the parent reports it in one line (exit 130) and terminates the pool, where
-    each worker would otherwise print a KeyboardInterrupt traceback of its own."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    init(*args)
-
-
 def run_stops() -> dict[type[BaseException], int]:
     from megareuse.engine import guard
     from megareuse.engine.watchdog import RankFailure

@@ -67,3 +67,13 @@ def test_events_after_the_checkpoint_stay_in_tensorboard(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "rollback"] == [10]
     assert tb_series(tmp_path, "rollback/to_step") == [(10, 5.0)]
     assert tb_series(tmp_path, "train/loss") == [(s, float(s)) for s in range(1, 6)] + [(6, 6.25), (7, 7.25)]
+
+
+def test_resume_in_the_same_second_when_the_writer_counter_gains_a_digit(tmp_path):
+    """Event file names end in a per-process counter that sorts as text: 9 < 10 numerically,
+    "10" < "9" in the order readers load files. A resume within the same second as the counter
+    goes from 9 to 10 must still purge the first run's later steps."""
+    from tensorboard.summary.writer import event_file_writer as efw
+    while set(str(efw._global_uid._value)) != {"9"}:  # the next writer gets 9 (or 99), the one after 10 (100)
+        efw._global_uid.get()
+    test_resume_purges_tensorboard_after_the_checkpoint(tmp_path)

@@ -8,7 +8,8 @@ import torch
 
 from megareuse.engine.inputs import open_training_data
 from megareuse.engine.prefetch import Prefetcher
-from megareuse.engine.trainer import SkippableAdamW, StepResult, Trainer, read_steps
+from megareuse.engine.loop import StepResult, read_steps
+from megareuse.engine.trainer import SkippableAdamW, Trainer
 from megareuse.engine.weights import load_state_dict
 from test_train import eval_records, quiet, tiny, train_losses
 

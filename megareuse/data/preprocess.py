@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .corpora import DOMAINS, CorpusError
 from .indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from .tokenizer import MAX_VOCAB, MIN_VOCAB, Tokenizer, text_chunks, train_tokenizer
-from megareuse.exits import quiet_worker
+from megareuse.pools import quiet_worker
 from megareuse.paths import output_dir_problem
 
 log = logging.getLogger(__name__)

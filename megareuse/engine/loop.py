@@ -13,7 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,25 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
+class StepResult(NamedTuple):
+    """What one optimizer step returns. ``loss``, ``grad_norm`` and ``applied`` may be device
+    tensors not read yet (``read_steps`` reads many at once: one host sync for all of them)."""
+
+    loss: Union[torch.Tensor, float]
+    lr: float
+    grad_norm: Union[torch.Tensor, float]
+    applied: Union[torch.Tensor, bool]
+
+
+def read_steps(results: list[StepResult]) -> list[tuple[float, float, float, bool]]:
+    """(loss, lr, grad norm, applied) as Python values for each step, with one device-to-host copy."""
+    tensors = [x.detach().reshape(()).double() for r in results for x in (r.loss, r.grad_norm, r.applied)
+               if isinstance(x, torch.Tensor)]
+    values = iter(torch.stack(tensors).tolist() if tensors else [])
+    take = lambda x: next(values) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return [(float(take(r.loss)), r.lr, float(take(r.grad_norm)), bool(take(r.applied))) for r in results]
+
+
 class Stage(Protocol):
     """What the loop drives: one training stage (engine/trainer.py's ``Trainer``)."""
 
@@ -64,7 +83,7 @@ class Stage(Protocol):
     device: torch.device
     pending_save: Any  # a checkpoint finishing in the background (engine/async_save.py), or None
 
-    def train_step(self) -> tuple[float, float, float, bool]: ...
+    def train_step(self) -> StepResult: ...
     def evaluate(self) -> dict[str, float]: ...
     def save(self) -> Path: ...
     def _rollback(self, from_step: int) -> Path: ...
@@ -205,7 +224,6 @@ class TrainingLoop:
     def _settle(self, pending: list[tuple[int, int, int, Any]], stop: int, log: Optional[MetricsLog],
                 progress: Progress) -> bool:
         """Read the pending steps, log them and apply the guard; True when it rolled back."""
-        from megareuse.engine.trainer import read_steps
         run, stage = self.stage.cfg.run, self.stage
         steps = list(zip(pending, read_steps([r for *_, r in pending])))
         pending.clear()

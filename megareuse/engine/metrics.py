@@ -74,6 +74,7 @@ class MetricsLog:
         if self._writer_cls is None:
             return
         if self._tb is None:
+            _after_earlier_event_files(Path(self._tb_dir))
             self._tb = self._writer_cls(self._tb_dir, purge_step=self._purge_step)
         step = record.get("step", 0)
         for key, value in record.items():
@@ -84,6 +85,20 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
         self._tb, self._purge_step = None, None  # a later scalar appends to a new event file
+
+
+def _after_earlier_event_files(tb_dir: Path, limit_s: float = 2.0) -> None:
+    """Wait (at most ``limit_s``) until the clock's second is past every event file's in
+    ``tb_dir``. Readers load event files in name order and apply a purge only to the files
+    before it; the name is ``events.out.tfevents.<second>.<host>.<pid>.<counter>``, and within
+    one second the counter sorts as text (10 before 9), so a new file must start a later second."""
+    newest = -1
+    for file in tb_dir.glob("events.out.tfevents.*"):
+        stamp = file.name.split(".")[3]
+        newest = max(newest, int(stamp)) if stamp.isdigit() else newest
+    deadline = time.monotonic() + limit_s
+    while int(time.time()) <= newest and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class MetricsError(ValueError):

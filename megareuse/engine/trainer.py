@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from megareuse.engine.runlock import RunLock
 from megareuse.engine.evaluate import evaluate
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
 from megareuse.engine.inputs import open_training_data
-from megareuse.engine.loop import TrainingLoop
+from megareuse.engine.loop import StepResult, TrainingLoop, read_steps
 from megareuse.engine.metrics import read_metrics, tune_host_allocator
 from megareuse.engine.prefetch import Prefetcher
 from megareuse.engine.schedule import LRSchedule
@@ -98,25 +98,6 @@ class SkippableAdamW(torch.optim.AdamW):
             return super().step(closure)
         finally:
             del self.found_inf
-
-
-class StepResult(NamedTuple):
-    """What one optimizer step returns. ``loss``, ``grad_norm`` and ``applied`` may be device
-    tensors not read yet (``read_steps`` reads many at once: one host sync for all of them)."""
-
-    loss: Union[torch.Tensor, float]
-    lr: float
-    grad_norm: Union[torch.Tensor, float]
-    applied: Union[torch.Tensor, bool]
-
-
-def read_steps(results: list[StepResult]) -> list[tuple[float, float, float, bool]]:
-    """(loss, lr, grad norm, applied) as Python values for each step, with one device-to-host copy."""
-    tensors = [x.detach().reshape(()).double() for r in results for x in (r.loss, r.grad_norm, r.applied)
-               if isinstance(x, torch.Tensor)]
-    values = iter(torch.stack(tensors).tolist() if tensors else [])
-    take = lambda x: next(values) if isinstance(x, torch.Tensor) else x  # noqa: E731
-    return [(float(take(r.loss)), r.lr, float(take(r.grad_norm)), bool(take(r.applied))) for r in results]
 
 
 def make_optimizer(model: torch.nn.Module, o, device: torch.device) -> SkippableAdamW:

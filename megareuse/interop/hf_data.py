@@ -35,7 +35,7 @@ from megareuse.data import preprocess as pp
 from megareuse.data.indexed import best_dtype
 from megareuse.data.tokenizer import MIN_VOCAB, Tokenizer
 from megareuse.engine.checkpoint import META, file_sha256, read_meta
-from megareuse.exits import quiet_worker
+from megareuse.pools import quiet_worker
 from megareuse.paths import check_input
 from megareuse.interop.errors import HFError
 

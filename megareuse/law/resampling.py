@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megareuse.exits import quiet_worker
+from megareuse.pools import quiet_worker
 from megareuse.law.data import LawError, RunTable
 from megareuse.law.fit import DELTA, blas_limit_available, blas_single_thread, fit_form
 from megareuse.law.law import Law
