@@ -184,7 +184,7 @@ def test_truncated_bin_is_refused_with_one_line(prepared, tmp_path):
 
 
 # ----------------------------------------------------------------------------- divergence
-@pytest.mark.parametrize("reads", ["run.log_interval=1", "run.log_interval=5"])
+@pytest.mark.parametrize("reads", [pytest.param("run.log_interval=1", marks=pytest.mark.slow), "run.log_interval=5"])
 def test_nan_steps_skipped_then_rollback_lowers_lr_and_spike_logged(prepared, tmp_path, reads):
     """Losses are read at log/eval/save steps (log_interval 5: the NaNs of steps 6 and 7 are seen
     at step 8, after step 8 trained): the same skips, rollback, cursor and weights as reading each step."""

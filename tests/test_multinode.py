@@ -12,7 +12,8 @@ starts (rendezvous join timeout), and one killed mid-run, followed by a restart 
 
 Every wait is bounded; on expiry every process inside the namespace is killed. The module is
 marked `multinode` and takes about 3.5 minutes on 2 cores; it is part of `make test` when run as
-root (CI) and skips otherwise; `make test-multinode` runs it alone.
+root (CI) and skips otherwise, except the tests also marked slow (the killed node among them);
+`make test-multinode` runs all of it alone.
 """
 from __future__ import annotations
 
@@ -233,6 +234,7 @@ def logged_steps(out: Path) -> list[int]:
     return [r["step"] for r in records if r.get("kind") == "train"]
 
 
+@pytest.mark.slow  # 70 s on 2 cores; `make test-multinode` / `make test-slow` (make test keeps the two-node match)
 def test_killed_node_fails_job_then_resume_matches(hosts, prepared, tmp_path, torchrun_run):
     """Node 1 loses power (SIGKILL to every process in it) after a checkpoint: node 0 exits
     non-zero within DEATH_BOUND; both nodes restarted (`--resume auto`) finish the run with the
