@@ -283,6 +283,12 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg.optim, self.device)
         engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, mpu=MPU(self.pstate),
                                           config=ds_config)
+        self._zero0_clip = math.inf  # max_norm of the ZeRO-0 norm the trainer measures (inf: measure only)
+        if cfg.parallel.zero_stage == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()) \
+                and engine.gradient_clipping() > 0:
+            # that measurement clips too (the same formula DeepSpeed's own clipping applies after it):
+            # one pass over the gradients for the norm, not two
+            self._zero0_clip, engine._config.gradient_clipping = engine.gradient_clipping(), 0.0
         if saved is not None:
             self._restore(engine, *saved)
         elif self.init is not None and cfg.run.keep_optimizer:
@@ -560,9 +566,9 @@ class Trainer:
             loss = self.batch_loss(batch)
             self.engine.backward(loss)
             if micro == run.grad_accum - 1 and self.cfg.parallel.zero_stage == 0:
-                # ZeRO-0 clips without keeping the norm: measure it (TP-aware; no clipping at inf)
+                # ZeRO-0 clips without keeping the norm: measure it (TP-aware) and, in fp32, clip here
                 from deepspeed.runtime.utils import clip_grad_norm_
-                norm_before_step = clip_grad_norm_(list(self.engine.module.parameters()), math.inf,
+                norm_before_step = clip_grad_norm_(list(self.engine.module.parameters()), self._zero0_clip,
                                                    mpu=self.engine.mpu).reshape(())
                 finite = torch.isfinite(norm_before_step)
                 self.optimizer.skip_next_step_if(~finite)
