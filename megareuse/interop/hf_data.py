@@ -10,11 +10,10 @@ an HF model directory or a megareuse checkpoint directory (sentencepiece preferr
 ``hf_lineage`` finds, for any checkpoint (CPT or grown from an imported base), the imported
 config.json and the directories holding its base's tokenizer files, for ``export_hf``.
 
-Sentencepiece models must load in ``megareuse.data.Tokenizer`` (it needs byte_fallback, as
-Llama's tokenizer has; the trainer opens data.dir/tokenizer.model with it). Foreign ones (with a
-dummy prefix) encode each document whole (``WholeTextTokenizer``). tokenizer.json-only models go through ``JsonTokenizer`` (needs the
-``tokenizers`` package); the data is written, but ``megareuse train`` currently opens only
-``data.dir/tokenizer.model`` (megareuse/engine/inputs.py), so training on it needs that hook.
+The tokenizers themselves (``load_tokenizer``, ``JsonTokenizer``, ``WholeTextTokenizer``,
+``tokenizer_file``, ``tokenizer_vocab_size``, ``EOS_NAMES``) live in
+``megareuse.data.hf_tokenizer`` (re-exported here); the trainer opens data directories holding
+either tokenizer file with the same ``load_tokenizer``.
 """
 from __future__ import annotations
 
@@ -33,40 +32,15 @@ import numpy as np
 
 from megareuse.data import preprocess as pp
 from megareuse.data.indexed import best_dtype
-from megareuse.data.tokenizer import MIN_VOCAB, Tokenizer
+from megareuse.data.hf_tokenizer import (EOS_NAMES, JsonTokenizer, TokenizerError, WholeTextTokenizer,  # noqa: F401
+                                         load_tokenizer, tokenizer_file, tokenizer_vocab_size)
+from megareuse.data.tokenizer import MIN_VOCAB
 from megareuse.engine.checkpoint import META, file_sha256, read_meta
 from megareuse.pools import quiet_worker
-from megareuse.paths import check_input
 from megareuse.interop.errors import HFError
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
-EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
-
-
-def tokenizer_vocab_size(path: PathLike) -> int:
-    """Number of ids of a tokenizer.model (sentencepiece) or tokenizer.json file, read directly
-    (no ``tokenizers`` needed): the largest id + 1 over the model vocabulary and added tokens."""
-    path = Path(path)
-    if path.suffix == ".model":
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.LoadFromSerializedProto(path.read_bytes())
-        except RuntimeError:
-            raise HFError(f"{path} is not a sentencepiece model") from None
-        return sp.get_piece_size()
-    try:
-        data = json.loads(path.read_text())
-        vocab = data["model"]["vocab"]
-        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-        ids += [t["id"] for t in data.get("added_tokens") or []]
-    except (ValueError, KeyError, TypeError):
-        raise HFError(f"{path} is not a tokenizer.json with a model.vocab") from None
-    return max(ids) + 1
-
-
 
 
 def read_json_object(path: Path, what: str = "a JSON object") -> dict[str, Any]:
@@ -124,99 +98,6 @@ def hf_lineage(src: Path, meta: dict) -> tuple[Optional[dict], list[Path]]:
             break
         dirs.append(Path(parent))
     return None, dirs
-
-
-class JsonTokenizer:
-    """A Hugging Face ``tokenizer.json`` with megareuse's Tokenizer interface (encode without
-    special tokens, decode, vocab_size, eos/bos/pad ids, sha256, path)."""
-
-    def __init__(self, path: PathLike):
-        try:
-            from tokenizers import Tokenizer as _HFTokenizer
-        except ImportError:
-            raise HFError(f"{path}: tokenizer.json needs the tokenizers package: pip install tokenizers") from None
-        self.path = Path(path)
-        self.sha256 = file_sha256(self.path)
-        try:
-            self._tok = _HFTokenizer.from_file(str(self.path))
-        except Exception as exc:  # the tokenizers library raises plain Exceptions for a bad file
-            raise HFError(f"{self.path} is not a tokenizer.json the tokenizers library reads "
-                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-        self.vocab_size = tokenizer_vocab_size(self.path)
-        special = self._special_tokens()
-        eos = special.get("eos_token") or next((n for n in EOS_NAMES if self._tok.token_to_id(n) is not None), None)
-        if eos is None or self._tok.token_to_id(eos) is None:
-            raise HFError(f"{self.path}: no end-of-text token (tokenizer_config.json field eos_token = {eos!r}); "
-                          f"accepted a token of the vocabulary, e.g. {', '.join(EOS_NAMES)}")
-        self.eos_id = self._tok.token_to_id(eos)
-        self.bos_id = self._id(special.get("bos_token"))
-        self.pad_id = self._id(special.get("pad_token"))
-
-    def _special_tokens(self) -> dict[str, Optional[str]]:
-        config = self.path.with_name("tokenizer_config.json")
-        raw = read_json_object(config, "a tokenizer_config.json") if config.is_file() else {}
-        out = {}
-        for key in ("eos_token", "bos_token", "pad_token"):
-            value = raw.get(key)
-            out[key] = value.get("content") if isinstance(value, dict) else value
-        return out
-
-    def _id(self, token: Optional[str]) -> int:
-        found = self._tok.token_to_id(token) if token else None
-        return -1 if found is None else found
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, no special tokens added."""
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def __repr__(self) -> str:
-        return f"JsonTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
-
-
-def tokenizer_file(path: PathLike) -> Path:
-    """The tokenizer file a path names: itself, or the tokenizer.model (else tokenizer.json) of
-    an HF model directory or a megareuse checkpoint directory."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json"):
-            if (path / name).is_file():
-                return path / name
-        raise HFError(f"--tokenizer {str(path)!r} holds no tokenizer.model or tokenizer.json; accepted an "
-                      "imported checkpoint, an HF model directory or a tokenizer file")
-    check_input(path, "file", "--tokenizer", "an imported checkpoint, an HF model directory or a tokenizer.model / "
-                "tokenizer.json file", HFError)
-    if path.suffix not in (".model", ".json"):
-        raise HFError(f"--tokenizer {str(path)!r}: accepted an existing tokenizer.model / tokenizer.json file "
-                      "or a directory holding one")
-    return path
-
-
-class WholeTextTokenizer(Tokenizer):
-    """A foreign sentencepiece model (e.g. Llama's, with ``add_dummy_prefix``): each document is
-    encoded by sentencepiece in one call, as the model's own tokenizer does. megareuse's
-    ``Tokenizer.encode`` cuts long text into line chunks (each would get a dummy-prefix space)
-    and keeps a literal U+2581 as bytes, which suits its own tokenizers, not a base model's."""
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._sp.encode(text))
-
-
-def load_tokenizer(path: PathLike) -> Union[Tokenizer, JsonTokenizer]:
-    """The tokenizer of ``tokenizer_file(path)``: megareuse's ``Tokenizer`` for models it trained
-    (no dummy prefix), a ``WholeTextTokenizer`` for other sentencepiece models, a
-    ``JsonTokenizer`` for tokenizer.json."""
-    file = tokenizer_file(path)
-    if file.suffix == ".json":
-        return JsonTokenizer(file)
-    try:
-        tok = Tokenizer(file)
-    except ValueError as exc:
-        raise HFError(f"{exc}; megareuse's trainer opens data.dir/tokenizer.model with the same class") from None
-    dummy_prefix = tok.piece(tok.encode("a")[0]).startswith("\u2581")  # Llama-style model
-    return WholeTextTokenizer(file) if dummy_prefix else tok
 
 
 _WORKER = None
