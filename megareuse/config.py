@@ -110,6 +110,7 @@ class DataConfig:
     seq_len: int = 128
     seed: int = 1234
     replay: float = 0.0  # stage 2: share of samples replayed from the base run's training blend
+    tokenizer: Optional[str] = None  # tokenizer.model / tokenizer.json (or a dir holding one); wins over data.dir's
 
     def validate(self, prefix: str = "data") -> None:
         if not self.dir:
@@ -126,6 +127,9 @@ class DataConfig:
             _fail(f"{prefix}.seed", self.seed, "a non-negative integer")
         if not 0 <= self.replay < 1:
             _fail(f"{prefix}.replay", self.replay, "a number in [0, 1)")
+        if self.tokenizer is not None and not self.tokenizer.strip():
+            _fail(f"{prefix}.tokenizer", self.tokenizer, "null (data.dir's tokenizer) or the path of a "
+                  "tokenizer.model / tokenizer.json file or a directory holding one")
 
 
 @dataclass
@@ -434,6 +438,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = text
         node = raw
         parts = key.split(".")
+        if parts[:2] == ["data", "train"] and len(parts) > 3:  # a dotted domain: data.train.wiki.en=1
+            parts = parts[:2] + [".".join(parts[2:])]
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

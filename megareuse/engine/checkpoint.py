@@ -34,6 +34,7 @@ from megareuse.atomic import fsync_dir
 from megareuse.paths import disk_free, input_problem
 
 MANIFEST = "manifest.json"
+TOKENIZER_COPIES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")  # copied into checkpoints
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 

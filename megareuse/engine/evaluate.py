@@ -39,6 +39,21 @@ def model_batch_loss(model: torch.nn.Module) -> LossFn:
     return lambda batch: cross_entropy(model(batch[:, :-1]), batch[:, 1:])
 
 
+def _eval_tokenizer(path, meta: dict, configured: str | None, data_dir: str | None) -> str | None:
+    """The data.tokenizer evaluation uses: none when ``--data`` is given and holds a tokenizer
+    (its own is checked against the checkpoint's), else the run's data.tokenizer while it exists,
+    else the checkpoint's own copy of its tokenizer."""
+    from pathlib import Path
+
+    from megareuse.data.hf_tokenizer import TOKENIZER_FILES
+    if data_dir is not None and any((Path(data_dir) / n).is_file() for n in TOKENIZER_FILES):
+        return None
+    if data_dir is None and (configured is None or Path(configured).exists()):
+        return configured
+    copy = Path(path) / str((meta.get("tokenizer") or {}).get("file") or "tokenizer.model")
+    return str(copy) if copy.is_file() else configured
+
+
 def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | None = None,
                         max_tokens: int | None = None, batch_size: int | None = None,
                         device: str = "cpu") -> dict[str, float]:
@@ -64,6 +79,7 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
     cfg = Config.from_dict(meta["config"])
     if data_dir is not None:
         cfg.data.dir = data_dir
+    cfg.data.tokenizer = _eval_tokenizer(path, meta, cfg.data.tokenizer, data_dir)
     if domains:
         cfg.data.valid = list(domains)
     cfg.parallel.tp, cfg.parallel.ds_config = 1, None
@@ -77,7 +93,8 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
     if saved_sha is not None and saved_sha != data.tokenizer.sha256:
         raise CheckpointError(
             f"evaluate error: --data {cfg.data.dir} was prepared with another tokenizer (sha256 "
-            f"{data.tokenizer.sha256[:12]}...) than checkpoint {path} was trained with ({saved_sha[:12]}...); "
+            f"{data.tokenizer.sha256[:12]}..., {data.tokenizer_file}) than checkpoint {path} was trained with "
+            f"({saved_sha[:12]}...); "
             "accepted data prepared with the checkpoint's tokenizer (its copy is in the checkpoint)")
     model = GPT(cfg.model).to(torch_device)
     model.load_state_dict(load_state_dict(path, cfg.model.tie_embeddings, torch_device, cfg.model))

@@ -33,7 +33,7 @@ from megareuse.engine.ds import deepspeed_config, init_distributed, resolve_devi
 from megareuse.engine.runlock import RunLock
 from megareuse.engine.evaluate import evaluate
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
-from megareuse.engine.inputs import open_training_data
+from megareuse.engine.inputs import open_training_data, tokenizer_files
 from megareuse.engine.loop import StepResult, TrainingLoop, read_steps
 from megareuse.engine.metrics import read_metrics, tune_host_allocator
 from megareuse.engine.prefetch import Prefetcher
@@ -384,7 +384,7 @@ class Trainer:
             "non_embedding_params": non_embedding_param_count(cfg.model),
             "config": cfg.to_dict(),
             "layout": _layout(cfg, self.pstate.dp_size),
-            "tokenizer": {"file": "tokenizer.model", "source": str(Path(tok.path).resolve()),
+            "tokenizer": {"file": next(iter(tokenizer_files(self.data.tokenizer_file))), "source": str(Path(tok.path).resolve()),
                           "sha256": tok.sha256, "vocab_size": tok.vocab_size},
             "git_revision": ckpt.git_revision(),
             "torch_version": torch.__version__,
@@ -484,7 +484,7 @@ class Trainer:
             ckpt.write_object(tmp, "trainer.pt", trainer)
             return ckpt.commit_checkpoint(self.ckpt_root, tmp, step, meta, keep_last=self.cfg.run.keep_last,
                                           pinned=self.save_steps, known=files,
-                                          extra_files={"tokenizer.model": Path(self.data.tokenizer.path)})
+                                          extra_files=tokenizer_files(self.data.tokenizer_file))
         return commit
 
     def _finish_in_background(self, tmp: Path, staged: list, commit: Callable[[list], Path]) -> Optional[Path]:

@@ -40,6 +40,7 @@ from megareuse.atomic import publish_dir
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
 from megareuse.interop.errors import HFError
+from megareuse.data.hf_tokenizer import JsonTokenizer
 from megareuse.interop.hf_data import file_sha256, hf_lineage, read_json_object, special_ids, tokenizer_entry
 from megareuse.model import non_embedding_param_count, param_count
 from megareuse.model.flops import weight_shapes
@@ -188,6 +189,16 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str = "float32", source: Optio
 
 
 # --------------------------------------------------------------------------- helpers
+def _tokenizer_special_ids(src: Path) -> Optional[dict[str, Optional[int]]]:
+    """bos/eos/pad ids of a checkpoint's tokenizer: its tokenizer.model, else its tokenizer.json
+    (with tokenizer_config.json's special tokens); None when it holds neither."""
+    if (src / "tokenizer.model").is_file() or not (src / "tokenizer.json").is_file():
+        return special_ids(src / "tokenizer.model")
+    tok = JsonTokenizer(src / "tokenizer.json")
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return {k: (None if v < 0 else v) for k, v in ids.items()}
+
+
 def parse_size(text: Union[str, int]) -> int:
     """``"2GB"``, ``"500MB"``, ``"10KB"`` or a byte count -> bytes (> 0)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", str(text).upper())
@@ -406,7 +417,7 @@ def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        hf_cfg = hf_config_from_model(cfg, dtype_name, source, special_ids(src / "tokenizer.model"))
+        hf_cfg = hf_config_from_model(cfg, dtype_name, source, _tokenizer_special_ids(src))
         (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         for name in CARRIED_FILES:  # the checkpoint's own, else its HF base's (same tokenizer)
             found = next((d / name for d in lineage if (d / name).is_file()), None)

@@ -59,8 +59,8 @@ def open_init_source(path: str | Path, cfg: Config, tokenizer_sha256: str) -> In
     if saved_sha != tokenizer_sha256:
         raise ckpt.CheckpointError(
             f"run error: run.init_from = {str(path)!r} was trained with another tokenizer (sha256 "
-            f"{str(saved_sha)[:12]}...) than data.dir's ({tokenizer_sha256[:12]}...); accepted data "
-            "prepared with the base model's tokenizer")
+            f"{str(saved_sha)[:12]}...) than this run's ({tokenizer_sha256[:12]}..., data.tokenizer or data.dir's); "
+            "accepted data prepared with the base model's tokenizer (its copy is in the checkpoint)")
     # a base checkpoint has D2 = 0; a stage-2 checkpoint used as a base saw D1 + D2 tokens
     d1 = int(meta.get("D1") or 0) + int(meta.get("D2") or 0)
     if d1 <= 0:

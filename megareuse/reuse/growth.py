@@ -279,7 +279,8 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
     ``out`` must not exist. Everything is checked and computed before anything is written; the
     checkpoint is written into a temporary sibling and renamed into place. It holds model.safetensors,
     meta.json (stage "grow", D1 from the base, D2 = 0, the grown config, a "growth" record),
-    the base's tokenizer.model, and no optimizer or trainer state (stage 2 starts fresh).
+    the base's tokenizer file (tokenizer.model or tokenizer.json +
+    tokenizer_config.json), and no optimizer or trainer state (stage 2 starts fresh).
     """
     src, out = Path(src), Path(out)
     if out.exists() or out.is_symlink():
@@ -311,8 +312,7 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
                 "config": dict(meta["config"], model=dataclasses.asdict(new_cfg)), "layout": None,
                 "growth": growth, "tokenizer": meta.get("tokenizer"),
                 "git_revision": ckpt.git_revision(), "torch_version": torch.__version__}
-    tokenizer = src / "tokenizer.model"
-    extra = {"tokenizer.model": tokenizer} if tokenizer.is_file() else None
+    extra = {name: src / name for name in ckpt.TOKENIZER_COPIES if (src / name).is_file()} or None
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".tmp-grow-{out.name}-{os.getpid()}"
     try:
