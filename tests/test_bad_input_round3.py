@@ -199,7 +199,7 @@ def test_prepare_hf_refuses_empty_documents(prepared, tmp_path, capsys):
         (docs / f"{i}.txt").write_text(text)
     refused(["prepare-hf", "--tokenizer", str(prepared / "tokenizer.model"), "--out", str(tmp_path / "d"),
              "--files", f"prose={docs}/*.txt", "--workers", "1"], capsys,
-            "domain 'prose': all 3 document files are empty")
+            "domain 'prose': all 3 documents are empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]
 
 

@@ -350,10 +350,12 @@ def test_prepare_end_to_end(tmp_path):
             assert all(ds.document(d)[-1] == tok.eos_id for d in range(ds.num_documents))
             originals = [p.read_bytes().decode() for p in paths]
             valid_names = set(info["domains"][name]["valid_files"])
-            expected = [t for p, t in zip(paths, originals)
-                        if (p.name in valid_names) == (split == "valid")]
+            expected = [t for p, t in zip(paths, originals)  # an empty document is skipped
+                        if (p.name in valid_names) == (split == "valid") and t.strip()]
             assert texts == expected
-        assert n_docs == len(paths) and info["domains"][name]["valid"]["documents"] >= 1
+        n_empty = sum(not p.read_text().strip() for p in paths)
+        assert info["domains"][name]["empty_documents_skipped"] == n_empty
+        assert n_docs == len(paths) - n_empty and info["domains"][name]["valid"]["documents"] >= 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
     with pytest.raises(PrepareError, match="already exists"):
         prepare(out, files, vocab_size=400, progress=False)
@@ -382,13 +384,13 @@ def test_prepare_bad_input_writes_nothing(tmp_path, kwargs, message):
 def test_prepare_crash_or_bad_text_leaves_nothing(tmp_path, monkeypatch):
     files = _tiny_corpora(tmp_path / "raw")
     files["prose"][0].write_bytes(b"caf\xe9 latin-1\n")
-    with pytest.raises(PrepareError, match=r"0\.txt is not valid UTF-8"):
+    with pytest.raises(PrepareError, match=r"0\.txt: not valid UTF-8"):
         prepare(tmp_path / "out", files, vocab_size=400, progress=False)
     files["prose"][0].write_bytes(b"fixed\n")
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash")
-    monkeypatch.setattr(preprocess.IndexedDatasetBuilder, "finalize", crash)
+    monkeypatch.setattr(IndexedDatasetBuilder, "finalize", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare(tmp_path / "out", files, vocab_size=400, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

@@ -87,8 +87,12 @@ class IndexedDatasetBuilder:
 
     Both files are written under temporary names (fsynced) and renamed into place only by
     ``finalize()``, so readers never see a half-written pair. Use as a context manager to
-    discard the temporary files when an exception escapes.
+    discard the temporary files when an exception escapes. Memory stays bounded whatever the
+    corpus size: the sequence sizes and document boundaries go to temporary side files (in
+    blocks) and are streamed into the index at the end.
     """
+
+    BLOCK = 1 << 16  # sizes / boundaries buffered before a side-file write
 
     def __init__(self, prefix: PathLike, dtype=np.uint16):
         self.dtype = np.dtype(dtype)
@@ -100,17 +104,20 @@ class IndexedDatasetBuilder:
         tag = f".tmp-{os.getpid()}-{id(self)}"
         self._bin_tmp = data_path(self.prefix).with_name(data_path(self.prefix).name + tag)
         self._idx_tmp = index_path(self.prefix).with_name(index_path(self.prefix).name + tag)
+        self._sizes_tmp = self._idx_tmp.with_name(self._idx_tmp.name + ".sizes")
+        self._docs_tmp = self._idx_tmp.with_name(self._idx_tmp.name + ".docs")
         self._bin = open(self._bin_tmp, "wb")
-        self.sizes: list[int] = []
-        self.document_indices: list[int] = [0]
+        self._sizes_file = open(self._sizes_tmp, "wb")
+        self._docs_file = open(self._docs_tmp, "wb")
+        self._sizes: list[int] = []  # not yet spilled
+        self._docs: list[int] = [0]
+        self.num_sequences = 0
+        self.num_documents = 0
+        self._last_boundary = 0
         self.finalized = False
         self._lo, self._hi = None, None  # token id range written so far
 
-    def add_item(self, tokens: Iterable[int]) -> None:
-        """Append one sequence (part of the current document)."""
-        arr = np.asarray(tokens)
-        if arr.ndim != 1:
-            raise ValueError(f"indexed: a sequence must be 1-D, got shape {arr.shape}")
+    def _check_ids(self, arr: np.ndarray) -> None:
         if arr.size and np.issubdtype(self.dtype, np.integer):
             info = np.iinfo(self.dtype)
             lo, hi = int(arr.min()), int(arr.max())
@@ -118,29 +125,68 @@ class IndexedDatasetBuilder:
                 raise ValueError(f"indexed: token ids [{lo}, {hi}] do not fit {self.dtype}")
             self._lo = lo if self._lo is None else min(lo, self._lo)
             self._hi = hi if self._hi is None else max(hi, self._hi)
+
+    def add_item(self, tokens: Iterable[int]) -> None:
+        """Append one sequence (part of the current document)."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"indexed: a sequence must be 1-D, got shape {arr.shape}")
         if arr.size > np.iinfo(np.int32).max:
             raise ValueError(f"indexed: a sequence of {arr.size} tokens exceeds int32 sizes")
+        self._check_ids(arr)
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
-        self.sizes.append(int(arr.size))
+        self._sizes.append(int(arr.size))
+        self.num_sequences += 1
+        self._spill()
 
     def end_document(self) -> None:
         """Close the current document (a no-op when it holds no sequence)."""
-        if self.document_indices[-1] != len(self.sizes):
-            self.document_indices.append(len(self.sizes))
+        if self._last_boundary != self.num_sequences:
+            self._docs.append(self.num_sequences)
+            self._last_boundary = self.num_sequences
+            self.num_documents += 1
+            self._spill()
 
     def add_document(self, tokens: Iterable[int]) -> None:
         """Append one document stored as one sequence."""
         self.add_item(tokens)
-        self.document_indices.append(len(self.sizes))
+        self._docs.append(self.num_sequences)
+        self._last_boundary = self.num_sequences
+        self.num_documents += 1
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append ``len(lengths)`` documents, one sequence each, given back to back in ``tokens``
+        (one write: the fast path for a tokenized batch)."""
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
+        if tokens.ndim != 1 or lengths.ndim != 1 or int(lengths.sum()) != tokens.size or (lengths < 0).any():
+            raise ValueError(f"indexed: lengths (sum {int(lengths.sum())}) do not split {tokens.size} tokens")
+        if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
+            raise ValueError(f"indexed: a sequence of {int(lengths.max())} tokens exceeds int32 sizes")
+        self.end_document()
+        self._check_ids(tokens)
+        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._sizes.extend(lengths.tolist())
+        first = self.num_sequences
+        self.num_sequences += int(lengths.size)
+        self._docs.extend(range(first + 1, self.num_sequences + 1))
+        self.num_documents += int(lengths.size)
+        self._last_boundary = self.num_sequences
+        self._spill()
+
+    def _spill(self, force: bool = False) -> None:
+        if force or len(self._sizes) >= self.BLOCK:
+            self._sizes_file.write(np.asarray(self._sizes, dtype=np.int32).tobytes())
+            self._sizes = []
+        if force or len(self._docs) >= self.BLOCK:
+            self._docs_file.write(np.asarray(self._docs, dtype=np.int64).tobytes())
+            self._docs = []
 
     def finalize(self) -> None:
         """Write the index, fsync both files and rename them into place (.bin first)."""
         self.end_document()
-        sizes = np.asarray(self.sizes, dtype=np.int32)
-        pointers = np.zeros(len(sizes), dtype=np.int64)
-        if len(sizes) > 1:
-            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        docs = np.asarray(self.document_indices, dtype=np.int64)
+        self._spill(force=True)
+        self._sizes_file.close()
+        self._docs_file.close()
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
@@ -148,27 +194,38 @@ class IndexedDatasetBuilder:
             f.write(MAGIC)
             f.write(struct.pack("<Q", VERSION))
             f.write(struct.pack("<B", CODES[self.dtype]))
-            f.write(struct.pack("<Q", len(sizes)))
-            f.write(struct.pack("<Q", len(docs)))
-            f.write(sizes.tobytes(order="C"))
-            f.write(pointers.tobytes(order="C"))
-            f.write(docs.tobytes(order="C"))
+            f.write(struct.pack("<Q", self.num_sequences))
+            f.write(struct.pack("<Q", self.num_documents + 1))
+            _copy_file(self._sizes_tmp, f)
+            offset = 0  # pointers: byte offset of each sequence, computed block by block
+            for sizes in _blocks(self._sizes_tmp, np.int32):
+                ends = offset + np.cumsum(sizes.astype(np.int64) * self.dtype.itemsize)
+                f.write(np.concatenate([[offset], ends[:-1]]).astype(np.int64).tobytes())
+                offset = int(ends[-1])
+            _copy_file(self._docs_tmp, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(self._bin_tmp, data_path(self.prefix))
         os.replace(self._idx_tmp, index_path(self.prefix))
+        self._remove_side_files()
         if self._lo is not None:
             _write_ids(self.prefix, self._lo, self._hi)
         fsync_dir(self.prefix.parent)
         self.finalized = True
 
+    def _remove_side_files(self) -> None:
+        for tmp in (self._sizes_tmp, self._docs_tmp):
+            tmp.unlink(missing_ok=True)
+
     def abort(self) -> None:
         """Discard the temporary files (nothing at the final names is touched)."""
-        if not self._bin.closed:
-            self._bin.close()
+        for fh in (self._bin, self._sizes_file, self._docs_file):
+            if not fh.closed:
+                fh.close()
         for tmp in (self._bin_tmp, self._idx_tmp):
             if tmp.exists():
                 tmp.unlink()
+        self._remove_side_files()
 
     def __enter__(self) -> "IndexedDatasetBuilder":
         return self
@@ -176,6 +233,19 @@ class IndexedDatasetBuilder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self.finalized:
             self.abort()
+
+
+def _blocks(path: Path, dtype, count: int = 1 << 20):
+    """``path``'s values of ``dtype``, ``count`` at a time."""
+    with open(path, "rb") as fh:
+        while data := fh.read(count * np.dtype(dtype).itemsize):
+            yield np.frombuffer(data, dtype=dtype)
+
+
+def _copy_file(path: Path, out, block: int = 1 << 22) -> None:
+    with open(path, "rb") as fh:
+        while data := fh.read(block):
+            out.write(data)
 
 
 class IndexedDataset:

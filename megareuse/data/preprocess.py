@@ -1,40 +1,50 @@
-"""``megareuse prepare``: text files per domain -> tokenizer + Megatron indexed datasets.
+"""``megareuse prepare``: a corpus per domain -> tokenizer + Megatron indexed datasets.
+
+Each domain's input is a list of sources (files or globs in any format of ``sources.FORMATS``:
+jsonl, jsonl.gz, jsonl.zst, parquet, text, HF ``save_to_disk`` directories) or a built-in
+corpus (``corpora.DOMAINS``). Everything streams (``stream.py``): sources are read in ~1 MiB
+chunks, tokenized by worker processes in order, and appended to the output, so memory does not
+grow with the corpus. The tokenizer is trained (sentencepiece, on a sample read from the start
+of every source) or reused (``tokenizer=``: a tokenizer.model or tokenizer.json, copied).
 
 Output directory layout::
 
     tokenizer.model                 one sentencepiece model shared by every domain
+                                    (or tokenizer.json [+ tokenizer_config.json] when reused)
     <domain>_train.{bin,idx}        documents (tokens + EOS each) of the training split
     <domain>_valid.{bin,idx}        held-out documents (at least one per domain)
     prepare.json                    what was done: vocab, tokenizer sha256, counts per split
 
 Everything is written into a temporary sibling directory that is renamed to ``out_dir`` only
-when complete, so an interrupted run never leaves a directory that looks prepared. Inputs are
-validated before anything is written; bad input raises ``PrepareError`` (one line).
+when complete, so an interrupted run never leaves a directory that looks prepared. Options and
+paths are validated before anything is written; a bad record (not JSON, no text key, invalid
+UTF-8) raises ``PrepareError`` naming file and line, or is counted with ``skip_bad``; either way
+a failed run leaves nothing behind.
 """
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import re
 import shutil
-import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
 
-from .corpora import DOMAINS, CorpusError
-from .indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
-from .tokenizer import MAX_VOCAB, MIN_VOCAB, Tokenizer, text_chunks, train_tokenizer
-from megareuse.pools import quiet_worker
 from megareuse.paths import output_dir_problem
+
+from . import sources as src
+from .corpora import DOMAINS, CorpusError
+from .errors import PrepareError
+from .indexed import IndexedDataset, best_dtype
+from .stream import DomainWriter, encode_chunks
+from .tokenizer import MAX_VOCAB, MIN_VOCAB, text_chunks, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,31 +55,7 @@ INFO_FILE = "prepare.json"
 FORMAT = "megareuse-prepared/1"
 
 
-class PrepareError(ValueError):
-    """Bad input to prepare, or a prepared directory that cannot be used (one line)."""
-
-
 # --------------------------------------------------------------------------- layout helpers
-def write_splits(stage: Path, domain: str, encoded: Iterable[np.ndarray], is_valid: np.ndarray,
-                 dtype: np.dtype) -> dict:
-    """Write a domain's tokenized documents (in order; ``is_valid[k]`` puts document k in the
-    valid split) as <domain>_{train,valid}.{bin,idx}, reopen them to validate, return counts."""
-    counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
-    with IndexedDatasetBuilder(domain_prefix(stage, domain, "train"), dtype) as train_b, \
-            IndexedDatasetBuilder(domain_prefix(stage, domain, "valid"), dtype) as valid_b:
-        for k, ids in enumerate(encoded):
-            split = "valid" if is_valid[k] else "train"
-            (valid_b if is_valid[k] else train_b).add_document(ids)
-            counts[split]["documents"] += 1
-            counts[split]["tokens"] += int(ids.size)
-        train_b.finalize()
-        valid_b.finalize()
-    for split in SPLITS:  # reopen: validates what was written
-        if IndexedDataset(domain_prefix(stage, domain, split)).num_tokens != counts[split]["tokens"]:
-            raise PrepareError(f"prepare: {domain}_{split} does not hold the tokens written")
-    return counts
-
-
 def domain_prefix(data_dir: PathLike, domain: str, split: str) -> Path:
     """Path prefix (no extension) of one domain's split in a prepared directory."""
     return Path(data_dir) / f"{domain}_{split}"
@@ -95,20 +81,11 @@ def open_domain(data_dir: PathLike, domain: str, split: str) -> IndexedDataset:
     return IndexedDataset(domain_prefix(data_dir, domain, split))
 
 
-def split_documents(n_docs: int, valid: Union[int, float], seed: int,
-                    domain: str) -> tuple[list[int], list[int]]:
-    """Deterministic (train, valid) document indices, each sorted, valid non-empty."""
-    n_valid = valid if isinstance(valid, int) else max(1, round(n_docs * valid))
-    if n_valid > n_docs - 1:
-        raise PrepareError(f"prepare: domain {domain!r} has {n_docs} documents; {n_valid} "
-                           f"validation documents would leave none for training")
-    rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(domain.encode())]))
-    chosen = set(rng.permutation(n_docs)[:n_valid].tolist())
-    return ([i for i in range(n_docs) if i not in chosen], sorted(chosen))
-
-
 # --------------------------------------------------------------------------- validation
-def _validate(out_dir: Path, domains: Domains, vocab_size, workers, valid, force) -> None:
+DOMAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
+
+
+def _validate(out_dir: Path, domains: Domains, vocab_size, workers, valid, force, split, text_key) -> None:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
             or not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise PrepareError(f"prepare: vocab_size = {vocab_size!r}: accepted an integer in "
@@ -119,28 +96,19 @@ def _validate(out_dir: Path, domains: Domains, vocab_size, workers, valid, force
                                        or isinstance(valid, float) and 0 < valid < 1):
         raise PrepareError(f"prepare: valid = {valid!r}: accepted a fraction in (0, 1) or a "
                            f"document count >= 1")
+    if split not in src.TEXT_SPLITS:
+        raise PrepareError(f"prepare: split = {split!r}: accepted " + ", ".join(src.TEXT_SPLITS))
+    if not isinstance(text_key, str) or not text_key:
+        raise PrepareError(f"prepare: text_key = {text_key!r}: accepted a non-empty key name")
     if not domains:
         raise PrepareError("prepare: no domains given")
-    if isinstance(domains, Mapping):
-        for name, files in domains.items():
-            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-                raise PrepareError(f"prepare: domain name {name!r}: accepted letters, digits, "
-                                   f"'_', '-', '.'")
-            if isinstance(files, (str, os.PathLike)) or len(files) < 2:
-                raise PrepareError(f"prepare: domain {name!r} needs a list of at least 2 "
-                                   f"document files (one train, one valid)")
-            for path in files:
-                if not Path(path).is_file():
-                    raise PrepareError(f"prepare: input file {path} (domain {name!r}) does not "
-                                       f"exist")
-            if not any(_has_text(Path(path)) for path in files):  # stops at the first with text
-                raise PrepareError(f"prepare: domain {name!r}: all {len(files)} document files are empty "
-                                   "(or whitespace only); accepted documents with text to tokenize")
-    else:
-        for name in domains:
-            if name not in DOMAINS:
-                raise PrepareError(f"prepare: unknown domain {name!r}; built-in domains: "
-                                   + ", ".join(DOMAINS))
+    names = list(domains)
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(DOMAIN_NAME, name):
+            raise PrepareError(f"prepare: domain name {name!r}: accepted letters, digits, '_', '-', '.', '+' "
+                               "(starting with a letter or digit)")
+        if not isinstance(domains, Mapping) and name not in DOMAINS:
+            raise PrepareError(f"prepare: unknown domain {name!r}; built-in domains: " + ", ".join(DOMAINS))
     problem = output_dir_problem(out_dir)
     if problem is not None:
         raise PrepareError(f"prepare: --out {out_dir} {problem}; accepted a writable directory")
@@ -154,78 +122,77 @@ def _validate(out_dir: Path, domains: Domains, vocab_size, workers, valid, force
                                "an earlier `megareuse prepare` output")
 
 
-def _has_text(path: Path) -> bool:
-    """Whether a document file holds anything but whitespace (read in 1 MiB blocks, stopping at
-    the first non-blank byte)."""
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            if block.strip():
-                return True
-    return False
-
-
-def _read_text(path: Path) -> str:
-    """File text exactly (no newline translation); PrepareError for non-UTF-8."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PrepareError(f"prepare: {path} is not valid UTF-8 (byte {exc.start})") from None
-
-
-# --------------------------------------------------------------------------- workers
-_WORKER_TOKENIZER: Optional[Tokenizer] = None
-
-
-def _init_worker(model_path: str) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer(model_path)
-
-
-def _encode_file(job: tuple[str, str]) -> np.ndarray:
-    path, dtype = job
-    tok = _WORKER_TOKENIZER
-    ids = tok.encode(_read_text(Path(path)))
-    ids.append(tok.eos_id)
-    return np.asarray(ids, dtype=dtype)
-
-
-def _pool(workers: int, model_path: Path):
-    """A worker pool (fork on Linux: no re-import; spawn elsewhere)."""
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    ctx = multiprocessing.get_context(method)
-    return ctx.Pool(workers, initializer=quiet_worker, initargs=(_init_worker, str(model_path)))
+def resolve_domains(domains: Mapping[str, Union[PathLike, Sequence[PathLike]]],
+                    fmt: Optional[str] = None) -> dict[str, list[src.Source]]:
+    """Each domain's sources: its paths and globs resolved in the order given (a file matched
+    twice is read once), each with its format (``fmt``, or detected from the name)."""
+    out = {}
+    for name, items in domains.items():
+        items = [items] if isinstance(items, (str, os.PathLike)) else list(items)
+        if not items:
+            raise PrepareError(f"prepare: domain {name!r} has no input; accepted files, globs or directories")
+        seen, sources = set(), []
+        for item in items:
+            for source in src.resolve_sources(os.fspath(item), fmt, name):
+                key = source.path.resolve()
+                if key not in seen:
+                    seen.add(key)
+                    sources.append(source)
+        out[name] = sources
+    return out
 
 
 # --------------------------------------------------------------------------- main entry
 def prepare(out_dir: PathLike, domains: Domains, *, vocab_size: int = 2048, workers: int = 2,
             valid: Union[int, float] = 0.05, seed: int = 1234,
             sample_bytes: int = 8_000_000, force: bool = False, progress: bool = True,
-            keep_raw: bool = False, corpus_options: Optional[Mapping[str, dict]] = None) -> dict:
-    """Train one shared tokenizer and write per-domain train/valid indexed datasets.
+            keep_raw: bool = False, corpus_options: Optional[Mapping[str, dict]] = None,
+            tokenizer: Optional[PathLike] = None, fmt: Optional[str] = None, split: str = "file",
+            text_key: str = "text", skip_bad: bool = False) -> dict:
+    """Tokenize each domain's corpus into train/valid indexed datasets with one shared tokenizer.
 
-    ``domains`` maps a domain name to its document files (one document per file, in order),
-    or lists built-in domain names (``corpora.DOMAINS``) to build first, with keyword
-    arguments from ``corpus_options[name]``; their raw text is kept under ``out_dir/raw``
-    only if ``keep_raw``. ``valid`` is a fraction of each domain's documents (at least one) or
-    a document count. The tokenizer trains on up to ``sample_bytes`` of text, split evenly
-    between domains (seeded chunk sample). An existing non-empty ``out_dir`` is an error
-    unless ``force`` (then it is replaced once the new one is complete). Returns the
+    ``domains`` maps a domain name to its inputs (files, globs, HF dataset directories; each a
+    document per file for text, a document per record otherwise: see ``sources``), or lists
+    built-in domain names (``corpora.DOMAINS``) to build first, with keyword arguments from
+    ``corpus_options[name]``; their raw text is kept under ``out_dir/raw`` only if ``keep_raw``.
+    ``fmt`` forces a format, ``split`` ("file" or "lines") says what a text document is,
+    ``text_key`` names the text field of jsonl/parquet/HF records, ``skip_bad`` counts and skips
+    bad records instead of failing. ``valid`` is a fraction of each domain's documents (at least
+    one) or a document count, drawn under ``seed`` (``stream.ValidSplit``). ``tokenizer`` reuses
+    a tokenizer file (or a directory holding one); otherwise a sentencepiece BPE of
+    ``vocab_size`` trains on up to ``sample_bytes`` of text. An existing non-empty ``out_dir`` is
+    an error unless ``force`` (then it is replaced once the new one is complete). Returns the
     ``prepare.json`` content.
     """
     out_dir = Path(out_dir)
     domains = [domains] if isinstance(domains, str) else domains
-    _validate(out_dir, domains, vocab_size, workers, valid, force)
+    _validate(out_dir, domains, vocab_size, workers, valid, force, split, text_key)
+    reused = None
+    if tokenizer is not None:
+        from .hf_tokenizer import TokenizerError, load_tokenizer
+        try:
+            reused = load_tokenizer(tokenizer)
+        except TokenizerError as exc:
+            raise PrepareError(f"prepare: {exc}") from None
+    resolved = resolve_domains(domains, fmt) if isinstance(domains, Mapping) else None
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(staging, 0o755)  # mkdtemp makes it 0700
     try:
-        if not isinstance(domains, Mapping):
-            domains = _build_corpora(staging / "raw", list(domains), corpus_options or {})
-        info = _prepare_into(staging, {k: [Path(p) for p in v] for k, v in domains.items()},
-                             vocab_size, workers, valid, seed, sample_bytes, progress)
+        if resolved is None:
+            resolved = {name: [src.Source(p, "text") for p in paths] for name, paths in
+                        _build_corpora(staging / "raw", list(domains), corpus_options or {}).items()}
+        options = dict(split=split, text_key=text_key)
+        info = _tokenizer_info(staging, resolved, reused, vocab_size, seed, sample_bytes, options)
+        info.update({"seed": seed, "valid": valid, "text_key": text_key, "split": split,
+                     "python": platform.python_version(), "domains": {}})
+        for name, sources in resolved.items():
+            info["domains"][name] = _prepare_domain(staging, name, sources, info, workers, valid, seed,
+                                                    skip_bad, progress, options)
         if not keep_raw and (staging / "raw").exists():
             shutil.rmtree(staging / "raw")
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -255,63 +222,97 @@ def _build_corpora(raw: Path, names: list[str], options: Mapping[str, dict]) -> 
     return files
 
 
-def _tokenizer_sample(texts: dict[str, list[str]], sample_bytes: int, seed: int) -> list[str]:
-    """Seeded chunks of each domain's text, up to an equal byte budget per domain."""
-    budget = max(1, sample_bytes // len(texts))
+# --------------------------------------------------------------------------- tokenizer
+def _tokenizer_info(stage: Path, resolved: dict[str, list[src.Source]], reused, vocab_size: int,
+                    seed: int, sample_bytes: int, options: dict) -> dict:
+    """Train (or copy) the tokenizer into ``stage``; the prepare.json fields that describe it."""
+    if reused is None:
+        sample = tokenizer_sample(resolved, sample_bytes, options)
+        try:
+            tok = train_tokenizer(sample, stage / "tokenizer", vocab_size, seed=seed,
+                                  max_sentences=max(1, len(sample)))
+        except ValueError as exc:
+            raise PrepareError(f"prepare: {exc}") from None
+        name, extra = "tokenizer.model", {"tokenizer_trained": True,
+                                          "tokenizer_sample_bytes": sum(len(c.encode("utf-8")) for c in sample)}
+    else:
+        tok = reused
+        name = "tokenizer.json" if Path(tok.path).suffix == ".json" else "tokenizer.model"
+        shutil.copyfile(tok.path, stage / name)
+        config = Path(tok.path).with_name("tokenizer_config.json")
+        if name == "tokenizer.json" and config.is_file():
+            shutil.copyfile(config, stage / config.name)
+        extra = {"tokenizer_trained": False, "tokenizer_source": str(Path(tok.path).resolve()),
+                 "tokenizer_sample_bytes": 0}
+    return {"format": FORMAT, "vocab_size": tok.vocab_size, "tokenizer": name,
+            "tokenizer_sha256": tok.sha256, **extra, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+            "pad_id": tok.pad_id, "dtype": best_dtype(tok.vocab_size).name}
+
+
+def tokenizer_sample(resolved: dict[str, list[src.Source]], sample_bytes: int, options: dict) -> list[str]:
+    """Tokenizer training text: an equal byte budget per domain, split evenly between its
+    sources, read from the start of each (documents cut into the trainer's line chunks)."""
     sample = []
-    for name, docs in texts.items():
-        chunks = [c for doc in docs for c in text_chunks(doc)]
-        rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
-        taken, used = [], 0
-        for i in rng.permutation(len(chunks)):
-            if used >= budget:
-                break
-            taken.append(int(i))
-            used += len(chunks[i].encode("utf-8"))
-        sample.extend(chunks[i] for i in sorted(taken))
+    budget = max(1, sample_bytes // len(resolved))
+    for sources in resolved.values():
+        per_source = max(1, budget // len(sources))
+        for source in sources:
+            used = 0
+            chunk_bytes = min(src.CHUNK_BYTES, max(1 << 16, per_source))
+            for chunk in src.read_chunks(source, chunk_bytes=chunk_bytes, **options):
+                for _, text, _ in src.documents(chunk, options["text_key"]):
+                    for piece in text_chunks(text or ""):
+                        if used >= per_source:
+                            break
+                        sample.append(piece)
+                        used += len(piece.encode("utf-8", "replace"))
+                    if used >= per_source:
+                        break
+                if used >= per_source:
+                    break
     return sample
 
 
-def _prepare_into(stage: Path, files: dict[str, list[Path]], vocab_size: int, workers: int,
-                  valid, seed: int, sample_bytes: int, progress: bool) -> dict:
-    texts = {name: [_read_text(p) for p in paths] for name, paths in files.items()}
-    splits = {name: split_documents(len(paths), valid, seed, name) for name, paths in files.items()}
-    sample = _tokenizer_sample(texts, sample_bytes, seed)
+# --------------------------------------------------------------------------- one domain
+def _prepare_domain(stage: Path, name: str, sources: list[src.Source], info: dict, workers: int, valid,
+                    seed: int, skip_bad: bool, progress: bool, options: dict) -> dict:
+    dtype = np.dtype(info["dtype"])
+    total = sum(s.size() for s in sources)
+    records = None  # a validation count draws from the records, counted first
+    if isinstance(valid, int):
+        records = sum(src.count_records(s, **options) for s in sources)
+    writer = DomainWriter(stage, name, dtype, valid, seed, records)
+    chunks = src.batched(c for s in sources for c in src.read_chunks(s, **options))
+    encoded = encode_chunks(chunks, stage / info["tokenizer"], text_key=options["text_key"], dtype=dtype,
+                            workers=workers, skip_bad=skip_bad)
+    bar = tqdm(total=total, desc=f"prepare {name}", unit="B", unit_scale=True, disable=not progress,
+               dynamic_ncols=True)
+    started, docs, tokens, shown = time.perf_counter(), 0, 0, 0.0
     try:
-        tok = train_tokenizer(sample, stage / "tokenizer", vocab_size, seed=seed,
-                              max_sentences=len(sample))
-    except ValueError as exc:
-        raise PrepareError(f"prepare: {exc}") from None
-    del texts
-    dtype = best_dtype(tok.vocab_size)
-    info = {"format": FORMAT, "vocab_size": tok.vocab_size, "tokenizer": "tokenizer.model",
-            "tokenizer_sha256": tok.sha256, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
-            "pad_id": tok.pad_id, "dtype": dtype.name, "seed": seed, "valid": valid,
-            "tokenizer_sample_bytes": sum(len(c.encode("utf-8")) for c in sample),
-            "python": platform.python_version(), "domains": {}}
-    pool = _pool(workers, tok.path) if workers > 1 else None
-    if pool is None:
-        _init_worker(str(tok.path))
-    try:
-        for name, paths in files.items():
-            train_ids, valid_ids = splits[name]
-            is_valid = np.zeros(len(paths), dtype=bool)
-            is_valid[valid_ids] = True
-            jobs = [(str(p), dtype.str) for p in paths]
-            encoded = pool.imap(_encode_file, jobs) if pool else map(_encode_file, jobs)
-            bar = tqdm(encoded, total=len(jobs), desc=f"tokenize {name}", unit="doc", disable=not progress)
-            counts = write_splits(stage, name, bar, is_valid, dtype)
-            info["domains"][name] = {
-                "source_files": len(paths),
-                "source_bytes": sum(p.stat().st_size for p in paths),
-                **counts,
-                "valid_files": [paths[i].name for i in valid_ids]}
+        for enc in encoded:
+            writer.add(enc)
+            docs, tokens = docs + len(enc.where), tokens + int(enc.tokens.size)
+            bar.update(enc.nbytes)
+            now = time.perf_counter()
+            if now - shown > 0.5:
+                rate = max(now - started, 1e-9)
+                bar.set_postfix_str(f"{docs / rate:,.0f} docs/s, {tokens / rate:,.0f} tok/s", refresh=False)
+                shown = now
+        counts = writer.close()
+    except BaseException:
+        encoded.close()  # stops the worker pool now
+        writer.abort()
+        raise
     finally:
-        if pool is not None:  # every result was consumed, or we are failing: stop workers
-            pool.terminate()
-            pool.join()
-    (stage / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return info
+        bar.close()
+    if counts["bad_records_skipped"]:
+        log.warning("prepare: domain %r: skipped %d bad records (first: %s)", name,
+                    counts["bad_records_skipped"], counts["bad_examples"][0])
+    out = {"source_files": len(sources), "source_bytes": total,
+           "formats": sorted({s.format for s in sources}), **counts}
+    if all(s.format == "text" for s in sources) and options["split"] == "file":
+        out["valid_files"] = [Path(w).name for w in counts["valid_sources"]]
+    return out
 
 
 def _publish(staging: Path, out_dir: Path) -> None:

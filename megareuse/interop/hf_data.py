@@ -19,24 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
-import shutil
-import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
-
-import numpy as np
+from typing import Any, Mapping, Optional, Union
 
 from megareuse.data import preprocess as pp
-from megareuse.data.indexed import best_dtype
 from megareuse.data.hf_tokenizer import (EOS_NAMES, JsonTokenizer, TokenizerError, WholeTextTokenizer,  # noqa: F401
                                          load_tokenizer, tokenizer_file, tokenizer_vocab_size)
-from megareuse.data.tokenizer import MIN_VOCAB
 from megareuse.engine.checkpoint import META, file_sha256, read_meta
-from megareuse.pools import quiet_worker
 from megareuse.interop.errors import HFError
 
 log = logging.getLogger(__name__)
@@ -100,94 +90,15 @@ def hf_lineage(src: Path, meta: dict) -> tuple[Optional[dict], list[Path]]:
     return None, dirs
 
 
-_WORKER = None
-
-
-def _init_worker(path: str) -> None:
-    global _WORKER
-    _WORKER = load_tokenizer(path)
-
-
-def _encode_job(job: tuple[str, str]) -> np.ndarray:
-    """One document file -> its ids + EOS (in a worker process, or inline)."""
-    path, dtype = job
-    ids = _WORKER.encode(pp._read_text(Path(path)))
-    ids.append(_WORKER.eos_id)
-    return np.asarray(ids, dtype=dtype)
-
-
-def _encoded(paths: list[Path], tok, workers: int, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """Each document's ids + EOS, in order; sentencepiece models use ``workers`` processes."""
-    jobs = [(str(p), dtype.str) for p in paths]
-    if isinstance(tok, JsonTokenizer) or workers == 1:  # tokenizers parallelises on its own
-        global _WORKER
-        _WORKER = tok
-        yield from map(_encode_job, jobs)
-        return
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ctx.Pool(workers, initializer=quiet_worker, initargs=(_init_worker, str(tok.path)))
-    try:
-        yield from pool.imap(_encode_job, jobs)
-    finally:
-        pool.terminate()
-        pool.join()
-
-
 def prepare_with_tokenizer(out_dir: PathLike, domains: pp.Domains, tokenizer_path: PathLike, *,
                            workers: int = 2, valid: Union[int, float] = 0.05, seed: int = 1234,
                            force: bool = False, progress: bool = True, keep_raw: bool = False,
-                           corpus_options: Optional[Mapping[str, dict]] = None) -> dict[str, Any]:
-    """``megareuse.data.prepare`` with ``tokenizer_path``'s tokenizer instead of a new one.
-
-    ``domains`` maps names to document files (one document per file) or lists built-in domains;
-    ``valid``, ``seed`` (train/valid split), ``force``, ``keep_raw`` and ``corpus_options`` mean
-    what they mean for ``prepare``. Raises PrepareError / HFError (one line) before writing.
-    Returns the ``prepare.json`` content.
-    """
-    out_dir = Path(out_dir)
-    domains = [domains] if isinstance(domains, str) else domains
-    tok = load_tokenizer(tokenizer_path)
-    pp._validate(out_dir, domains, MIN_VOCAB, workers, valid, force)  # vocab: the tokenizer's own
-    started = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(staging, 0o755)
-    try:
-        if not isinstance(domains, Mapping):
-            domains = pp._build_corpora(staging / "raw", list(domains), corpus_options or {})
-        files = {name: [Path(p) for p in paths] for name, paths in domains.items()}
-        name = "tokenizer.json" if isinstance(tok, JsonTokenizer) else "tokenizer.model"
-        shutil.copyfile(tok.path, staging / name)
-        config = Path(tok.path).with_name("tokenizer_config.json")
-        if isinstance(tok, JsonTokenizer) and config.is_file():
-            shutil.copyfile(config, staging / config.name)
-        dtype = best_dtype(tok.vocab_size)
-        info = {"format": pp.FORMAT, "vocab_size": tok.vocab_size, "tokenizer": name,
-                "tokenizer_sha256": tok.sha256, "tokenizer_source": str(Path(tok.path).resolve()),
-                "tokenizer_trained": False, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
-                "pad_id": tok.pad_id, "dtype": dtype.name, "seed": seed, "valid": valid,
-                "tokenizer_sample_bytes": 0, "domains": {}}
-        for domain, paths in files.items():
-            _write_domain(staging, domain, paths, tok, workers, dtype, valid, seed, progress, info)
-        if not keep_raw and (staging / "raw").exists():
-            shutil.rmtree(staging / "raw")
-        (staging / pp.INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        pp._publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("prepared %s with %s in %.1f s", out_dir, tok, time.perf_counter() - started)
-    return info
-
-
-def _write_domain(stage: Path, domain: str, paths: Sequence[Path], tok, workers: int, dtype: np.dtype,
-                  valid, seed: int, progress: bool, info: dict) -> None:
-    """Tokenize one domain's documents into its train/valid indexed datasets (split as prepare)."""
-    _, valid_ids = pp.split_documents(len(paths), valid, seed, domain)
-    is_valid = np.zeros(len(paths), dtype=bool)
-    is_valid[valid_ids] = True
-    counts = pp.write_splits(stage, domain, _encoded(list(paths), tok, workers, dtype), is_valid, dtype)
-    if progress:
-        log.info("tokenized %s: %s", domain, counts)
-    info["domains"][domain] = {"source_files": len(paths), "source_bytes": sum(p.stat().st_size for p in paths),
-                               **counts, "valid_files": [paths[i].name for i in valid_ids]}
+                           corpus_options: Optional[Mapping[str, dict]] = None, **options) -> dict[str, Any]:
+    """``megareuse.data.prepare`` with ``tokenizer_path``'s tokenizer (a file, an HF model
+    directory or an imported checkpoint) instead of a new one; the other arguments (and
+    ``options``: fmt, split, text_key, skip_bad) mean what they mean there. A tokenizer that
+    cannot be loaded raises HFError before anything else is checked. Returns the
+    ``prepare.json`` content."""
+    file = load_tokenizer(tokenizer_path).path  # the file a directory names; checked here
+    return pp.prepare(out_dir, domains, tokenizer=file, workers=workers, valid=valid, seed=seed, force=force,
+                      progress=progress, keep_raw=keep_raw, corpus_options=corpus_options, **options)

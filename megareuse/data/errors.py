@@ -1,0 +1,5 @@
+"""The error of data preparation (a module of its own: sources, streaming and preprocess all raise it)."""
+
+
+class PrepareError(ValueError):
+    """Bad input to prepare, or a prepared directory that cannot be used (one line)."""
