@@ -104,6 +104,8 @@ def test_megatron_prefix_trains_with_data_tokenizer(dotted, tmp_path, monkeypatc
     assert evaluate_checkpoint(step)[valid_key] == pytest.approx(loss, rel=1e-5)
     reference = reference_loss(step, tmp_path / "corpus" / "held.out_text_document", 32, 512)
     assert reference == pytest.approx(loss, rel=1e-5)
+    (tmp_path / "tok").rename(tmp_path / "gone")  # evaluate falls back to the checkpoint's copy
+    assert evaluate_checkpoint(step)[valid_key] == pytest.approx(loss, rel=1e-5)
 
 
 def test_dotted_domain_trains_evaluates_and_records(dotted, tmp_path):
@@ -152,7 +154,7 @@ def json_run(tmp_path_factory):
     return root, tok_file, summary
 
 
-def test_tokenizer_json_data_dir_trains_evaluates_and_feeds_stage2(json_run):
+def test_tokenizer_json_data_dir_trains_evaluates_and_feeds_stage2(json_run, dotted):
     root, tok_file, summary = json_run
     assert not (root / "data" / "tokenizer.model").exists()
     step = final_checkpoint(root / "base")
@@ -173,6 +175,12 @@ def test_tokenizer_json_data_dir_trains_evaluates_and_feeds_stage2(json_run):
     cpt_meta = ckpt.read_meta(final_checkpoint(root / "cpt"))
     assert (cpt_meta["stage"], cpt_meta["D1"], cpt_meta["D2"]) == ("cpt", 768, 768)
     assert cpt_meta["tokenizer"]["sha256"] == sha
+    # data.tokenizer wins over data.dir's own tokenizer (here another one of the same size)
+    other = tiny(root / "x", f"data.dir={root / 'data'}", "data.train={code: 1}", "data.valid=[code]",
+                 f"data.tokenizer={dotted / 'tokenizer.model'}")
+    opened = open_training_data(other.data, other.model)
+    assert opened.tokenizer_source.origin == "data.tokenizer" and opened.tokenizer_file.name == "tokenizer.model"
+    assert opened.tokenizer.sha256 == Tokenizer(dotted / "tokenizer.model").sha256 != sha
 
 
 def test_tokenizer_json_checkpoint_grows_and_exports(json_run, tmp_path):
@@ -236,6 +244,15 @@ def test_bad_sources_are_one_line_errors_naming_the_field(dotted, tmp_path, monk
     # a valid prefix with data.dir's own tokenizer (no data.tokenizer) opens
     cfg = data_cfg(tmp_path, f"data.dir={dotted}", f"data.train={{{ok}: 1}}", f"data.valid=[{ok}, wiki.en]")
     assert set(open_training_data(cfg.data, cfg.model).valid) == {ok, "wiki.en"}
+    # without a '/', a .bin/.idx ending makes a prefix (in the cwd); the bare name is a domain
+    write_megatron(tmp_path / "bare_text_document", [tok.encode("other text\n" * 100) + [tok.eos_id]])
+    cfg = data_cfg(tmp_path, f"data.dir={dotted}", "data.train={bare_text_document.bin: 1}",
+                   "data.valid=[bare_text_document.idx]")
+    opened = open_training_data(cfg.data, cfg.model)
+    assert opened.valid["bare_text_document.idx"].num_samples == IndexedDataset("bare_text_document").num_tokens // 32
+    with pytest.raises(DataError, match=r"names domain 'bare_text_document' .*\./bare_text_document would name"):
+        cfg = data_cfg(tmp_path, f"data.dir={dotted}", "data.train={bare_text_document: 1}", f"data.valid=[{ok}]")
+        open_training_data(cfg.data, cfg.model)
     # through the command: exit 2, one stderr line, nothing written
     proc = subprocess.run([sys.executable, "-m", "megareuse.cli", "train", "--config", str(CONFIG),
                            f"run.out_dir={tmp_path / 'out'}", "data.train={c/noidx_text_document.bin: 1}",

@@ -25,6 +25,7 @@ from typing import Iterable, Optional
 
 from megareuse.config import DataConfig
 from megareuse.data.hf_tokenizer import TOKENIZER_FILES, AnyTokenizer, TokenizerError, load_tokenizer
+from megareuse.data.indexed import index_path
 from megareuse.data.preprocess import INFO_FILE
 from megareuse.paths import input_problem
 
@@ -92,8 +93,10 @@ def check_split_exists(source: SplitSource, root: Path, field: str) -> None:
                             "accepted the prefix of a .bin/.idx pair (Megatron's <name>_text_document) or a "
                             "domain of data.dir (a name without '/')")
         accepted = ", ".join(available_domains(root)) or "none found"
+        hint = (f"; ./{source.key} would name the .bin/.idx pair in the current directory"
+                if index_path(prefix_path(source.key)).is_file() else "")
         raise DataError(f"data error: {field} names domain {source.key!r} but {path} {problem}; "
-                        f"domains in {root}: {accepted} (or a Megatron path prefix holding '/')")
+                        f"domains in {root}: {accepted} (or a Megatron path prefix holding '/'){hint}")
 
 
 def _dir_tokenizer(root: Path) -> Optional[Path]:
@@ -183,7 +186,9 @@ def open_tokenizer(data: DataConfig, root: Optional[Path]) -> TokenizerSource:
                 log.warning("data.tokenizer %s (sha256 %s...) is not the tokenizer %s was prepared with (%s...); "
                             "data.tokenizer wins", tok.path, tok.sha256[:12], root, recorded[:12])
         return TokenizerSource(tok, Path(tok.path), "data.tokenizer")
-    assert root is not None
+    if root is None:
+        raise DataError("data error: data.tokenizer is not set and data.dir was not opened; accepted "
+                        "data.tokenizer = a tokenizer.model / tokenizer.json file or a directory holding one")
     info = _prepare_info(root)
     names = [info["tokenizer"]] if info is not None and "tokenizer" in info else list(TOKENIZER_FILES)
     found = next((root / n for n in names if (root / n).exists()), None)
