@@ -19,9 +19,33 @@ from megareuse.exits import guarded
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from megareuse.data.preprocess import prepare_default
-    prepare_default(args.out, domains=args.domains.split(","), vocab_size=args.vocab_size,
-                    workers=args.workers, seed=args.seed, force=args.force)
+    from megareuse.data.preprocess import PrepareError, prepare, prepare_default
+    if args.input and args.domains is not None:
+        raise PrepareError("prepare: --domains (built-in corpora) and --input (your own) were both given; "
+                           "accepted one of them")
+    if args.valid_docs is not None and args.valid_fraction is not None:
+        raise PrepareError("prepare: --valid-docs and --valid-fraction were both given; accepted one of them")
+    valid = args.valid_docs if args.valid_docs is not None else (
+        0.05 if args.valid_fraction is None else args.valid_fraction)
+    common = dict(vocab_size=args.vocab_size, workers=args.workers, seed=args.seed, force=args.force,
+                  valid=valid, tokenizer=args.tokenizer)
+    if args.input:
+        from megareuse.data.sources import parse_input
+        inputs: dict[str, list[str]] = {}
+        for spec in args.input:
+            domain, pattern = parse_input(spec)
+            inputs.setdefault(domain, []).append(pattern)
+        info = prepare(args.out, inputs, fmt=args.format, split=args.split, text_key=args.text_key,
+                       skip_bad=args.skip_bad, **common)
+    else:
+        info = prepare_default(args.out, domains=(args.domains or "prose,code").split(","), **common)
+    for name, d in info["domains"].items():
+        skipped = d["empty_documents_skipped"] + d["bad_records_skipped"]
+        print(f"{name}: {d['train']['documents']:,} train documents ({d['train']['tokens']:,} tokens), "
+              f"{d['valid']['documents']:,} valid ({d['valid']['tokens']:,} tokens)"
+              + (f", {d['empty_documents_skipped']:,} empty and {d['bad_records_skipped']:,} bad skipped"
+                 if skipped else ""))
+    print(f"prepared {args.out} (tokenizer {info['tokenizer']}, vocab {info['vocab_size']})")
     return 0
 
 
@@ -160,12 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="megareuse", description="Reuse-or-scratch studies for LLM pretraining, and the trainer that runs them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="build the local corpora, train the tokenizer, write .bin/.idx")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--domains", default="prose,code", help="comma-separated: prose, code")
-    p.add_argument("--vocab-size", type=int, default=2048)
+    p = sub.add_parser("prepare", help="corpora (your own or built-in) -> tokenizer + .bin/.idx, streamed",
+                       description="Tokenize corpora into a prepared data directory: per domain, "
+                                   "<domain>_{train,valid}.{bin,idx} (Megatron's format) and one tokenizer.")
+    p.add_argument("--out", required=True, help="output directory (appears only when complete)")
+    p.add_argument("--input", action="append", default=[], metavar="DOMAIN=PATH_OR_GLOB",
+                   help="your corpus: a file, a glob (** recurses) or an HF save_to_disk directory; "
+                        "repeat for more files or domains")
+    p.add_argument("--domains", default=None, help="built-in corpora instead of --input, comma-separated: "
+                                                   "prose, code (default prose,code)")
+    p.add_argument("--format", default=None, choices=("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "text", "hf"),
+                   help="input format (default: from each file name; other names are text)")
+    p.add_argument("--text-key", default="text", help="the text field of jsonl/parquet/HF records")
+    p.add_argument("--split", default="file", choices=("file", "lines"),
+                   help="text input: a document per file (default) or per non-blank line")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="reuse this tokenizer.model / tokenizer.json (or a directory holding one) "
+                        "instead of training a new one")
+    p.add_argument("--vocab-size", type=int, default=2048, help="of a newly trained tokenizer")
+    p.add_argument("--valid-docs", type=int, default=None, metavar="N", help="validation documents per domain")
+    p.add_argument("--valid-fraction", type=float, default=None, metavar="F",
+                   help="validation share of each domain's documents (default 0.05)")
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="tokenizer sample and validation draw")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count and skip bad records (not JSON, no text key, invalid UTF-8) instead of failing")
     p.add_argument("--force", action="store_true", help="replace an existing prepared directory")
     p.set_defaults(func=cmd_prepare)
 

@@ -72,16 +72,17 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def guarded(command: str, fn: Callable[[], int]) -> int:
-    """Run a command; its user errors and training stops become one line and an exit code."""
-    stops = run_stops()
+    """Run a command; its user errors and training stops become one line and an exit code. The
+    error classes load only when something is raised (``except`` evaluates its expression then):
+    a command that needs no torch, like prepare, never imports it."""
     try:
         return fn()
     except user_errors() as exc:
         one_line(command, exc)
         return EXIT_USER_ERROR
-    except tuple(stops) as exc:
+    except tuple(run_stops()) as exc:
         one_line(command, exc)
-        return next(code for kind, code in stops.items() if isinstance(exc, kind))
+        return next(code for kind, code in run_stops().items() if isinstance(exc, kind))
     except Exception as exc:  # libraries' own wrappers of OS conditions (safetensors, torch)
         if _no_space(exc):
             _say(command, f"no space left on device ({_first_line(exc)[:300]}); free space and run the "
