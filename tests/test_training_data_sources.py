@@ -260,3 +260,19 @@ def test_bad_sources_are_one_line_errors_naming_the_field(dotted, tmp_path, monk
                           cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "data.train.c/noidx_text_document.bin names the path prefix" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_sweep_plan_carries_dotted_domains_and_prefixes(tmp_path):
+    """The sweep's per-run overrides give back the experiment's blend: dotted names and prefixes."""
+    from megareuse.config import Config, apply_overrides
+    from megareuse.sweep.grid import load_experiment, plan_experiment
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"name: t\ntrain_config: {CONFIG}\noverrides: [model.vocab_size=512, data.tokenizer=/t]\n"
+                    "base: {domains: {wiki.en: 1, /d/web_text_document: 0.5}, D1: [32768]}\n"
+                    "stage2:\n  - {name: cpt, method: cpt, domains: {code.py: 1}, D2: [16384]}\n")
+    exp = load_experiment(path)
+    blends = {r.series: Config.from_dict(apply_overrides(exp.train, r.overrides)).data
+              for r in plan_experiment(exp) if r.kind == "train"}
+    assert blends["base"].train == {"wiki.en": 1, "/d/web_text_document": 0.5}
+    assert blends["cpt"].train == {"code.py": 1} and blends["cpt"].tokenizer == "/t"
