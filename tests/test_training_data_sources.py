@@ -276,3 +276,35 @@ def test_sweep_plan_carries_dotted_domains_and_prefixes(tmp_path):
               for r in plan_experiment(exp) if r.kind == "train"}
     assert blends["base"].train == {"wiki.en": 1, "/d/web_text_document": 0.5}
     assert blends["cpt"].train == {"code.py": 1} and blends["cpt"].tokenizer == "/t"
+
+
+def test_stage2_from_an_imported_tokenizer_json_model(tmp_path):
+    """An HF model whose only tokenizer is tokenizer.json: import, prepare with its tokenizer,
+    continual pretraining (the sha256 check passes), export with its eos id."""
+    transformers = pytest.importorskip("transformers")
+    from megareuse.interop.hf import export_hf, import_hf
+    from megareuse.interop.hf_data import prepare_with_tokenizer
+
+    tok_file = bpe_tokenizer(tmp_path / "hf")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                      tie_word_embeddings=True, eos_token_id=3, bos_token_id=1)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    base = import_hf(tmp_path / "hf", tmp_path / "base", d1=1_000_000)
+    assert (base / "tokenizer.json").is_file() and not (base / "tokenizer.model").exists()
+    prepare_with_tokenizer(tmp_path / "data", {"code": [STDLIB / n for n in TEXTS]}, base, valid=2,
+                           workers=1, progress=False)
+    (tmp_path / "cpt.yaml").write_text(f"base: {base / 'config.yaml'}\ndata:\n  dir: {tmp_path / 'data'}\n"
+                                       "  train: {code: 1}\n  valid: [code]\n  seq_len: 32\n")
+    cfg = load_config(tmp_path / "cpt.yaml", [
+        f"run.init_from={base}", f"run.out_dir={tmp_path / 'cpt'}", "run.train_tokens=256", "run.micro_batch_size=4",
+        "run.eval_interval=1000", "run.eval_tokens=256", "run.save_interval=1000", "run.log_interval=1000",
+        "run.threads=1", "schedule.warmup_steps=1", "run.device=cpu", "run.dtype=fp32"])
+    Trainer(cfg, emit=quiet).run()
+    step = final_checkpoint(tmp_path / "cpt")
+    meta = ckpt.read_meta(step)
+    assert (meta["stage"], meta["D1"], meta["D2"]) == ("cpt", 1_000_000, 256)
+    assert meta["tokenizer"]["sha256"] == hashlib.sha256(tok_file.read_bytes()).hexdigest()
+    exported = json.loads((export_hf(step, tmp_path / "export") / "config.json").read_text())
+    assert exported["eos_token_id"] == 3 and (tmp_path / "export" / "tokenizer.json").is_file()
