@@ -33,7 +33,10 @@ setup(
     extras_require={
         # tests: Triton kernels under the interpreter, the mpirun launcher, the figures
         "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "mpi4py>=3.1", "matplotlib>=3.7",
-                "transformers>=4.40", "tokenizers>=0.15", "tensorboard>=2.14"],
+                "transformers>=4.40", "tokenizers>=0.15", "tensorboard>=2.14",
+                "pyarrow>=12", "zstandard>=0.21", "datasets>=2.14"],
+        # your own corpora in `megareuse prepare --input`: parquet / HF save_to_disk, .jsonl.zst
+        "corpus": ["pyarrow>=12", "zstandard>=0.21"],
         "hf": ["transformers>=4.40", "tokenizers>=0.15"],
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],

@@ -47,6 +47,7 @@ def _first_line(exc: BaseException) -> str:
 def _say(command: str, message: str, exc: BaseException | None = None) -> None:
     if exc is not None and os.environ.get("MEGAREUSE_TRACEBACK") == "1":
         traceback.print_exception(exc, file=sys.stderr)
+    message = message.removeprefix(f"{command}: ")  # "megareuse prepare: prepare: ..." says it twice
     print(f"megareuse {command}: {message}", file=sys.stderr, flush=True)
 
 

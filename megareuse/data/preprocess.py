@@ -282,7 +282,8 @@ def _prepare_domain(stage: Path, name: str, sources: list[src.Source], info: dic
     if isinstance(valid, int):
         records = sum(src.count_records(s, **options) for s in sources)
     writer = DomainWriter(stage, name, dtype, valid, seed, records)
-    chunks = src.batched(c for s in sources for c in src.read_chunks(s, **options))
+    size = src.CHUNK_BYTES  # read at call time (tests make it small)
+    chunks = src.batched((c for s in sources for c in src.read_chunks(s, chunk_bytes=size, **options)), size)
     encoded = encode_chunks(chunks, stage / info["tokenizer"], text_key=options["text_key"], dtype=dtype,
                             workers=workers, skip_bad=skip_bad)
     bar = tqdm(total=total, desc=f"prepare {name}", unit="B", unit_scale=True, disable=not progress,

@@ -76,7 +76,10 @@ def parse_input(spec: str) -> tuple[str, str]:
 def detect_format(path: Path) -> str:
     """The format of ``path`` from its name (a directory: an HF dataset)."""
     if path.is_dir():
-        return "hf"
+        if _is_hf_dir(path):
+            return "hf"
+        raise PrepareError(f"prepare: input {path} is a directory; accepted a file, a glob (e.g. {path}/*.jsonl) "
+                           "or a directory written by datasets' save_to_disk")
     name = path.name.lower()
     for suffix in sorted(_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
