@@ -308,3 +308,28 @@ def test_stage2_from_an_imported_tokenizer_json_model(tmp_path):
     assert meta["tokenizer"]["sha256"] == hashlib.sha256(tok_file.read_bytes()).hexdigest()
     exported = json.loads((export_hf(step, tmp_path / "export") / "config.json").read_text())
     assert exported["eos_token_id"] == 3 and (tmp_path / "export" / "tokenizer.json").is_file()
+
+
+def test_users_jsonl_corpus_to_a_cpt_run(dotted, tmp_path):
+    """docs/data.md's walk-through: a base run, the user's jsonl.gz corpus prepared with the base's
+    tokenizer by `megareuse prepare --input`, then continual pretraining validated on it."""
+    import gzip
+
+    from megareuse.cli import main
+
+    base = tiny(tmp_path / "base", f"data.dir={dotted}", "data.train={wiki.en: 1}", "data.valid=[wiki.en]")
+    Trainer(base, emit=quiet).run()
+    step = final_checkpoint(tmp_path / "base")
+    (tmp_path / "corpus").mkdir()
+    for i, names in enumerate((TEXTS[:4], TEXTS[4:])):
+        with gzip.open(tmp_path / "corpus" / f"part-{i}.jsonl.gz", "wt") as fh:
+            fh.writelines(json.dumps({"text": (STDLIB / n).read_text(), "source": n}) + "\n" for n in names)
+    assert main(["prepare", "--out", str(tmp_path / "mine"), "--input", f"mine={tmp_path / 'corpus'}/*.jsonl.gz",
+                 "--tokenizer", str(dotted / "tokenizer.model"), "--valid-docs", "2", "--workers", "2"]) == 0
+    cpt = tiny(tmp_path / "cpt", f"data.dir={tmp_path / 'mine'}", "data.train={mine: 1}", "data.valid=[mine]",
+               f"run.init_from={step}")
+    summary = Trainer(cpt, emit=quiet).run()
+    meta = ckpt.read_meta(final_checkpoint(tmp_path / "cpt"))
+    assert (meta["stage"], meta["D1"], meta["D2"]) == ("cpt", 768, 768)
+    assert reference_loss(final_checkpoint(tmp_path / "cpt"), tmp_path / "mine" / "mine_valid", 32, 512) == \
+        pytest.approx(summary["valid_loss"]["mine"], rel=1e-5)
