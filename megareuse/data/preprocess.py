@@ -82,7 +82,7 @@ def open_domain(data_dir: PathLike, domain: str, split: str) -> IndexedDataset:
 
 
 # --------------------------------------------------------------------------- validation
-DOMAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
+DOMAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 
 def _validate(out_dir: Path, domains: Domains, vocab_size, workers, valid, force, split, text_key) -> None:
@@ -105,7 +105,7 @@ def _validate(out_dir: Path, domains: Domains, vocab_size, workers, valid, force
     names = list(domains)
     for name in names:
         if not isinstance(name, str) or not re.fullmatch(DOMAIN_NAME, name):
-            raise PrepareError(f"prepare: domain name {name!r}: accepted letters, digits, '_', '-', '.', '+' "
+            raise PrepareError(f"prepare: domain name {name!r}: accepted letters, digits, '_', '-', '.' "
                                "(starting with a letter or digit)")
         if not isinstance(domains, Mapping) and name not in DOMAINS:
             raise PrepareError(f"prepare: unknown domain {name!r}; built-in domains: " + ", ".join(DOMAINS))

@@ -290,7 +290,14 @@ def count_records(source: Source, *, split: str = "file", text_key: str = "text"
 
         return pq.ParquetFile(source.path).metadata.num_rows
     if source.format == "hf":
-        return sum(len(chunk.data) for chunk in _hf_chunks(source.path, text_key, CHUNK_BYTES))
+        _pyarrow(source.path)
+        import pyarrow as pa
+
+        total = 0
+        for arrow in _hf_arrow_files(source.path):
+            with pa.OSFile(str(arrow)) as fh:
+                total += sum(batch.num_rows for batch in pa.ipc.open_stream(fh))
+        return total
     kind = "lines" if source.format == "text" else "jsonl"
     return sum(sum(1 for line in chunk.data.split(b"\n") if line.strip())
                for chunk in _line_chunks(source.path, source.format, kind, 1 << 22))
