@@ -193,15 +193,31 @@ def _check_units(units: Mapping) -> dict:
     return out
 
 
+def distinct_runs(table: RunTable, form: Form) -> int:
+    """How many distinct points (combinations of the form's inputs) the table holds."""
+    if not len(table):
+        return 0
+    return len(np.unique(np.column_stack([table.columns[c] for c in form.inputs]), axis=0))
+
+
+def runs_needed(form: Form) -> int:
+    """Distinct runs a form needs: more than its parameters, else the fit is exact (no residual
+    left, every bootstrap resample the same law, intervals of zero width)."""
+    return form.n_params + 1
+
+
 def check_table(table: RunTable, form: Form) -> None:
     table.require(form.inputs, f"form {form.name}")
-    if len(table) < form.n_params:
-        raise LawError(f"{len(table)} runs for form {form.name}, which has {form.n_params} parameters "
-                       f"({', '.join(form.params)}); accepted at least {form.n_params} runs")
     for c in form.inputs:
         if len(np.unique(table.columns[c])) < 2:
             raise LawError(f"column {c!r} has a single value ({table.columns[c][0]:g}); form {form.name} "
                            f"needs at least 2 distinct values of {c}")
+    n, need = distinct_runs(table, form), runs_needed(form)
+    if n < need:
+        rows = "" if n == len(table) else f" at distinct {', '.join(form.inputs)} ({len(table)} rows)"
+        raise LawError(f"{n} runs{rows} for form {form.name}, which has {form.n_params} parameters "
+                       f"({', '.join(form.params)}); accepted at least {need} runs at distinct inputs "
+                       f"(with {form.n_params} the fit is exact and has no intervals)")
 
 
 def fit_form(table: RunTable, form, units: Optional[Mapping] = None, delta: float = DELTA,

