@@ -66,3 +66,23 @@ def test_every_form_skipped_says_how_many_runs_are_needed():
     assert "reuse skipped: 4 runs, needs 6" in comp["why"]
     assert "reuse_no_interaction skipped: 4 runs, needs 5" in comp["why"]
     assert [r["skipped"] for r in comp["results"]] == ["4 runs, needs 6", "4 runs, needs 5", "4 runs, needs 6"]
+
+
+# -- 2. exact duplicate rows ---------------------------------------------------------------------
+def test_exact_duplicate_rows_are_merged_with_a_note():
+    t = draw(NULL, seed=3)
+    n = len(t)
+    twice = table_from_arrays(np.tile(t.loss, 2), D1=np.tile(t.columns["D1"], 2), D2=np.tile(t.columns["D2"], 2),
+                              run_id=[f"r{i}" for i in range(2 * n)])
+    kw = dict(compare=None, holdout=None, n_boot=20, seed=0, figures=False)
+    once, dup = analyse(t, "reuse", **kw), analyse(twice, "reuse", **kw)
+    width = {k: np.diff(r["law"].bootstrap["intervals"]["a3"])[0] for k, r in (("once", once), ("dup", dup))}
+    assert width["dup"] == pytest.approx(width["once"], rel=1e-9), width  # not narrowed by the copies
+    assert dup["law"].data["n_runs"] == n and dup["law"].data["duplicates_merged"] == n
+    note = [x for x in dup["notes"] if "exact duplicate rows" in x]
+    assert note and note[0].startswith(f"{n} exact duplicate rows") and "r25 = r0" in note[0]
+    assert note[0] in fit_report(dup)
+    # same inputs, different loss (two seeds): both kept
+    seeds = table_from_arrays(np.r_[t.loss, t.loss * 1.003], D1=np.tile(t.columns["D1"], 2),
+                              D2=np.tile(t.columns["D2"], 2))
+    assert analyse(seeds, "reuse", compare=None, holdout=None, n_boot=0, figures=False)["law"].data["n_runs"] == 2 * n

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megareuse.law.data import LawError, RunTable, load_table, parse_count
+from megareuse.law.data import LawError, RunTable, load_table, merge_duplicates, parse_count
 from megareuse.law.forms import available_forms, forms_for_columns, get_form
 from megareuse.paths import check_output_dir
 
@@ -51,10 +51,11 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
     from megareuse.law.validate import compare_forms, expanding_window, holdout_check, holdout_mask, leave_one_out
     form = get_form(form or default_form(table))
     table.require(form.inputs, f"form {form.name}")
+    table, merged = merge_duplicates(table)
     for check in checks:
         if check not in CHECKS:
             raise LawError(f"check = {check!r}: accepted {', '.join(CHECKS)}")
-    notes = []
+    notes = [merged] if merged else []
     if holdout in (None, "", "none"):
         holdout = None
     else:

@@ -113,6 +113,25 @@ def table_from_arrays(loss, source: str = "<memory>", weight=None, group=None, r
     return RunTable(cols, loss, w, groups, ids, source, "", loss_col)
 
 
+def merge_duplicates(table: RunTable) -> tuple[RunTable, str]:
+    """Keep the first of each set of exact duplicate rows (same values in every numeric column,
+    the same loss and weight): a row recorded twice is one run, and counting it twice narrows
+    every bootstrap interval. Returns the table and a note ("" when nothing was merged)."""
+    names = sorted(table.columns)
+    keys = np.column_stack([table.columns[c] for c in names] + [table.loss, table.weight])
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    if len(first) == len(table):
+        return table, ""
+    keep, inverse = np.sort(first), np.asarray(inverse).ravel()
+    dropped = np.setdiff1d(np.arange(len(table)), keep)
+    pairs = [f"{table.run_id[i]} = {table.run_id[first[inverse[i]]]}" for i in dropped]
+    merged = table.subset(keep)
+    merged.extra = dict(table.extra, duplicates_merged=len(dropped))
+    note = (f"{len(dropped)} exact duplicate rows (same {', '.join(names)}, loss and weight) merged into "
+            f"one run each: {', '.join(pairs[:5])}{' ...' if len(pairs) > 5 else ''}")
+    return merged, note
+
+
 def _flatten(record: Mapping, prefix: str = "") -> dict:
     out = {}
     for key, value in record.items():
