@@ -86,3 +86,23 @@ def test_exact_duplicate_rows_are_merged_with_a_note():
     seeds = table_from_arrays(np.r_[t.loss, t.loss * 1.003], D1=np.tile(t.columns["D1"], 2),
                               D2=np.tile(t.columns["D2"], 2))
     assert analyse(seeds, "reuse", compare=None, holdout=None, n_boot=0, figures=False)["law"].data["n_runs"] == 2 * n
+
+
+# -- 4. held-out parameters with their unit ----------------------------------------------------
+def test_heldout_parameters_read_back_with_their_unit_predict_the_report(tmp_path):
+    # the full table's tokens centre on 10^7.6 (unit 1e9), the training runs' on 10^7.3 (unit 1e6)
+    t = draw(seed=4, d1=(1.5e7, 1.5e9), d2=(1e6, 1e8))
+    result = analyse(t, "reuse", compare=None, holdout="largest", n_boot=0, figures=False)
+    write_fit(result, tmp_path)
+    saved = json.loads((tmp_path / "law.json").read_text())
+    assert saved["units"]["tokens"] == 1e9
+    held = saved["holdout"]
+    unit = held.get("units", saved["units"])["tokens"]
+    law = Law.from_params("reuse", held["params"], tokens_unit=unit)
+    rows = held["rows"]
+    predicted = law.predict(D1=[r["D1"] for r in rows], D2=[r["D2"] for r in rows])
+    np.testing.assert_allclose(predicted, [r["predicted"] for r in rows], rtol=1e-9)
+    assert unit == 1e6
+    report = (tmp_path / "report.md").read_text()
+    assert f"{rows[0]['predicted']:.4g}" in report
+    np.testing.assert_allclose(Law.from_dict({**saved, **held, "data": {}, "diagnostics": {}}).theta, held["theta"])

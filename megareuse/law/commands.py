@@ -109,6 +109,13 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
     return result
 
 
+def held_out_law(law) -> dict:
+    """The law fitted on the training runs, with the unit its parameters are in (the training
+    runs choose their own unit, which can differ from the full fit's)."""
+    return {"params": law.params, "theta": [float(t) for t in law.theta], "units": law.units,
+            "form": law.form.name}
+
+
 def law_json(result: dict) -> dict:
     out = result["law"].to_dict()
     comp, check, an = result["comparison"], result["holdout"], result["per_d1"]
@@ -120,7 +127,7 @@ def law_json(result: dict) -> dict:
     if check:
         out["holdout"] = {k: check[k] for k in ("rule", "n_train", "n_test", "mare", "max_abs_rel", "coverage",
                                                  "level", "rows") if k in check}
-        out["holdout"]["params"] = check["law"].params
+        out["holdout"].update(held_out_law(check["law"]))
     if an:
         out["per_d1"] = {k: an[k] for k in ("E_mode", "E", "alpha_fit", "scale_fit", "notes")}
         out["per_d1"]["rows"] = [{k: r[k] for k in ("D1", "n", "A", "alpha", "E", "rms_log")} for r in an["per_d1"]]

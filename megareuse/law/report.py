@@ -100,6 +100,8 @@ def _holdout_section(check: dict, source: str) -> list[str]:
     lines += _table(header, rows)
     lines.append(f"Mean absolute relative error {_pct(check['mare'])}, max {_pct(check['max_abs_rel'])}"
                  + (f"; {_pct(check['coverage'])} of held-out runs inside the interval." if has_pi else "."))
+    lines.append(f"Law fitted on the training runs ({law.unit_text}): "
+                 + ", ".join(f"{k} {_g(v)}" for k, v in law.params.items()) + ".")
     return lines + [""]
 
 
