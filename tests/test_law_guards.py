@@ -106,3 +106,38 @@ def test_heldout_parameters_read_back_with_their_unit_predict_the_report(tmp_pat
     report = (tmp_path / "report.md").read_text()
     assert f"{rows[0]['predicted']:.4g}" in report
     np.testing.assert_allclose(Law.from_dict({**saved, **held, "data": {}, "diagnostics": {}}).theta, held["theta"])
+
+
+# -- 7. loss units as given ----------------------------------------------------------------------
+def test_loss_given_in_bits_is_labelled_bits(tmp_path, capsys):
+    t = draw(seed=5)
+    bits = table_from_arrays(t.loss / np.log(2), D1=t.columns["D1"], D2=t.columns["D2"], run_id=list(t.run_id))
+    runs = tmp_path / "runs.csv"
+    write_csv(runs, bits)
+    out = tmp_path / "fit"
+    argv = ["fit", "--runs", str(runs), "--bootstrap", "0", "--compare", "none", "--holdout", "none"]
+    assert run(argv + ["--loss-unit", "bits", "--out", str(out)]) == 0
+    saved = json.loads((out / "law.json").read_text())
+    assert saved["units"]["loss"] == "bits" and saved["data"]["loss_unit"] == "bits"
+    report = (out / "report.md").read_text()
+    assert "nats" not in report and "bits (loss units)" in report and "loss (and E, A, B) in bits" in report
+    law = Law.load(out / "law.json")
+    assert law.loss_unit == "bits" and law.params["E"] == pytest.approx(1.5 / np.log(2), rel=0.05)
+    # the default is nats; anything else is one line naming the option and the accepted values
+    assert run(argv + ["--out", str(tmp_path / "nats")]) == 0
+    assert json.loads((tmp_path / "nats" / "law.json").read_text())["units"]["loss"] == "nats"
+    capsys.readouterr()
+    assert run(argv + ["--loss-unit", "furlongs", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "megareuse fit: --loss-unit = 'furlongs': accepted nats, bits (the unit the loss is given in)"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_plan_refuses_laws_with_different_loss_units():
+    from megareuse.law import make_plan
+    reuse = Law.from_params("reuse", TRUTH, tokens_unit=1e6, loss_unit="bits")
+    scratch = Law.from_params("power", dict(A=2.0, a=0.3, E=1.7), tokens_unit=1e6)
+    with pytest.raises(ValueError, match="reuse law's loss is in bits, the scratch law's in nats"):
+        make_plan(reuse, scratch, D1=[1e6], D2=[1e6])
+    same = Law.from_params("power", dict(A=2.0, a=0.3, E=1.7), tokens_unit=1e6, loss_unit="bits")
+    assert len(make_plan(reuse, same, D1=[1e6], D2=[1e6])["rows"]) == 1

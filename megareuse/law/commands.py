@@ -1,7 +1,7 @@
 """`megareuse fit` and `megareuse plan`, and the in-process pipeline behind them.
 
     megareuse fit --runs runs.csv [--form reuse] [--compare auto] [--holdout largest]
-                  [--bootstrap 200] [--workers 1] [--seed 0] [--level 0.9] [--loss-col loss]
+                  [--bootstrap 200] [--workers 1] [--seed 0] [--level 0.9] [--loss-col loss] [--loss-unit nats]
                   [--where method=cpt] [--rename D=D2] --out DIR
     megareuse plan --law DIR/law.json [--scratch-law S/law.json] [--D1 1M,4M] [--D2 0.5M,1M]
                    [--budget-tokens 8M | --budget-flops 1e15] [--N 3.3e5] [--N-base ...] --out DIR
@@ -209,7 +209,7 @@ def cmd_fit(args) -> int:
         if n_boot == 1:
             raise LawError("--bootstrap = 1: accepted 0 (no intervals) or an integer >= 2")
         table = load_table(args.runs, loss_col=args.loss_col, where=_pairs("--where", args.where),
-                           rename=_pairs("--rename", args.rename))
+                           rename=_pairs("--rename", args.rename), loss_unit=args.loss_unit)
         compare = ("auto" if args.compare == "auto" else None if args.compare == "none"
                    else [c.strip() for c in args.compare.split(",") if c.strip()])
         checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else []
@@ -287,6 +287,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", default="0")
     p.add_argument("--level", default="0.9", help="interval level")
     p.add_argument("--loss-col", default="loss", help="the loss column, e.g. valid_loss_code")
+    p.add_argument("--loss-unit", default="nats", help="the unit the loss is given in: nats (default) or bits; "
+                                                       "it labels the report and law.json, converts nothing")
     p.add_argument("--where", action="append", default=[], help="keep rows with COLUMN=VALUE (repeatable)")
     p.add_argument("--rename", action="append", default=[], help="use a table column as a law column, e.g. D=D2")
     p.add_argument("--out", required=True, help="output directory: law.json, report.md, figures")

@@ -24,6 +24,7 @@ from megareuse.paths import check_input
 
 KNOWN = ("D1", "D2", "N", "D")
 TOKEN_COLUMNS = ("D1", "D2", "D")
+LOSS_UNITS = ("nats", "bits")
 UNITS = [(1.0, ""), (1e3, "K"), (1e6, "M"), (1e9, "B"), (1e12, "T")]
 
 
@@ -61,6 +62,7 @@ class RunTable:
     sha256: str = ""
     loss_col: str = "loss"
     extra: dict = field(default_factory=dict)
+    loss_unit: str = "nats"
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -71,7 +73,8 @@ class RunTable:
     def subset(self, mask) -> "RunTable":
         idx = np.flatnonzero(mask) if np.asarray(mask).dtype == bool else np.asarray(mask, dtype=int)
         return RunTable({k: v[idx] for k, v in self.columns.items()}, self.loss[idx], self.weight[idx],
-                        self.group[idx], self.run_id[idx], self.source, self.sha256, self.loss_col, self.extra)
+                        self.group[idx], self.run_id[idx], self.source, self.sha256, self.loss_col, self.extra,
+                        self.loss_unit)
 
     def describe(self) -> str:
         digest = f", sha256 {self.sha256[:12]}" if self.sha256 else ""
@@ -94,9 +97,16 @@ class RunTable:
                                f"(drop such rows with --where)")
 
 
+def check_loss_unit(unit, name: str = "loss_unit") -> str:
+    if unit not in LOSS_UNITS:
+        raise LawError(f"{name} = {unit!r}: accepted {', '.join(LOSS_UNITS)} (the unit the loss is given in)")
+    return unit
+
+
 def table_from_arrays(loss, source: str = "<memory>", weight=None, group=None, run_id=None,
-                      loss_col: str = "loss", **columns) -> RunTable:
+                      loss_col: str = "loss", loss_unit: str = "nats", **columns) -> RunTable:
     """Build a table in Python: table_from_arrays(loss, D1=..., D2=...)."""
+    check_loss_unit(loss_unit)
     loss = np.asarray(loss, dtype=float).ravel()
     n = len(loss)
     cols = {}
@@ -110,7 +120,7 @@ def table_from_arrays(loss, source: str = "<memory>", weight=None, group=None, r
         raise LawError("column 'weight': accepted one finite non-negative value per run, not all zero")
     ids = np.array([f"row{i + 1}" for i in range(n)]) if run_id is None else np.asarray(run_id).astype(str)
     groups = ids.copy() if group is None else np.asarray(group).astype(str)
-    return RunTable(cols, loss, w, groups, ids, source, "", loss_col)
+    return RunTable(cols, loss, w, groups, ids, source, "", loss_col, loss_unit=loss_unit)
 
 
 def merge_duplicates(table: RunTable) -> tuple[RunTable, str]:
@@ -192,9 +202,11 @@ def _matches(row: dict, key: str, wanted: str) -> bool:
 
 
 def load_table(path, loss_col: str = "loss", where: Optional[Mapping[str, str]] = None,
-               rename: Optional[Mapping[str, str]] = None) -> RunTable:
+               rename: Optional[Mapping[str, str]] = None, loss_unit: str = "nats") -> RunTable:
     """Read a CSV/TSV/JSONL run table. `where` keeps rows whose column equals the value;
-    `rename` maps a law column to a table column (e.g. {"D": "D2"})."""
+    `rename` maps a law column to a table column (e.g. {"D": "D2"}); `loss_unit` (nats or
+    bits) labels the loss as given, it converts nothing."""
+    check_loss_unit(loss_unit, "--loss-unit")
     path = check_input(path, "file", "runs table", "a .csv or .jsonl file", LawError)
     raw = path.read_bytes()
     try:
@@ -236,7 +248,7 @@ def load_table(path, loss_col: str = "loss", where: Optional[Mapping[str, str]] 
     group = [str(r["group"]) for _, r in numbered] if all("group" in r for _, r in numbered) else None
     run_id = [str(r.get("run_id", f"row{i}")) for i, r in numbered]
     table = table_from_arrays(loss, source=str(path), weight=weight, group=group, run_id=run_id,
-                              loss_col=loss_col, **columns)
+                              loss_col=loss_col, loss_unit=loss_unit, **columns)
     table.sha256 = hashlib.sha256(raw).hexdigest()
     table.extra = {"where": dict(where or {}), "rename": dict(rename or {})}
     return table

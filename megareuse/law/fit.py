@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from scipy.optimize import OptimizeWarning, least_squares, minimize
 
-from megareuse.law.data import LawError, RunTable, choose_unit
+from megareuse.law.data import LawError, RunTable, check_loss_unit, choose_unit
 from megareuse.law.forms import LOG_COEF_BOUNDS, Form, get_form
 from megareuse.law.law import Law
 
@@ -180,7 +180,7 @@ def choose_units(table: RunTable, form: Form) -> dict:
     t_scale, t_name = choose_unit(np.concatenate(tokens)) if tokens else (1.0, "")
     p_scale, p_name = choose_unit(table.columns["N"]) if "N" in form.inputs else (1.0, "")
     return {"tokens": t_scale, "tokens_name": t_name or "tokens", "params": p_scale,
-            "params_name": p_name or "params"}
+            "params_name": p_name or "params", "loss": table.loss_unit}
 
 
 def _check_units(units: Mapping) -> dict:
@@ -190,6 +190,7 @@ def _check_units(units: Mapping) -> dict:
         if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
             raise LawError(f"units[{key!r}] = {value!r}: accepted a positive number (e.g. 1e6)")
         out.setdefault(f"{key}_name", f"{value:g} {key}")
+    check_loss_unit(out.setdefault("loss", "nats"), "units['loss']")
     return out
 
 
@@ -276,4 +277,4 @@ def _provenance(table: RunTable) -> dict:
     ranges = {c: [float(v.min()), float(v.max())] for c, v in table.columns.items()
               if len(v) and np.all(np.isfinite(v))}
     return {"source": table.source, "sha256": table.sha256, "n_runs": len(table),
-            "loss_col": table.loss_col, "ranges": ranges, **{k: v for k, v in table.extra.items() if v}}
+            "loss_col": table.loss_col, "loss_unit": table.loss_unit, "ranges": ranges, **{k: v for k, v in table.extra.items() if v}}

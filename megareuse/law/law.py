@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Union
 import numpy as np
 
 from megareuse import __version__
-from megareuse.law.data import LawError, RunTable
+from megareuse.law.data import LOSS_UNITS, LawError, RunTable, check_loss_unit
 from megareuse.law.forms import Form, get_form
 from megareuse.paths import check_input
 
@@ -38,14 +38,15 @@ class Law:
 
     @classmethod
     def from_params(cls, form, params: Mapping[str, float], tokens_unit: float = 1.0,
-                    params_unit: float = 1.0, source: str = "given parameters") -> "Law":
+                    params_unit: float = 1.0, source: str = "given parameters", loss_unit: str = "nats") -> "Law":
         """A law from known parameters (e.g. a published fit), inputs in the given units."""
         form = get_form(form)
+        check_loss_unit(loss_unit)
         for name, unit in (("tokens_unit", tokens_unit), ("params_unit", params_unit)):
             if not (isinstance(unit, (int, float)) and unit > 0):
                 raise LawError(f"{name} = {unit!r}: accepted a positive number")
         units = {"tokens": float(tokens_unit), "tokens_name": f"{tokens_unit:g} tokens",
-                 "params": float(params_unit), "params_name": f"{params_unit:g} params"}
+                 "params": float(params_unit), "params_name": f"{params_unit:g} params", "loss": loss_unit}
         return cls(form, form.theta_from_params(params), units, data={"source": source})
 
     # -- parameters and predictions ----------------------------------------------------------
@@ -61,11 +62,16 @@ class Law:
                 + (f", sha256 {sha[:12]}" if sha else "") + ")")
 
     @property
+    def loss_unit(self) -> str:
+        """nats or bits, as the fitted losses were given (files without it: nats)."""
+        return self.units.get("loss", "nats")
+
+    @property
     def unit_text(self) -> str:
         text = f"tokens in units of {self.units['tokens']:g} ({self.units['tokens_name']})"
         if "N" in self.form.inputs:
             text += f", parameters in units of {self.units['params']:g} ({self.units['params_name']})"
-        return text
+        return text + f", loss (and E, A, B) in {self.loss_unit}"
 
     def log_inputs(self, columns) -> dict[str, np.ndarray]:
         if isinstance(columns, RunTable):
@@ -165,6 +171,8 @@ class Law:
         if not (isinstance(units, Mapping) and all(_finite_number(units.get(k, 1.0)) and units.get(k, 1.0) > 0
                                                    for k in ("tokens", "params"))):
             raise LawError(f"{where}: units = {units!r}: accepted positive 'tokens' and 'params' units")
+        if units.get("loss", "nats") not in LOSS_UNITS:
+            raise LawError(f"{where}: units.loss = {units['loss']!r}: accepted {', '.join(LOSS_UNITS)}")
         if not isinstance(d.get("data") or {}, Mapping) or not isinstance(d.get("diagnostics") or {}, Mapping):
             raise LawError(f"{where}: 'data' and 'diagnostics' must be mappings")
         try:

@@ -35,6 +35,9 @@ def check_laws(law: Law, scratch: Optional[Law], N: Optional[float]) -> None:
         raise LawError(f"law form {law.form.name} has inputs ({', '.join(law.form.inputs)}); the planner "
                        f"needs a law over D1 and D2 (reuse, reuse_no_interaction, additive, transfer)")
     if scratch is not None:
+        if scratch.loss_unit != law.loss_unit:
+            raise LawError(f"the reuse law's loss is in {law.loss_unit}, the scratch law's in {scratch.loss_unit}; "
+                           f"accepted two laws fitted on losses in the same unit (refit one with --loss-unit)")
         if scratch.form.inputs not in (("D",), ("N", "D")):
             raise LawError(f"scratch law form {scratch.form.name} has inputs ({', '.join(scratch.form.inputs)}); "
                            f"accepted a law over D (power) or over N and D (chinchilla)")

@@ -51,7 +51,7 @@ def _law_section(law) -> list[str]:
               f"- Optimiser: L-BFGS-B on Huber (delta {d['delta']:g}) of log loss, {d['n_starts']} starts "
               f"({d['n_starts_converged']} converged, {d['n_starts_at_best']} reached the best objective): "
               f"{conv} ({d['message']}); projected gradient norm {d['grad_norm']:.2e}, {d['n_iter']} iterations.",
-              f"- RMS error {d['rms_log']:.4g} (log), {d['rms_loss']:.4g} nats (loss units); "
+              f"- RMS error {d['rms_log']:.4g} (log), {d['rms_loss']:.4g} {law.loss_unit} (loss units); "
               f"max |relative error| {_pct(d['max_abs_rel'])}; R^2 {d['r2']:.5f}; AIC {d['aic']:.2f}; BIC {d['bic']:.2f}.",
               f"- Jacobian condition number {d['jac_cond']:.3g}"
               + (" (parameters poorly identified by these runs)" if d["jac_cond"] > 1e8 else "") + "."]
@@ -128,7 +128,7 @@ def fit_report(result: dict) -> str:
     law, table = result["law"], result["table"]
     source = table.describe()
     lines = ["# megareuse fit", "", f"Data: `{table.source}` ({len(table)} runs, loss column "
-             f"`{table.loss_col}`, sha256 `{table.sha256 or '-'}`)."]
+             f"`{table.loss_col}` in {table.loss_unit}, sha256 `{table.sha256 or '-'}`)."]
     if table.extra.get("where"):
         lines.append(f"Rows kept: {', '.join(f'{k} = {v}' for k, v in table.extra['where'].items())}.")
     lines += [""] + _law_section(law)
