@@ -141,3 +141,21 @@ def test_plan_refuses_laws_with_different_loss_units():
         make_plan(reuse, scratch, D1=[1e6], D2=[1e6])
     same = Law.from_params("power", dict(A=2.0, a=0.3, E=1.7), tokens_unit=1e6, loss_unit="bits")
     assert len(make_plan(reuse, same, D1=[1e6], D2=[1e6])["rows"]) == 1
+
+
+# -- 3. an E the runs do not identify --------------------------------------------------------------
+@pytest.mark.parametrize("d2, sigma, identified", [((1e5, 1e7), 0.005, True), ((1e6, 3e6), 0.005, False),
+                                                    ((1e6, 3e6), 0.01, False)])
+def test_unidentified_E_is_flagged(d2, sigma, identified):
+    t = draw(seed=1, d2=d2, sigma=sigma)
+    result = analyse(t, "reuse", compare=None, holdout=None, n_boot=0, figures=False)
+    law, report = result["law"], fit_report(result)
+    assert law.diagnostics["jac_cond"] < 1e8  # the condition number alone never fires here
+    prof = law.diagnostics.get("E_profile", {})
+    flagged = any(n.startswith("E is not identified") for n in result["notes"])
+    assert flagged == (not identified) and ("**E is not identified**" in report) == (not identified)
+    assert prof["identified"] == identified
+    lo, hi = prof["interval"]
+    assert lo <= law.params["E"] <= hi
+    if identified:
+        assert lo <= TRUTH["E"] <= hi and hi - lo < 0.1

@@ -47,6 +47,7 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
     checks: also "rollout" (expanding window over D2, or D) and/or "loo" (leave one run out)."""
     from megareuse.law.resampling import bootstrap
     from megareuse.law.fit import fit_form
+    from megareuse.law.identify import profile_E
     from megareuse.law.perd1 import per_d1_analysis
     from megareuse.law.validate import compare_forms, expanding_window, holdout_check, holdout_mask, leave_one_out
     form = get_form(form or default_form(table))
@@ -72,6 +73,12 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
     law = fit_form(table, form)
     if not law.diagnostics["converged"]:
         notes.append(f"the {form.name} fit did NOT converge ({law.diagnostics['message']}); treat it with care")
+    profile = profile_E(table, law, level)
+    if profile:
+        law.diagnostics["E_profile"] = profile
+        if not profile["identified"]:
+            notes.append(f"E is not identified: {profile['why']}; E, A and the extrapolations that rest on them "
+                         f"are unreliable (runs over a wider range of D2 pin E down)")
     if n_boot:
         bootstrap(table, law, n_boot, seed=seed, workers=workers, level=level)
     result = {"table": table, "law": law, "comparison": None, "holdout": None, "per_d1": None,

@@ -55,6 +55,12 @@ def _law_section(law) -> list[str]:
               f"max |relative error| {_pct(d['max_abs_rel'])}; R^2 {d['r2']:.5f}; AIC {d['aic']:.2f}; BIC {d['bic']:.2f}.",
               f"- Jacobian condition number {d['jac_cond']:.3g}"
               + (" (parameters poorly identified by these runs)" if d["jac_cond"] > 1e8 else "") + "."]
+    prof = d.get("E_profile")
+    if prof:
+        lo, hi = prof["interval"]
+        lines.append(f"- Profile over E ({int(round(100 * prof['level']))}%: deviance n ln(SSR(E)/SSR_min) "
+                     f"within {prof['threshold']:.3g}): E in [{lo:.4g}, {hi:.4g}]; "
+                     + ("identified." if prof["identified"] else f"**E is not identified**: {prof['why']}."))
     if d.get("at_bounds"):
         lines.append(f"- At a bound of the search: {', '.join(d['at_bounds'])} (a log-coefficient at its lower "
                      f"bound means that term is ~0).")
