@@ -159,3 +159,46 @@ def test_unidentified_E_is_flagged(d2, sigma, identified):
     assert lo <= law.params["E"] <= hi
     if identified:
         assert lo <= TRUTH["E"] <= hi and hi - lo < 0.1
+
+
+# -- 5. per-D1 intervals that include E's uncertainty ---------------------------------------------
+def per_d1_exclusions(n_tables, n_boot, seed0):
+    """How many null tables (a3 = 0) the per-D1 a3 interval at 90% excludes 0 on."""
+    from scipy.stats import norm
+    from megareuse.law import bootstrap, per_d1_analysis
+    excluded = 0
+    for s in range(n_tables):
+        t = draw(NULL, seed=seed0 + s, d2=(1e5, 1e6), sigma=0.005)
+        law = fit_form(t, "reuse")
+        bootstrap(t, law, n_boot, seed=s, level=0.9)
+        af = per_d1_analysis(t, E=law.params["E"], law=law)["alpha_fit"]
+        # the interval when there is one; else the old a3 +- se read as a 90% normal interval
+        excluded += af.get("a3_excludes_zero", abs(af["a3"]) > norm.ppf(0.95) * af["se_a3"])
+    return excluded
+
+
+def test_per_d1_a3_interval_includes_E_uncertainty_on_null_tables():
+    # 8 null tables: at the nominal 10% more than 2 exclusions has probability 4%; a3 +- se
+    # (E held fixed) excludes 0 on about 40% of such tables (4 of these 8)
+    assert per_d1_exclusions(8, 20, seed0=1000) <= 2
+
+
+@pytest.mark.slow
+def test_per_d1_a3_exclusion_rate_near_nominal_slow():
+    rate = per_d1_exclusions(60, 40, seed0=2000) / 60
+    assert rate <= 0.2  # nominal 0.1 (5% observed); a3 +- se excluded 0 on 40%
+
+
+def test_per_d1_report_and_json_carry_the_intervals(tmp_path):
+    t = draw(seed=6)
+    result = analyse(t, "reuse", compare=None, holdout=None, n_boot=20, figures=False)
+    af = result["per_d1"]["alpha_fit"]
+    assert af["n_resamples"] >= 15 and af["a3_interval"][0] <= af["a3"] <= af["a3_interval"][1]
+    assert af["a3_interval"][0] <= TRUTH["a3"] <= af["a3_interval"][1]
+    write_fit(result, tmp_path)
+    saved = json.loads((tmp_path / "law.json").read_text())
+    assert saved["per_d1"]["alpha_fit"]["a3_interval"] == af["a3_interval"]
+    assert "with each resample's E (so E's uncertainty is included): a3 [" in (tmp_path / "report.md").read_text()
+    # without a bootstrap the report says the standard errors take E as known
+    bare = analyse(t, "reuse", compare=None, holdout=None, n_boot=0, figures=False)
+    assert any("treat the shared E as known" in n for n in bare["per_d1"]["notes"])

@@ -101,7 +101,8 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
     if form.inputs == ("D1", "D2"):
         try:
             E = law.params.get("E", "joint")
-            result["per_d1"] = per_d1_analysis(table, E=E, E_source=f"shared, from the joint {form.name} fit")
+            result["per_d1"] = per_d1_analysis(table, E=E, E_source=f"shared, from the joint {form.name} fit",
+                                               law=law if "E" in law.params else None)
         except LawError as exc:
             notes.append(f"no per-D1 analysis: {exc}")
     if figures:

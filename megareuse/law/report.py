@@ -118,8 +118,14 @@ def _per_d1_section(an: dict, law, figures: list[str]) -> list[str]:
     lines += _table(["D1", "runs", "A(D1)", "alpha(D1)", "E", "RMS log"],
                     [[r["D1"], r["n"], r["A"], r["alpha"], r["E"], r["rms_log"]] for r in an["per_d1"]])
     lines += [f"- alpha(D1) = a2 - a3 ln D1: a2 = {af['a2']:.4g} +- {af['se_a2']:.2g}, "
-              f"a3 = {af['a3']:.4g} +- {af['se_a3']:.2g} (R^2 {af['r2']:.3f})",
+              f"a3 = {af['a3']:.4g} +- {af['se_a3']:.2g} (R^2 {af['r2']:.3f}; +- standard errors with E held fixed)",
               f"- A(D1) = A D1^(-a1): A = {sf['A']:.4g}, a1 = {sf['a1']:.4g} +- {sf['se_a1']:.2g} (R^2 {sf['r2']:.3f})"]
+    if "a3_interval" in af:
+        (lo, hi), pct = af["a3_interval"], f"{int(round(100 * af['level']))}%"
+        lines.append(f"- {pct} bootstrap intervals, the regressions redone on {af['n_resamples']} resamples of the "
+                     f"joint fit with each resample's E (so E's uncertainty is included): a3 [{lo:.4g}, {hi:.4g}] "
+                     f"**{'excludes' if af['a3_excludes_zero'] else 'contains'} 0**, a2 [{af['a2_interval'][0]:.4g}, "
+                     f"{af['a2_interval'][1]:.4g}], a1 [{sf['a1_interval'][0]:.4g}, {sf['a1_interval'][1]:.4g}]")
     if law is not None and law.form.name == "reuse":
         p = law.params
         lines.append(f"- Joint `reuse` fit for comparison: A = {p['A']:.4g}, a1 = {p['a1']:.4g}, "

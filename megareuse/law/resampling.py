@@ -90,7 +90,7 @@ def bootstrap(table: RunTable, law: Law, n_resamples: int = 1000, seed: int = 0,
     resid = np.log(law.predict(table)) - np.log(table.loss)
     result = {"n_resamples": n_resamples, "n_converged": int(ok.sum()), "seed": seed, "level": level,
               "workers": workers, "resample_unit": "group" if np.any(table.group != table.run_id) else "run",
-              "theta": samples, "residuals": resid, "note": note}
+              "theta": samples, "index": np.flatnonzero(ok).tolist(), "residuals": resid, "note": note}
     result.update(param_intervals(law, samples, level))
     law.bootstrap = result
     return result
