@@ -17,8 +17,9 @@ from megareuse._lazy import lazy_exports
 _WHERE = {
     "resampling": ["bootstrap"],
     "commands": ["analyse", "register", "write_fit", "write_outputs"],
-    "data": ["LawError", "RunTable", "load_table", "table_from_arrays"],
+    "data": ["LawError", "RunTable", "load_table", "merge_duplicates", "table_from_arrays"],
     "fit": ["fit_form"],
+    "identify": ["profile_E"],
     "forms": ["Form", "available_forms", "get_form", "register_form"],
     "law": ["Law"],
     "perd1": ["per_d1_analysis"],

@@ -136,8 +136,8 @@ def per_d1_analysis(table: RunTable, E: Union[str, float] = "joint", min_points:
                      n_resamples=boot["n_resamples"])
         scale["a1_interval"] = boot["intervals"]["a1"]
     elif E_value is not None:
-        notes.append("the standard errors treat the shared E as known (no bootstrap of the joint law): "
-                     "they understate the uncertainty of a3")
+        notes.append("the standard errors treat the shared E as known (no bootstrap resamples of the joint law "
+                     "to redo the regressions on): they understate the uncertainty of a3")
     return {"E_mode": E_mode, "E": E_value, "units": units, "per_d1": per, "notes": notes,
             "alpha_fit": alpha, "scale_fit": scale}
 
