@@ -6,6 +6,7 @@ target, and the directory entry is fsynced too.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable, IO
@@ -55,3 +56,12 @@ def publish_dir(staging: Path, final: Path) -> Path:
     os.rename(staging, final)
     fsync_dir(final.parent)
     return final
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks (what checkpoints and data directories record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

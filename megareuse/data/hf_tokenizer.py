@@ -18,12 +18,12 @@ Every tokenizer has ``encode`` (no special tokens added), ``decode``, ``vocab_si
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from megareuse.atomic import file_sha256
 from megareuse.data.tokenizer import Tokenizer
 from megareuse.paths import check_input
 
@@ -36,21 +36,14 @@ class TokenizerError(ValueError):
     """A tokenizer file cannot be opened or used; the message is one line."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _json_object(path: Path, what: str) -> dict[str, Any]:
+def read_json_object(path: Path, what: str = "a JSON object", error: type[ValueError] = TokenizerError) -> dict[str, Any]:
+    """``path`` parsed as a JSON object, or ``error`` naming the file and what was wrong."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise TokenizerError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); accepted {what}") from None
+        raise error(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); accepted {what}") from None
     if not isinstance(raw, dict):
-        raise TokenizerError(f"{path} holds a JSON {type(raw).__name__}, not an object; accepted {what}")
+        raise error(f"{path} holds a JSON {type(raw).__name__}, not an object; accepted {what}")
     return raw
 
 
@@ -87,7 +80,7 @@ class JsonTokenizer:
         except ImportError:
             raise TokenizerError(f"{path}: tokenizer.json needs the tokenizers package: pip install tokenizers") from None
         self.path = Path(path)
-        self.sha256 = _sha256(self.path)
+        self.sha256 = file_sha256(self.path)
         try:
             self._tok = _HFTokenizer.from_file(str(self.path))
         except Exception as exc:  # the tokenizers library raises plain Exceptions for a bad file
@@ -105,7 +98,7 @@ class JsonTokenizer:
 
     def _special_tokens(self) -> dict[str, Optional[str]]:
         config = self.path.with_name("tokenizer_config.json")
-        raw = _json_object(config, "a tokenizer_config.json") if config.is_file() else {}
+        raw = read_json_object(config, "a tokenizer_config.json") if config.is_file() else {}
         out = {}
         for key in ("eos_token", "bos_token", "pad_token"):
             value = raw.get(key)

@@ -16,7 +16,6 @@ revision.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from megareuse.atomic import fsync_dir
+from megareuse.atomic import file_sha256, fsync_dir  # noqa: F401  (file_sha256: re-exported)
 from megareuse.paths import disk_free, input_problem
 
 MANIFEST = "manifest.json"
@@ -54,15 +53,6 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_bytes_synced(path: Path, write) -> None:

@@ -17,7 +17,6 @@ either tokenizer file with the same ``load_tokenizer``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ from megareuse.data import preprocess as pp
 from megareuse.data.hf_tokenizer import (EOS_NAMES, JsonTokenizer, TokenizerError, WholeTextTokenizer,  # noqa: F401
                                          load_tokenizer, tokenizer_file, tokenizer_vocab_size)
 from megareuse.engine.checkpoint import META, file_sha256, read_meta
+from megareuse.data.hf_tokenizer import read_json_object as _read_json_object
 from megareuse.interop.errors import HFError
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,7 @@ PathLike = Union[str, os.PathLike]
 
 def read_json_object(path: Path, what: str = "a JSON object") -> dict[str, Any]:
     """``path`` parsed as a JSON object, or HFError naming the file and what was wrong."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HFError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); accepted {what}") from None
-    if not isinstance(raw, dict):
-        raise HFError(f"{path} holds a JSON {type(raw).__name__}, not an object; accepted {what}")
-    return raw
+    return _read_json_object(path, what, HFError)
 
 
 def tokenizer_entry(model_dir: Path) -> Optional[dict[str, Any]]:
