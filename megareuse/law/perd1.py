@@ -61,13 +61,19 @@ def _regress(per: list, u: float) -> tuple[dict, dict]:
              "se_a1": scale["se_slope"], "r2": scale["r2"]})
 
 
-def _shared_E_rows(table: RunTable, E_value: float, u: float, min_points: int, notes: list) -> list:
-    per = []
+def _d1_groups(table: RunTable, min_points: int, notes: list):
+    """(D1, its runs) for each D1 with at least ``min_points`` D2 values (a note for the others)."""
     for d1 in np.unique(table.columns["D1"]):
         sub = table.subset(table.columns["D1"] == d1)
         if len(np.unique(sub.columns["D2"])) < min_points:
             notes.append(f"D1 = {d1:.4g}: {len(sub)} runs, fewer than {min_points} D2 values; skipped")
             continue
+        yield d1, sub
+
+
+def _shared_E_rows(table: RunTable, E_value: float, u: float, min_points: int, notes: list) -> list:
+    per = []
+    for d1, sub in _d1_groups(table, min_points, notes):
         row = _shared_E_row(sub, d1, E_value, u)
         if row is None:
             notes.append(f"D1 = {d1:.4g}: fewer than 2 losses above E = {E_value:.4g}; skipped")
@@ -144,11 +150,7 @@ def per_d1_analysis(table: RunTable, E: Union[str, float] = "joint", min_points:
 
 def _free_E_rows(table: RunTable, units: dict, min_points: int, notes: list) -> list:
     per = []
-    for d1 in np.unique(table.columns["D1"]):
-        sub = table.subset(table.columns["D1"] == d1)
-        if len(np.unique(sub.columns["D2"])) < min_points:
-            notes.append(f"D1 = {d1:.4g}: {len(sub)} runs, fewer than {min_points} D2 values; skipped")
-            continue
+    for d1, sub in _d1_groups(table, min_points, notes):
         law = fit_form(table_from_arrays(sub.loss, D=sub.columns["D2"]), "power", units=units)
         per.append({"D1": float(d1), "n": len(sub), "D2": sub.columns["D2"].tolist(), "loss": sub.loss.tolist(),
                     "A": law.params["A"], "alpha": law.params["a"], "E": law.params["E"],
