@@ -210,9 +210,13 @@ def runs_needed(form: Form) -> int:
 def check_table(table: RunTable, form: Form) -> None:
     table.require(form.inputs, f"form {form.name}")
     for c in form.inputs:
-        if len(np.unique(table.columns[c])) < 2:
-            raise LawError(f"column {c!r} has a single value ({table.columns[c][0]:g}); form {form.name} "
-                           f"needs at least 2 distinct values of {c}")
+        values, need = np.unique(table.columns[c]), getattr(form, "min_levels", {}).get(c, 2)
+        if len(values) == 1:
+            raise LawError(f"column {c!r} has a single value ({values[0]:g}); form {form.name} "
+                           f"needs at least {need} distinct values of {c}")
+        if len(values) < need:
+            raise LawError(f"column {c!r} has {len(values)} distinct values ({', '.join(f'{v:g}' for v in values)}); "
+                           f"form {form.name} needs at least {need} distinct values of {c} to identify its terms")
     n, need = distinct_runs(table, form), runs_needed(form)
     if n < need:
         rows = "" if n == len(table) else f" at distinct {', '.join(form.inputs)} ({len(table)} rows)"

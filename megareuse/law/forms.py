@@ -35,7 +35,8 @@ class Form:
     def __init__(self, name: str, inputs: Sequence[str], linear: Sequence[str], nonlinear: Sequence[str],
                  terms: Callable, jac: Optional[Callable] = None,
                  bounds: Optional[Mapping[str, tuple]] = None, grid: Optional[Mapping[str, Sequence]] = None,
-                 formula: str = "", order: Optional[Sequence[str]] = None) -> None:
+                 formula: str = "", order: Optional[Sequence[str]] = None,
+                 min_levels: Optional[Mapping[str, int]] = None) -> None:
         if not name or not isinstance(name, str):
             raise LawError(f"form name = {name!r}: accepted a non-empty string")
         self.name, self.formula = name, formula or name
@@ -56,6 +57,13 @@ class Form:
         grid = dict(grid or {})
         self.grid = {p: [float(v) for v in grid[p]] if p in grid
                      else list(np.linspace(*self.bounds[p], 5)[1:-1]) for p in self.nonlinear}
+        levels = dict(min_levels or {})
+        for c, k in levels.items():
+            if c not in self.inputs or isinstance(k, bool) or not isinstance(k, int) or k < 2:
+                raise LawError(f"form {name}: min_levels[{c!r}] = {k!r}: accepted an integer >= 2 for one of "
+                               f"the inputs {', '.join(self.inputs)}")
+        # distinct values of each input the fit needs (2 unless a term needs more to be identified)
+        self.min_levels = {c: int(levels.get(c, 2)) for c in self.inputs}
 
     def __repr__(self) -> str:
         return f"Form({self.name!r}: {self.formula})"
@@ -172,7 +180,25 @@ def _transfer_jac(p, x):
     return [{"b": -u, "ln_k": -p["b"] * share, "g": -p["b"] * share * x["D1"]}, {}]
 
 
+def _reuse_N_terms(p, x):
+    return [-p["b"] * x["N"] + _reuse_terms(p, x)[0], 0.0]
+
+
+def _reuse_N_jac(p, x):
+    return [{"b": -x["N"], **_reuse_jac(p, x)[0]}, {}]
+
+
+def _reuse_N_additive_terms(p, x):
+    return [0.0, -p["alpha"] * x["N"], _reuse_terms(p, x)[0]]
+
+
+def _reuse_N_additive_jac(p, x):
+    return [{}, {"alpha": -x["N"]}, _reuse_jac(p, x)[0]]
+
+
 _EXP = [0.05, 0.15, 0.3, 0.6, 1.0]
+_REUSE_BOUNDS = {"a1": (-3, 3), "a2": (-1, 5), "a3": (-2, 2)}
+_REUSE_GRID = {"a1": [-0.1, 0.0, 0.1, 0.3, 0.6], "a2": _EXP, "a3": [-0.1, -0.03, 0.0, 0.03, 0.1]}
 BUILTIN = [
     Form("reuse", ("D1", "D2"), ("A", "E"), ("a1", "a2", "a3"), _reuse_terms, _reuse_jac,
          bounds={"a1": (-3, 3), "a2": (-1, 5), "a3": (-2, 2)},
@@ -199,6 +225,17 @@ BUILTIN = [
          lambda p, x: [{}, {"alpha": -x["N"]}, {"beta": -x["D"]}],
          bounds={"alpha": (-1, 5), "beta": (-1, 5)}, grid={"alpha": _EXP, "beta": _EXP},
          formula="L = E + A * N^(-alpha) + B * D^(-beta)", order=("E", "A", "alpha", "B", "beta")),
+    # the joint laws with model size N (the grown model's non-embedding parameters)
+    Form("reuse_N", ("N", "D1", "D2"), ("A", "E"), ("b", "a1", "a2", "a3"), _reuse_N_terms, _reuse_N_jac,
+         bounds={"b": (-1, 3), **_REUSE_BOUNDS}, grid={"b": [0.0, 0.15, 0.3, 0.6], **_REUSE_GRID},
+         formula="L = A * N^(-b) * D1^(-a1) * D2^(-a2 + a3 ln D1) + E",
+         order=("A", "b", "a1", "a2", "a3", "E")),
+    # E + B * N^(-alpha) has three parameters and is seen through one asymptote per N: 3 sizes
+    Form("reuse_N_additive", ("N", "D1", "D2"), ("E", "B", "A"), ("alpha", "a1", "a2", "a3"),
+         _reuse_N_additive_terms, _reuse_N_additive_jac,
+         bounds={"alpha": (-1, 5), **_REUSE_BOUNDS}, grid={"alpha": [0.1, 0.3, 0.6, 1.0], **_REUSE_GRID},
+         formula="L = E + B * N^(-alpha) + A * D1^(-a1) * D2^(-a2 + a3 ln D1)",
+         order=("E", "B", "alpha", "A", "a1", "a2", "a3"), min_levels={"N": 3}),
 ]
 
 _REGISTRY: dict[str, Form] = {}

@@ -19,7 +19,7 @@ import numpy as np
 from megareuse.law.resampling import bootstrap
 from megareuse.law.data import LawError, RunTable, parse_count
 from megareuse.law.fit import blas_single_thread, check_table, distinct_runs, fit_form, runs_needed
-from megareuse.law.forms import Form, forms_for_columns, get_form
+from megareuse.law.forms import Form, available_forms, forms_for_columns, get_form
 
 _COND = re.compile(r"^\s*(D1|D2|N|D)\s*(>=|<=|>|<)\s*([0-9.eE+\-]+[KMBGTkmbgt]?)\s*$")
 _OPS = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less}
@@ -31,8 +31,9 @@ def holdout_mask(table: RunTable, rule: str, inputs: Sequence[str]) -> np.ndarra
         raise LawError(f"holdout = {rule!r}: accepted 'largest', 'D2>=1M', 'D1>=4M|D2>=1M', 'none'")
     if rule.strip() == "largest":
         mask = np.zeros(len(table), dtype=bool)
-        for c in inputs:
-            mask |= table.columns[c] >= table.columns[c].max()
+        for c in inputs:  # a column with one value (one model size N, say) has no outer edge
+            if len(np.unique(table.columns[c])) > 1:
+                mask |= table.columns[c] >= table.columns[c].max()
     else:
         mask = np.zeros(len(table), dtype=bool)
         for clause in rule.split("|"):
@@ -108,9 +109,33 @@ def _select(results: list[dict]) -> tuple[Optional[str], str]:
                             f"({best['n_params']} parameters)")
 
 
+def _forms_short_of_N(columns) -> list[str]:
+    """Registered forms that the columns would serve but for the model size N (listed as skipped)."""
+    return [name for name in available_forms() if "N" in get_form(name).inputs and "N" not in columns
+            and len(get_form(name).inputs) > 1 and all(c in columns for c in get_form(name).inputs if c != "N")]
+
+
+def _unidentified(table: RunTable, form: Form) -> Optional[str]:
+    """Why the table cannot identify the form (a missing input, too few distinct values), or None."""
+    missing = [c for c in form.inputs if c not in table.columns]
+    if missing:
+        what = " (the model size: non-embedding parameters, as run records carry it)" if missing[0] == "N" else ""
+        return (f"column {missing[0]!r}{what} missing from {table.source}; form {form.name} needs "
+                f"{', '.join(form.inputs)}")
+    for c in form.inputs:
+        n, need = len(np.unique(table.columns[c])), form.min_levels.get(c, 2)
+        if n < need:
+            single = f"a single value ({table.columns[c][0]:g})" if n == 1 else f"{n} distinct values"
+            return (f"column {c!r} has {single} in the training runs; form {form.name} needs at least "
+                    f"{need} distinct values of {c}")
+    return None
+
+
 def compare_forms(table: RunTable, forms: Optional[Sequence] = None, rule: str = "largest") -> dict:
-    """Fit every form on the same training runs and score it on the same held-out runs."""
-    names = [get_form(f).name for f in forms] if forms else forms_for_columns(table.columns)
+    """Fit every form on the same training runs and score it on the same held-out runs. Forms the
+    training runs cannot identify (no N column, one model size) are listed as skipped, with why."""
+    names = [get_form(f).name for f in forms] if forms else (forms_for_columns(table.columns)
+                                                               + _forms_short_of_N(table.columns))
     if not names:
         raise LawError(f"no registered form fits the columns of {table.source}: "
                        f"{', '.join(table.columns) or 'none'}")
@@ -121,6 +146,10 @@ def compare_forms(table: RunTable, forms: Optional[Sequence] = None, rule: str =
     with blas_single_thread():
         for name in names:
             form: Form = get_form(name)
+            why = _unidentified(train, form)
+            if why:
+                results.append({"form": name, "n_params": form.n_params, "skipped": why})
+                continue
             n, need = distinct_runs(train, form), runs_needed(form)
             if n < need:
                 results.append({"form": name, "n_params": form.n_params, "skipped": f"{n} runs, needs {need}"})
