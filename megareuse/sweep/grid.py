@@ -13,6 +13,18 @@ An experiment file (configs/experiments/*.yaml) names a training config and the 
     scratch:
       - {name: scratch_code, domains: {code: 1}, D: [65536, 131072, 262144, 524288]}
 
+Growth series from several base sizes (a table with several model sizes N, for the joint laws):
+``bases`` lists further base series, each with a ``model`` mapping of model fields that differ
+from the training config (``base`` and scratch series may carry one too); a stage-2 series names
+the bases it starts from in ``bases`` (default: ``base`` alone) and then has the base's name in
+its run ids (``stack/base_small/D1=131072/...``):
+
+    bases:
+      - {name: base_small, model: {d_model: 64, ffn_hidden: 160}, domains: {prose: 1}, D1: [262144]}
+    stage2:
+      - {name: stack, method: stack, bases: [base, base_small], domains: {prose: 1}, D1: [262144],
+         D2: [131072, 524288], growth: {depth: 2}}
+
 With ``schedule: wsd`` (warmup-stable-decay) a series of token budgets costs one constant-LR
 "trunk" run to the last branch point plus a short cooldown branch per budget: the branch for
 budget D resumes the trunk's checkpoint at the step where D's own WSD schedule starts to decay
@@ -22,6 +34,7 @@ independent run per budget. Stage-2 series start from the base run at their D1
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,7 +43,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megareuse.config import Config, ConfigError, apply_overrides, read_yaml, read_yaml_mapping
+from megareuse.config import Config, ConfigError, ModelConfig, apply_overrides, read_yaml, read_yaml_mapping
 from megareuse.model import flops_per_token, non_embedding_param_count
 
 SCHEDULES = ("wsd", "cosine")
@@ -48,6 +61,8 @@ class Series:
     replay: float = 0.0
     growth: dict[str, Any] = field(default_factory=dict)
     D1: Optional[list[int]] = None  # stage 2: which base budgets to start from (None: all)
+    model: dict[str, Any] = field(default_factory=dict)  # base / scratch: model fields that differ
+    bases: Optional[list[str]] = None  # stage 2: which base series to start from (None: the first)
 
 
 @dataclass
@@ -59,6 +74,11 @@ class Experiment:
     stage2: list[Series]
     scratch: list[Series]
     decay_frac: float = 0.2
+    bases: list[Series] = field(default_factory=list)  # every base series, ``base`` first
+
+    def __post_init__(self) -> None:
+        if not self.bases:
+            self.bases = [self.base]
 
 
 @dataclass
@@ -84,10 +104,22 @@ def _fail(where: str, value: Any, accepted: str) -> None:
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def _series(raw: Any, where: str, budget_key: str, method: str) -> Series:
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _model(raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        _fail(where, raw, "a mapping of model fields, e.g. {d_model: 64, ffn_hidden: 160}")
+    for key, value in raw.items():
+        if key not in MODEL_FIELDS:
+            _fail(f"{where}.{key}", value, "one of the model fields " + ", ".join(MODEL_FIELDS))
+    return dict(raw)
+
+
+def _series(raw: Any, where: str, budget_key: str, method: str, extra: tuple = ()) -> Series:
     if not isinstance(raw, dict):
         _fail(where, raw, "a mapping")
-    known = {"name", "method", "domains", budget_key, "schedule", "replay", "growth", "D1"}
+    known = {"name", "method", "domains", budget_key, "schedule", "replay", "growth", "D1", *extra}
     for key in raw:
         if key not in known:
             _fail(f"{where}.{key}", raw[key], "one of the keys " + ", ".join(sorted(known)))
@@ -120,7 +152,13 @@ def _series(raw: Any, where: str, budget_key: str, method: str) -> Series:
     series = Series(name=name, method=str(raw.get("method", method)),
                     domains=dict(domains), budgets=list(budgets), schedule=raw.get("schedule", "wsd"),
                     replay=float(replay), growth=dict(growth),
-                    D1=raw.get("D1"))
+                    D1=raw.get("D1"), model=_model(raw["model"], f"{where}.model") if "model" in raw else {})
+    if "bases" in raw:
+        names = raw["bases"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) \
+                or len(set(names)) != len(names):
+            _fail(f"{where}.bases", names, "a non-empty list of distinct base series names")
+        series.bases = list(names)
     if series.schedule not in SCHEDULES:
         _fail(f"{where}.schedule", series.schedule, "one of " + ", ".join(SCHEDULES))
     return series
@@ -130,7 +168,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
     """Read and check an experiment file (one-line ExperimentError-style ConfigErrors)."""
     path = Path(path)
     raw = read_yaml_mapping(path, "experiment")
-    known = {"name", "train_config", "overrides", "base", "stage2", "scratch", "decay_frac"}
+    known = {"name", "train_config", "overrides", "base", "bases", "stage2", "scratch", "decay_frac"}
     for key in raw:
         if key not in known:
             _fail(key, raw[key], "one of the keys " + ", ".join(sorted(known)))
@@ -141,29 +179,64 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
     for key in ("stage2", "scratch"):
         if not isinstance(raw.get(key) or [], list):
             _fail(key, raw[key], "a list of series")
+    if not isinstance(raw.get("bases") or [], list):
+        _fail("bases", raw["bases"], "a list of base series, each with a name, model, domains and D1")
     if not isinstance(raw.get("name", ""), str):
         _fail("name", raw["name"], "a string")
     train = apply_overrides(read_yaml(path.parent / raw["train_config"]),
                             list(raw.get("overrides", [])) + list(overrides))
     Config.from_dict(train).validate()
-    base = _series(raw.get("base"), "base", "D1", "base")
-    base.method = "base"
-    stage2 = [_series(s, f"stage2[{i}]", "D2", "cpt") for i, s in enumerate(raw.get("stage2") or [])]
+    bases = _bases(raw, train)
+    stage2 = [_series(s, f"stage2[{i}]", "D2", "cpt", ("bases",)) for i, s in enumerate(raw.get("stage2") or [])]
     for i, s in enumerate(stage2):
         if s.method not in METHODS:
             _fail(f"stage2[{i}].method", s.method, "one of " + ", ".join(METHODS))
-        if s.D1 is not None and not set(s.D1) <= set(base.budgets):
-            _fail(f"stage2[{i}].D1", s.D1, f"a subset of base.D1 {base.budgets}")
-    scratch = [_series(s, f"scratch[{i}]", "D", "scratch") for i, s in enumerate(raw.get("scratch") or [])]
-    for s in scratch:
+        _check_stage2_bases(s, f"stage2[{i}]", bases)
+    scratch = [_series(s, f"scratch[{i}]", "D", "scratch", ("model",))
+               for i, s in enumerate(raw.get("scratch") or [])]
+    for i, s in enumerate(scratch):
         s.method = "scratch"
-    names = [base.name] + [s.name for s in stage2 + scratch]
+        _check_model(train, s.model, f"scratch[{i}].model")
+    names = [b.name for b in bases] + [s.name for s in stage2 + scratch]
     if len(set(names)) != len(names):
         _fail("name", names, "distinct series names")
     decay = float(raw.get("decay_frac", 0.2))
     if not 0 < decay < 1:
         _fail("decay_frac", decay, "a number in (0, 1)")
-    return Experiment(str(raw.get("name", path.stem)), path, train, base, stage2, scratch, decay)
+    return Experiment(str(raw.get("name", path.stem)), path, train, bases[0], stage2, scratch, decay, bases)
+
+
+def _bases(raw: dict, train: dict) -> list[Series]:
+    """``base`` and the further ``bases``, each checked (distinct names, a valid model)."""
+    bases = [_series(raw.get("base"), "base", "D1", "base", ("model",))]
+    bases += [_series(b, f"bases[{i}]", "D1", "base", ("model",)) for i, b in enumerate(raw.get("bases") or [])]
+    for i, b in enumerate(bases):
+        where = "base" if i == 0 else f"bases[{i - 1}]"
+        b.method = "base"
+        if i and b.name in [o.name for o in bases[:i]]:
+            _fail(f"{where}.name", b.name, "a name no other base series has")
+        _check_model(train, b.model, f"{where}.model")
+    return bases
+
+
+def _check_model(train: dict, model: dict, where: str) -> None:
+    if not model:
+        return
+    try:
+        Config.from_dict({**train, "model": {**train.get("model", {}), **model}}).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"experiment error: {where}: {exc}") from None
+
+
+def _check_stage2_bases(s: Series, where: str, bases: list[Series]) -> None:
+    known = {b.name: b for b in bases}
+    if s.bases is not None and not set(s.bases) <= set(known):
+        _fail(f"{where}.bases", s.bases, "a non-empty list of names from " + ", ".join(known))
+    for name in s.bases or [bases[0].name]:
+        budgets = known[name].budgets
+        if s.D1 is not None and not set(s.D1) <= set(budgets):
+            label = "base.D1" if name == bases[0].name and s.bases is None else f"the D1 of base {name}"
+            _fail(f"{where}.D1", s.D1, f"a subset of {label} {budgets}")
 
 
 def grown_model(model: dict[str, Any], growth: dict[str, Any]) -> dict[str, Any]:
@@ -247,24 +320,36 @@ class Planner:
     def plan(self) -> list[RunSpec]:
         exp = self.exp
         model = exp.train.get("model", {})
-        base_finals = self._series_runs(exp.base, exp.base.name, [], [], model)
+        base_finals = {b.name: self._series_runs(b, b.name, _model_overrides(model, {**model, **b.model}), [],
+                                                 model) for b in exp.bases}
+        base_models = {b.name: {**model, **b.model} for b in exp.bases}
         for s in exp.stage2:
-            for d1 in (s.D1 or exp.base.budgets):
-                start = base_finals[d1]
-                base_run = start.split("/checkpoints/")[0]
-                common, after = [f"data.replay={s.replay}"], [base_run]
-                if s.method != "cpt":
-                    grown = f"{s.name}/D1={d1}/grown"
-                    self.runs.append(RunSpec(grown, "grow", s.name, s.method, [], [base_run], 0, 0.0,
-                                             grow={"from": start, **s.growth}))
-                    start, after = grown, [grown]
-                    common += [f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
-                               for k, v in grown_model(model, s.growth).items() if model.get(k) != v]
-                self._series_runs(s, f"{s.name}/D1={d1}", common + [f"run.init_from={{root}}/{start}"],
-                                  after, model)
+            for base_name in s.bases or [exp.base.name]:
+                where = s.name if s.bases is None else f"{s.name}/{base_name}"
+                finals, base_model = base_finals[base_name], base_models[base_name]
+                for d1 in (s.D1 or sorted(finals)):
+                    self._stage2_runs(s, f"{where}/D1={d1}", finals[d1], model, base_model)
         for s in exp.scratch:
-            self._series_runs(s, s.name, [], [], model)
+            self._series_runs(s, s.name, _model_overrides(model, {**model, **s.model}), [], model)
         return self.runs
+
+    def _stage2_runs(self, s: Series, prefix: str, start: str, model: dict, base_model: dict) -> None:
+        """One stage-2 series from one base checkpoint: grow it first unless the method is cpt."""
+        base_run = start.split("/checkpoints/")[0]
+        common, after, target = [f"data.replay={s.replay}"], [base_run], base_model
+        if s.method != "cpt":
+            grown = f"{prefix}/grown"
+            self.runs.append(RunSpec(grown, "grow", s.name, s.method, [], [base_run], 0, 0.0,
+                                     grow={"from": start, **s.growth}))
+            start, after, target = grown, [grown], grown_model(base_model, s.growth)
+        common += _model_overrides(model, target)
+        self._series_runs(s, prefix, common + [f"run.init_from={{root}}/{start}"], after, model)
+
+
+def _model_overrides(model: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """model.<field>=<value> for every field where ``target`` differs from the training config's model."""
+    return [f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in target.items() if model.get(k) != v]
 
 
 def plan_experiment(exp: Experiment, dp: int = 1) -> list[RunSpec]:
