@@ -81,6 +81,13 @@ def test_held_out_comparison_prefers_the_generating_joint_form(truth, other):
     assert comp["selected"] == truth
 
 
+def test_default_largest_rule_with_four_sizes_compares_both_joint_forms():
+    t = draw("reuse_N_additive", sizes=(0.25e6, 0.5e6, 1e6, 2e6), seed=4)
+    comp = compare_forms(t, ["reuse_N", "reuse_N_additive"], rule="largest")  # as for joint.yaml
+    assert comp["n_train"] == 3 * 3 * 3 and all("mare" in r for r in comp["results"])
+    assert comp["selected"] == "reuse_N_additive"
+
+
 def test_one_model_size_skips_the_joint_forms_with_the_reason():
     t = draw("reuse_N", sizes=(1e6,))
     comp = compare_forms(t, rule="largest")  # N is constant: 'largest' holds out the D edge only
@@ -158,12 +165,12 @@ def test_growth_series_from_two_base_sizes_plans_two_model_sizes(tmp_path):
     assert "model.d_model=64" in ids["base_small/trunk"].overrides
 
 
-def test_shipped_joint_experiment_plans_growth_from_three_base_sizes():
+def test_shipped_joint_experiment_plans_growth_from_four_base_sizes():
     exp = load_experiment(REPO / "configs" / "experiments" / "joint.yaml")
     runs = plan_experiment(exp)
     sizes = {tuple(o for o in r.overrides if o.startswith("model.")) for r in runs
              if r.data_point and r.series == "stack"}
-    assert len(sizes) == 3
+    assert len(sizes) == 4
 
 
 @pytest.mark.parametrize("body, message", [
