@@ -15,6 +15,9 @@ x["D1"] = ln(D1 / 1e6). Adding a form takes a few lines:
     register_form(Form("shifted_power", inputs=("D",), linear=("A", "E"), nonlinear=("a", "d0"),
                        terms=lambda p, x: [-p["a"] * np.logaddexp(x["D"], p["d0"]), 0.0],
                        bounds={"a": (0.0, 3.0), "d0": (-10.0, 10.0)}))
+
+`min_levels` names inputs that need more than 2 distinct values to be identified (the fit and the
+form comparison refuse fewer with one line): reuse_N_additive's E + B * N^(-alpha) needs 3 sizes.
 """
 from __future__ import annotations
 
