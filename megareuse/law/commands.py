@@ -24,6 +24,7 @@ from megareuse.law.forms import available_forms, forms_for_columns, get_form
 from megareuse.paths import check_output_dir
 
 CHECKS = ("rollout", "loo")
+HOLDOUT_RESAMPLES = 200  # the held-out check's prediction intervals: percentiles that 200 resamples pin down
 
 
 def default_form(table: RunTable) -> str:
@@ -92,7 +93,7 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
         result["comparison"] = compare_forms(table, names, holdout)
     if holdout:
         try:
-            result["holdout"] = holdout_check(table, form, holdout, n_boot=n_boot if n_boot else 0,
+            result["holdout"] = holdout_check(table, form, holdout, n_boot=min(n_boot, HOLDOUT_RESAMPLES),
                                               seed=seed, workers=workers, level=level)
         except LawError as exc:
             if strict_holdout:

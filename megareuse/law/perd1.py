@@ -18,7 +18,7 @@ import numpy as np
 from megareuse.law.data import LawError, RunTable, table_from_arrays
 from megareuse.law.fit import choose_units, fit_form
 from megareuse.law.forms import get_form
-from megareuse.law.resampling import _resample_rows
+from megareuse.law.resampling import _draw, group_members
 
 
 def _ols(x: np.ndarray, y: np.ndarray) -> dict:
@@ -89,9 +89,9 @@ def bootstrap_regressions(table: RunTable, law, u: float, min_points: int) -> Op
     boot = law.bootstrap
     if not boot or "E" not in law.params or len(boot.get("index", [])) != len(boot["theta"]):
         return None
-    draws = []
+    draws, members = [], group_members(table.group)
     for theta, i in zip(boot["theta"], boot["index"]):
-        sub = table.subset(_resample_rows(table.group, boot["seed"], int(i)))
+        sub = table.subset(_draw(members, boot["seed"], int(i)))
         per = _shared_E_rows(sub, law.form.params_from_theta(theta)["E"], u, min_points, [])
         if len(per) >= 2:
             alpha, scale = _regress(per, u)

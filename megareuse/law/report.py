@@ -104,8 +104,11 @@ def _holdout_section(check: dict, source: str) -> list[str]:
             row += [f"[{r['lo']:.4g}, {r['hi']:.4g}]", r["inside"]]
         rows.append(row)
     lines += _table(header, rows)
+    boot = law.bootstrap
     lines.append(f"Mean absolute relative error {_pct(check['mare'])}, max {_pct(check['max_abs_rel'])}"
-                 + (f"; {_pct(check['coverage'])} of held-out runs inside the interval." if has_pi else "."))
+                 + (f"; {_pct(check['coverage'])} of held-out runs inside the interval" if has_pi else "")
+                 + (f" (intervals from {boot['n_converged']} of {boot['n_resamples']} bootstrap resamples of "
+                    f"the training runs)." if has_pi and boot else "."))
     lines.append(f"Law fitted on the training runs ({law.unit_text}): "
                  + ", ".join(f"{k} {_g(v)}" for k, v in law.params.items()) + ".")
     return lines + [""]
