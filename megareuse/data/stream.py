@@ -89,10 +89,13 @@ _ENCODER: Optional[Encoder] = None
 
 def _init_worker(tokenizer_path: str, text_key: str, dtype: str, skip_bad: bool) -> None:
     global _ENCODER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process (HF tokenizers)
     from .hf_tokenizer import load_tokenizer
 
-    _ENCODER = Encoder(load_tokenizer(tokenizer_path), text_key, np.dtype(dtype), skip_bad)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if hasattr(tokenizer, "num_threads"):  # sentencepiece's batch encode would use every core
+        tokenizer.num_threads = 1
+    _ENCODER = Encoder(tokenizer, text_key, np.dtype(dtype), skip_bad)
 
 
 def _encode(chunk: Chunk) -> Encoded:

@@ -175,6 +175,7 @@ class Tokenizer:
             self._sp.LoadFromSerializedProto(data)
         except RuntimeError:
             raise ValueError(f"tokenizer: {self.path} is not a sentencepiece model") from None
+        self.num_threads = -1  # batch encodes of long text: -1 = sentencepiece's default (every core)
         self._meta_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in META.encode("utf-8")]
         if any(self._sp.is_unknown(i) for i in self._meta_ids):
             raise ValueError(f"tokenizer: {self.path} was trained without byte_fallback; "
@@ -210,7 +211,8 @@ class Tokenizer:
                 if part:
                     ids.extend(self._sp.encode(part))
                 continue
-            for piece in self._sp.encode(list(text_chunks(part, CHUNK_CHARS, hard=False))):
+            for piece in self._sp.encode(list(text_chunks(part, CHUNK_CHARS, hard=False)),
+                                         num_threads=self.num_threads):
                 ids.extend(piece)
         return ids
 
