@@ -23,7 +23,8 @@ _WHERE = {
     "forms": ["Form", "available_forms", "get_form", "register_form"],
     "law": ["Law"],
     "perd1": ["per_d1_analysis"],
-    "plan": ["best_split", "make_plan", "marginal_gain", "saving_vanishes", "scratch_tokens"],
+    "plan": ["best_split", "budget_saving", "d1_threshold", "make_plan", "marginal_gain", "saving", "saving_vanishes",
+             "scratch_tokens", "scratch_tokens_array", "verdict"],
     "report": ["fit_report", "plan_report"],
     "validate": ["compare_forms", "expanding_window", "holdout_check", "leave_one_out"],
 }

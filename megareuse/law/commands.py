@@ -270,12 +270,29 @@ def cmd_plan(args) -> int:
     except ValueError as exc:
         print(f"megareuse plan: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    if plan["split"]:
-        s = plan["split"]
-        print(f"best split: D1={s['D1']:.4g}, D2={s['D2']:.4g} tokens, loss {s['loss']:.4g}"
-              + (f"; {s['decision']} (scratch loss {s['scratch_loss']:.4g})" if "decision" in s else ""))
+    for line in plan_lines(plan):
+        print(line)
     print("wrote " + ", ".join(paths))
     return 0
+
+
+def plan_lines(plan: dict) -> list[str]:
+    """The planner's answers in a few lines: each D1 threshold, and the budget's split and verdict."""
+    from megareuse.law.report import _interval_text, _threshold_text
+    lines = []
+    for t in plan["thresholds"]:
+        iv = t.get("interval")
+        lines.append(f"D2={t['D2']:.4g}, {t['view']}: reuse saves nothing beyond D1 = {_threshold_text(t)}"
+                     + (f" {_interval_text(iv)}" if iv else f" ({t.get('note', '')})"))
+    s = plan["split"]
+    if s:
+        line = f"best split: D1={s['D1']:.4g}, D2={s['D2']:.4g} tokens, loss {s['loss']:.4g}"
+        if "decision" in s:
+            iv = s["saving_interval"]
+            line += (f"; scratch loss {s['scratch_loss']:.4g}; saving {s['saving']:.4g}"
+                     + (f" [{iv[0]:.4g}, {iv[1]:.4g}]" if iv else "") + f" -> {s['verdict']}")
+        lines.append(line)
+    return lines
 
 
 def register(subparsers) -> None:

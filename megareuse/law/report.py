@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from megareuse.law.plan import VIEWS
 from megareuse.law.resampling import interval_text
 
 
@@ -174,6 +175,28 @@ def fit_report(result: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+STATUS_TEXT = {"crosses": "the saving crosses 0 there", "saves_at_top": "still saving at the top of the search range",
+               "never_saves": "no saving anywhere in the search range"}
+
+
+def _with_interval(value, interval) -> str:
+    return _g(value) + (f" [{_g(interval[0])}, {_g(interval[1])}]" if interval else "")
+
+
+def _interval_text(interval) -> str:
+    """A threshold's interval: inf is `beyond` the search range, 0 is `none` (no D1 saves)."""
+    if not interval:
+        return "-"
+    ends = ["beyond" if math.isinf(v) else "none" if v == 0 else _g(v) for v in interval]
+    return f"[{ends[0]}, {ends[1]}]"
+
+
+def _threshold_text(t: dict) -> str:
+    if t["status"] == "never_saves":
+        return "none (no saving)"
+    return "beyond the range" if t["status"] == "saves_at_top" else _g(t["threshold"])
+
+
 def plan_report(plan: dict, figure: Optional[str] = None, notes: Optional[list] = None) -> str:
     lines = ["# megareuse plan", "", f"- Reuse law: {plan['law']} (`{plan['law_file']}`)"]
     if plan["scratch_law"]:
@@ -184,16 +207,35 @@ def plan_report(plan: dict, figure: Optional[str] = None, notes: Optional[list] 
     has_ci, has_s, has_n = "loss_lo" in plan["rows"][0], bool(plan["scratch_law"]), bool(plan["N"])
     header = ["D1", "D2", "loss"] + (["loss interval"] if has_ci else []) + ["gain per token"]
     header += ["gain per FLOP", "FLOPs (D2)", "FLOPs (D1 + D2)"] if has_n else []
-    header += ["D_scratch", "saving (tokens)", "saving incl. base"] if has_s else []
+    header += ["D_scratch", "saving (tokens, base free)", "verdict", "saving incl. base", "verdict"] if has_s else []
+    header += ["saving (FLOPs incl. base)", "verdict"] if has_s and has_n else []
     header += ["extrapolated"]
     rows = []
     for r in plan["rows"]:
         row = [r["D1"], r["D2"], r["loss"]] + ([f"[{r['loss_lo']:.4g}, {r['loss_hi']:.4g}]"] if has_ci else [])
         row += [r["gain_per_token"]]
         row += [r["gain_per_flop"], r["flops_D2"], r["flops_with_base"]] if has_n else []
-        row += [r["D_scratch"], r["saving_tokens"], r["saving_with_base"]] if has_s else []
+        if has_s:
+            row += [r["D_scratch"], _with_interval(r["saving_tokens"], r["saving_tokens_interval"]), r["verdict_tokens"],
+                    _with_interval(r["saving_with_base"], r["saving_with_base_interval"]), r["verdict_with_base"]]
+        if has_s and has_n:
+            row += [_with_interval(r["saving_flops_with_base"], r["saving_flops_with_base_interval"]),
+                    r["verdict_flops_with_base"]]
         rows.append(row + [r["extrapolated"]])
     lines += _table(header, rows)
+    if plan.get("samples"):
+        lines += [f"Savings: what reuse saves against training from scratch to the same loss ({'; '.join(VIEWS.values())}); "
+                  f"verdict: reuse when the saving's interval lies above 0, scratch below, else undecided. "
+                  f"Intervals: {plan['samples']['note']}.", ""]
+    if plan.get("thresholds"):
+        lines += [f"## The D1 beyond which reuse saves nothing, per D2 (laws: {plan['law']} vs {plan['scratch_law']})", ""]
+        lines += _table(["D2", "view", "threshold D1", "interval", "saving turns positive at D1", "status"],
+                        [[t["D2"], t["view"], _threshold_text(t), _interval_text(t.get("interval")),
+                          t["saves_from"], STATUS_TEXT[t["status"]]] for t in plan["thresholds"]])
+        lines += [f"Searched over D1 from {plan['thresholds'][0]['range'][0]:.3g} to "
+                  f"{plan['thresholds'][0]['range'][1]:.3g} (1/1000 to 1000 times the fitted D1 range); "
+                  "in intervals `beyond` stands for samples still saving at the top of that range, `none` for samples "
+                  "that save at no D1.", ""]
     if plan["vanish"]:
         lines += [f"## Where the token saving vanishes (laws: {plan['law']} vs {plan['scratch_law']})", ""]
         lines += _table(["D1", "saving vanishes at D2", "saving turns positive at D2", "note"],
@@ -207,8 +249,15 @@ def plan_report(plan: dict, figure: Optional[str] = None, notes: Optional[list] 
                   f"{100 * s['share_D1']:.1f}%), predicted loss {s['loss']:.4g}"
                   + (" - the optimum is at the edge of the search: check the law" if s["at_edge"] else "")]
         if "decision" in s:
+            unit = "tokens" if s["saving_view"] == "tokens_with_base" else "FLOPs"
+            th = s["threshold"]
             lines.append(f"- From scratch with {s['scratch_tokens']:.4g} tokens ({plan['scratch_law']}): loss "
-                         f"{s['scratch_loss']:.4g}. Decision: **{s['decision']}**.")
+                         f"{s['scratch_loss']:.4g}. Point estimate's choice: {s['decision']}.")
+            lines.append(f"- Saving of this split against the budget spent from scratch: {_with_interval(s['saving'], s['saving_interval'])} "
+                         f"{unit}; verdict: **{s['verdict']}**.")
+            lines.append(f"- Along the budget, reuse saves nothing beyond D1 = {_threshold_text(th)}"
+                         + (f" (interval {_interval_text(th['interval'])})" if th.get("interval") else "")
+                         + f"; {STATUS_TEXT[th['status']]}.")
         lines.append("")
     if figure:
         lines += [f"![plan]({figure})", ""]
