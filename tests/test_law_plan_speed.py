@@ -73,6 +73,8 @@ def test_scratch_tokens_closed_form_agrees_with_root_finding():
     assert np.isinf(ds[-1])
     for Li, d in zip(L[:-1], ds[:-1]):
         assert d == pytest.approx(scratch_tokens(scratch, Li), rel=1e-10)
+    from megareuse.law.plan import _bisect_tokens  # the path of forms without a closed form
+    np.testing.assert_allclose(_bisect_tokens(scratch, L, None), ds, rtol=1e-10)
     chin = Law.from_params("chinchilla", dict(E=1.5, A=4.0, alpha=0.3, B=6.0, beta=0.4), tokens_unit=M, params_unit=M)
     d = scratch_tokens_array(chin, np.array([3.0]), N=5e7)[0]
     assert float(chin.predict(N=5e7, D=d)) == pytest.approx(3.0, rel=1e-12)

@@ -394,6 +394,16 @@ def _crossing(x: np.ndarray, gap: np.ndarray, refine=None) -> dict:
     return {"status": status, "threshold": thr, "saves_from": root(int(below[-1])) if len(below) else None}
 
 
+def _refiner(g):
+    """Root of g in [a, b] (a sign change) by brentq; b where g is not finite at an end (a loss
+    the scratch law never reaches)."""
+    def root(a: float, b: float) -> float:
+        if not (np.isfinite(g(a)) and np.isfinite(g(b))):
+            return float(b)
+        return float(brentq(g, a, b, xtol=1e-13, rtol=1e-14))
+    return root
+
+
 def _d1_span(law: Law) -> tuple[float, float]:
     """The threshold search range: 1/1000 to 1000 times the fitted D1 range (or 1e-6 to 1e6 law
     units without one)."""
@@ -407,11 +417,8 @@ def _d1_span(law: Law) -> tuple[float, float]:
 def _threshold_one(law, scratch, D2, view, N, N_base, lnx, refine: bool) -> dict:
     d1 = np.exp(lnx)
     gap = _log_gap(law, scratch, d1, np.full_like(d1, D2), view, N, N_base)
-    f = None
-    if refine:
-        g = lambda t: float(_log_gap(law, scratch, np.array([np.exp(t)]), np.array([D2]), view, N, N_base)[0])
-        f = lambda a, b: float(brentq(g, a, b, xtol=1e-13, rtol=1e-14)) if np.isfinite(g(a)) else float(b)
-    c = _crossing(lnx, gap, f)
+    g = lambda t: float(_log_gap(law, scratch, np.array([np.exp(t)]), np.array([D2]), view, N, N_base)[0])
+    c = _crossing(lnx, gap, _refiner(g) if refine else None)
     for key in ("threshold", "saves_from"):
         if c[key] is not None and np.isfinite(c[key]):
             c[key] = float(np.exp(c[key]))
@@ -472,11 +479,8 @@ def budget_saving(law: Law, scratch: Law, split: dict, N: Optional[float] = None
 
     def one(r, s, refine):
         gap = _log_gap(r, s, *d12(zs), view, N, N_base)
-        f = None
-        if refine:
-            g = lambda z: float(_log_gap(r, s, *(np.array([v]) for v in d12(z)), view, N, N_base)[0])
-            f = lambda a, b: float(brentq(g, a, b, xtol=1e-13)) if np.isfinite(g(a)) else float(b)
-        c = _crossing(zs, gap, f)
+        g = lambda z: float(_log_gap(r, s, *(np.array([v]) for v in d12(z)), view, N, N_base)[0])
+        c = _crossing(zs, gap, _refiner(g) if refine else None)
         for key in ("threshold", "saves_from"):
             if c[key] is not None and np.isfinite(c[key]):
                 c[key] = float(d12(c[key])[0])
