@@ -283,7 +283,8 @@ def plan_lines(plan: dict) -> list[str]:
     for t in plan["thresholds"]:
         iv = t.get("interval")
         lines.append(f"D2={t['D2']:.4g}, {t['view']}: reuse saves nothing beyond D1 = {_threshold_text(t)}"
-                     + (f" {_interval_text(iv)}" if iv else f" ({t.get('note', '')})"))
+                     + (f" {_interval_text(iv)}" if iv else f" ({t.get('note', '')})")
+                     + (f"; it saves from D1 = {t['saves_from']:.4g}" if t["saves_from"] else ""))
     s = plan["split"]
     if s:
         line = f"best split: D1={s['D1']:.4g}, D2={s['D2']:.4g} tokens, loss {s['loss']:.4g}"
