@@ -1,6 +1,7 @@
 """`megareuse demo`: the whole reuse-or-scratch study at laptop scale (2 CPU cores, < 15 min).
 
-1. prepare the two local corpora (prose: Shakespeare + KJV; code: the Python stdlib);
+1. prepare the local corpora the experiment names (prose: Shakespeare + KJV; code: the
+   Python stdlib; mix: prose + some installed-package code);
 2. run the sweep of an experiment file (default configs/experiments/demo.yaml): base runs at
    4 values of D1, continual pretraining on code at 4 values of D2 per D1, stacking growth on
    prose, from-scratch runs on code — WSD trunks with cooldown branches;
@@ -9,7 +10,10 @@
 4. write a report (markdown + figures) into ``<out>/report`` and print where it is.
 
 ``--preset workstation`` runs a larger grid (longer base training, the over-trained regime the
-paper is about); every number in the report is what this run measured.
+paper is about); ``--preset overtrained`` reaches it on 2 cores with a smaller model
+(configs/experiments/overtrained.yaml: CPT from a prose and from a prose+code base, growth,
+scratch). Every number in the report is what this run measured; the report also states each
+base's tokens per non-embedding parameter and the epochs each series makes over each domain.
 """
 from __future__ import annotations
 
@@ -25,7 +29,10 @@ from megareuse.engine.metrics import format_duration
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"laptop": REPO / "configs" / "experiments" / "demo.yaml",
-           "workstation": REPO / "configs" / "experiments" / "demo_workstation.yaml"}
+           "workstation": REPO / "configs" / "experiments" / "demo_workstation.yaml",
+           "overtrained": REPO / "configs" / "experiments" / "overtrained.yaml"}
+PREPARE_OPTIONS = {"overtrained": {"code_max_bytes": 10_000_000}}  # the whole stdlib (~9.7 MB)
+DEFAULT_OUT = "runs/demo"
 
 
 def _section(title: str) -> None:
@@ -43,49 +50,123 @@ def _runs_table(rows: list[dict], series: str, loss_col: str) -> list[str]:
     return lines
 
 
-def _fit_cpt(csv_path: Path, report_dir: Path, workers: int) -> dict:
+def experiment_domains(exp) -> list[str]:
+    """The domains a run of ``exp`` reads: data.valid first, then every series' blend, in order."""
+    names = list(exp.train.get("data", {}).get("valid") or [])
+    for series in [*exp.bases, *exp.stage2, *exp.scratch]:
+        names += list(series.domains)
+    return list(dict.fromkeys(names))
+
+
+def _model_params(exp, model: dict) -> int:
+    from megareuse.config import Config
+    from megareuse.model import non_embedding_param_count
+    return non_embedding_param_count(Config.from_dict({**exp.train, "model": {**exp.train["model"], **model}}).model)
+
+
+def base_scale(exp) -> list[dict]:
+    """Per base series: non-embedding parameters and tokens per parameter at its D1 values."""
+    out = []
+    for b in exp.bases:
+        n = _model_params(exp, b.model)
+        out.append({"name": b.name, "params": n, "D1": list(b.budgets),
+                    "tokens_per_param": [d1 / n for d1 in b.budgets]})
+    return out
+
+
+def _shares(domains: dict) -> dict:
+    total = sum(domains.values())
+    return {d: w / total for d, w in domains.items()}
+
+
+def domain_epochs(exp, train_tokens: dict[str, int]) -> list[dict]:
+    """One row per (series, domain) of the series' largest run: the tokens it draws from the
+    domain in that stage (budget x the domain's share of the blend), the epochs they make over
+    the domain's training tokens, and for stage 2 ``total_epochs``: with the tokens of the
+    largest base it starts from on the same domain."""
+    bases = {b.name: b for b in exp.bases}
+    rows = []
+    for kind, group in (("base", exp.bases), ("stage2", exp.stage2), ("scratch", exp.scratch)):
+        for s in group:
+            for domain, share in _shares(s.domains).items():
+                if domain not in train_tokens:
+                    raise ConfigError(f"config error: series {s.name}: domain {domain!r} is not prepared; "
+                                      f"accepted one of {', '.join(sorted(train_tokens))}")
+                tokens = max(s.budgets) * share
+                row = {"series": s.name, "stage": kind, "domain": domain, "budget": max(s.budgets),
+                       "tokens": tokens, "train_tokens": train_tokens[domain],
+                       "epochs": tokens / train_tokens[domain]}
+                if kind == "stage2":
+                    before = max(max(s.D1 or bases[name].budgets) * _shares(bases[name].domains).get(domain, 0.0)
+                                 for name in s.bases or [exp.base.name])
+                    row["total_epochs"] = (tokens + before) / train_tokens[domain]
+                rows.append(row)
+    return rows
+
+
+def train_token_counts(info: dict) -> dict[str, int]:
+    """Training-split tokens per domain from a prepare.json."""
+    return {name: int(d["train"]["tokens"]) for name, d in info["domains"].items()}
+
+
+def _scale_lines(exp, info: dict) -> list[str]:
+    lines = ["## Scale and data", "", "| base | non-embedding params | D1 | tokens per parameter |", "|---|---|---|---|"]
+    for b in base_scale(exp):
+        lines.append(f"| {b['name']} | {b['params']:,} | {b['D1'][0]:,} .. {b['D1'][-1]:,} | "
+                     f"{b['tokens_per_param'][0]:.1f} .. {b['tokens_per_param'][-1]:.1f} |")
+    lines += ["", "Epochs of each series' largest run over each domain's training tokens (prepare.json; "
+              "stage 2 also with the base's tokens of the same domain):", "",
+              "| series | domain | tokens | training tokens | epochs | with the base |", "|---|---|---|---|---|---|"]
+    for r in domain_epochs(exp, train_token_counts(info)):
+        total = f"{r['total_epochs']:.2f}" if "total_epochs" in r else "-"
+        lines.append(f"| {r['series']} | {r['domain']} | {r['tokens']:,.0f} | {r['train_tokens']:,} | "
+                     f"{r['epochs']:.2f} | {total} |")
+    return lines + [""]
+
+
+def _fit_cpt(csv_path: Path, report_dir: Path, workers: int, series: str = "cpt",
+             loss_col: str = "valid_loss_code") -> dict:
     from megareuse.law import analyse, load_table, write_fit
-    table = load_table(csv_path, loss_col="valid_loss_code", where={"series": "cpt"})
+    table = load_table(csv_path, loss_col=loss_col, where={"series": series})
     result = analyse(table, form="reuse", compare="auto", holdout="largest", n_boot=200, seed=0,
                      workers=workers, strict_holdout=False)
-    write_fit(result, report_dir / "cpt_law")
+    write_fit(result, report_dir / f"{series}_law")
     return result
 
 
-def _plan(csv_path: Path, cpt_law, report_dir: Path, n_params: int, d1s: list[int], d2s: list[int]) -> dict:
+def _plan(csv_path: Path, cpt_law, report_dir: Path, n_params: int, d1s: list[int], d2s: list[int],
+          scratch_series: str = "scratch_code", loss_col: str = "valid_loss_code", subdir: str = "plan") -> dict:
     from megareuse.law import fit_form, load_table, make_plan
     from megareuse.law.commands import finite_json, write_outputs
     from megareuse.law.plots import figure_plan
     from megareuse.law.report import plan_report
-    scratch_table = load_table(csv_path, loss_col="valid_loss_code", where={"series": "scratch_code"},
+    scratch_table = load_table(csv_path, loss_col=loss_col, where={"series": scratch_series},
                                rename={"D": "D1"})
     scratch = fit_form(scratch_table, "power")
     plan = make_plan(cpt_law, scratch, D1=d1s, D2=d2s, budget_tokens=float(max(d1s) + max(d2s)),
                      N=float(n_params))
     files, note = figure_plan(plan, cpt_law, scratch)
     text = plan_report(plan, "plan.png" if files else None, [note] if note else [])
-    write_outputs(report_dir / "plan", {"plan.md": text, "plan.json": json.dumps(finite_json(plan), indent=1),
+    write_outputs(report_dir / subdir, {"plan.md": text, "plan.json": json.dumps(finite_json(plan), indent=1),
                                         **files})
-    return {"plan": plan, "scratch": scratch, "text": text}
+    return {"plan": plan, "scratch": scratch, "text": text, "dir": subdir}
 
 
-def _study_report(exp, rows, cpt, plan, times, tokens, n_runs, n_points, workers, n_params) -> str:
+def _loss_col(series) -> str:
+    return f"valid_loss_{next(iter(series.domains))}"
+
+
+def _base_label(exp, s) -> str:
+    names = s.bases or [exp.base.name]
+    return ", ".join(f"{n} ({'+'.join(next(b for b in exp.bases if b.name == n).domains)})" for n in names)
+
+
+def _law_lines(name: str, cpt: dict) -> list[str]:
     law = cpt["law"]
     boot = law.bootstrap or {}
     a3 = law.params.get("a3")
     a3_ci = (boot.get("intervals") or {}).get("a3")
-    lines = ["# megareuse demo: reuse or from scratch, at laptop scale", "",
-             f"Experiment `{exp.path.name}`: {n_runs} runs ({n_points} data points), {tokens:,} training tokens, "
-             f"{workers} worker(s). Wall time: " + ", ".join(f"{k} {format_duration(v)}" for k, v in times.items()) + ".",
-             "", "## What was measured", "",
-             "Continual pretraining on code (target: validation loss on code) after base training on prose:", ""]
-    lines += _runs_table(rows, "cpt", "valid_loss_code")
-    lines += ["", "Stacking growth (depth x2) on prose after base training on prose "
-              "(target: validation loss on prose):", ""]
-    lines += _runs_table(rows, "stack", "valid_loss_prose")
-    lines += ["", "From scratch on code (D1 column = tokens):", ""]
-    lines += _runs_table(rows, "scratch_code", "valid_loss_code")
-    lines += ["", "## The law on the CPT runs", ""]
+    lines = []
     if a3 is not None:
         verdict = ("**excludes 0**" if a3_ci and (a3_ci[0] > 0 or a3_ci[1] < 0) else "**contains 0**")
         lines.append(f"Fitted `reuse`: a3 = {_g(a3)} with bootstrap interval "
@@ -101,34 +182,75 @@ def _study_report(exp, rows, cpt, plan, times, tokens, n_runs, n_points, workers
     comp = cpt.get("comparison")
     if comp:
         lines.append(f"Form comparison on the same split selects `{comp['selected']}` ({comp['why']}).")
-    lines += ["", "Full fit report: [cpt_law/report.md](cpt_law/report.md) "
-              "(figures: [Figure 1](cpt_law/figure1.png), [held-out](cpt_law/heldout.png)).", "",
-              "![figure 1](cpt_law/figure1.png)", "", "![held-out](cpt_law/heldout.png)", "",
-              "## Reuse or from scratch?", "", "Planner (CPT law vs a `power` law fitted to the scratch runs): "
-              "[plan/plan.md](plan/plan.md).", ""]
+    per = (cpt.get("per_d1") or {}).get("per_d1") or []
+    if per:
+        lines += ["", "Per-D1 exponents (power fits over D2 at each D1, E shared):", "",
+                  "| D1 | runs | alpha(D1) |", "|---|---|---|"]
+        lines += [f"| {r['D1']:,.0f} | {r['n']} | {_g(r['alpha'])} |" for r in per]
+    lines += ["", f"Full fit report: [{name}_law/report.md]({name}_law/report.md) "
+              f"(figures: [Figure 1]({name}_law/figure1.png), [held-out]({name}_law/heldout.png)).", "",
+              f"![figure 1]({name}_law/figure1.png)", "", f"![held-out]({name}_law/heldout.png)", ""]
+    return lines
+
+
+def _plan_lines(name: str, plan: dict, scratch_name: str) -> list[str]:
+    d = plan["dir"]
+    lines = [f"Planner (the `{name}` law vs a `power` law fitted to the `{scratch_name}` runs): "
+             f"[{d}/plan.md]({d}/plan.md).", ""]
     split = plan["plan"].get("split")
     if split and "decision" in split:
         lines.append(f"For a budget of {split['budget_tokens']:.4g} tokens the law's best split is D1 = "
                      f"{split['D1']:.4g}, D2 = {split['D2']:.4g} (loss {split['loss']:.4g}); from scratch: "
-                     f"{split['scratch_loss']:.4g}. Decision: **{split['decision']}**.")
-    lines += ["", "![plan](plan/plan.png)", "", "## Caveats", "",
-              f"- Scale: {n_params:,} non-embedding parameters; the longest base saw "
-              f"{max(exp.base.budgets) / n_params:.1f} tokens per parameter, far from the over-trained "
-              "regime (tens to hundreds) where the paper finds saturation; `--preset workstation` "
-              "trains longer bases.",
+                     f"{split['scratch_loss']:.4g}. Decision: **{split['decision']}**"
+                     + (f" (bootstrap verdict: {split['verdict']})." if split.get("verdict") else "."))
+    return lines + ["", f"![plan]({d}/plan.png)", ""]
+
+
+def _study_report(exp, rows, fits, plans, times, tokens, n_runs, n_points, workers, info) -> str:
+    cpts = [s for s in exp.stage2 if s.method == "cpt"]
+    scratch = exp.scratch[0]
+    lines = [f"# megareuse demo: reuse or from scratch (`{exp.name}`)", "",
+             f"Experiment `{exp.path.name}`: {n_runs} runs ({n_points} data points), {tokens:,} training tokens, "
+             f"{workers} worker(s). Wall time: " + ", ".join(f"{k} {format_duration(v)}" for k, v in times.items()) + ".",
+             "", *_scale_lines(exp, info), "## What was measured", ""]
+    for s in cpts:
+        lines += [f"Continual pretraining `{s.name}` on {'+'.join(s.domains)} (target: {_loss_col(s)}) after base "
+                  f"training on {_base_label(exp, s)}:", "", *_runs_table(rows, s.name, _loss_col(s)), ""]
+    for s in (s for s in exp.stage2 if s.method != "cpt"):
+        lines += [f"Growth `{s.name}` ({s.method}: " + ", ".join(f"{k} x{v}" for k, v in s.growth.items())
+                  + f") on {'+'.join(s.domains)} after base training on "
+                  f"{_base_label(exp, s)} (target: {_loss_col(s)}):", "", *_runs_table(rows, s.name, _loss_col(s)), ""]
+    lines += [f"From scratch `{scratch.name}` on {'+'.join(scratch.domains)} (D1 column = tokens):", "",
+              *_runs_table(rows, scratch.name, _loss_col(scratch))]
+    for s in cpts:
+        lines += ["", f"## The law on the `{s.name}` runs", "", *_law_lines(s.name, fits[s.name]),
+                  "### Reuse or from scratch?", "", *_plan_lines(s.name, plans[s.name], scratch.name)]
+    top = max(b["tokens_per_param"][-1] for b in base_scale(exp))
+    regime = ("reaching the over-trained regime (tens to hundreds) where the paper finds saturation" if top >= 100
+              else "far from the over-trained regime (tens to hundreds) where the paper finds saturation; "
+                   "`--preset overtrained` trains a smaller model past 100")
+    lines += ["## Caveats", "",
+              f"- Scale: the longest base saw {top:.1f} tokens per non-embedding parameter, {regime}.",
               "- The planner's numbers outside the measured D1/D2/D ranges are extrapolations of the "
               "fitted laws (plan.md marks them).",
-              "- Seed noise is about 0.0075 nats per run at this scale (measured in the pilot); compare it to "
+              "- Seed noise is about 0.0075 nats per run at the laptop scale (measured in the pilot); compare it to "
               "the fit's RMS error in the fit report.", ""]
-    lines += [f"- {n}" for n in cpt.get("notes", [])]
+    lines += [f"- {s.name}: {n}" for s in cpts for n in fits[s.name].get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
-def run_demo(out: str | Path = "runs/demo", fresh: bool = False, overrides: Sequence[str] = (),
+def _check_prepared(info: dict, data_dir: Path, needed: list[str], preset: str) -> None:
+    missing = [d for d in needed if d not in info["domains"]]
+    if missing:
+        raise ConfigError(f"config error: {data_dir} has domains {', '.join(info['domains'])}, not "
+                          f"{', '.join(missing)} that --preset {preset} needs; accepted --out naming a new directory")
+
+
+def run_demo(out: str | Path = DEFAULT_OUT, fresh: bool = False, overrides: Sequence[str] = (),
              preset: str = "laptop", workers: int = 1) -> Path:
-    from megareuse.data.preprocess import prepare_default
+    from megareuse.data.preprocess import load_prepared, prepare_default
     from megareuse.reuse.records import collect
-    from megareuse.sweep.grid import load_experiment, n_params, plan_experiment, totals
+    from megareuse.sweep.grid import load_experiment, plan_experiment, totals
     from megareuse.sweep.local import run_sweep
 
     if preset not in PRESETS:
@@ -136,21 +258,27 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, overrides: Sequ
     if not PRESETS[preset].is_file():
         raise ConfigError(f"config error: experiment {PRESETS[preset]} not found; run the demo from a "
                           "source checkout (pip install -e .)")
+    if preset != "laptop" and Path(out) == Path(DEFAULT_OUT):
+        out = f"{DEFAULT_OUT}_{preset}"  # never mixes runs of two presets under one directory
     out = Path(out).resolve()
     data_dir, sweep_dir, report_dir = out / "data", out / "runs", out / "report"
     exp = load_experiment(PRESETS[preset], [f"data.dir={data_dir}", *overrides])
     runs = plan_experiment(exp)
+    domains = experiment_domains(exp)
     if fresh and sweep_dir.exists():
         shutil.rmtree(sweep_dir)
     times: dict[str, float] = {}
     tokens, flops = totals(runs)
 
-    _section("1/4 prepare the local corpora")
+    _section(f"1/4 prepare the local corpora ({', '.join(domains)})")
     t0 = time.perf_counter()
     if (data_dir / "prepare.json").is_file():
         print(f"using the prepared data in {data_dir}")
+        info = load_prepared(data_dir)
+        _check_prepared(info, data_dir, domains, preset)
     else:
-        prepare_default(data_dir, domains=["prose", "code"], vocab_size=exp.train["model"]["vocab_size"])
+        info = prepare_default(data_dir, domains=domains, vocab_size=exp.train["model"]["vocab_size"],
+                               **PREPARE_OPTIONS.get(preset, {}))
     times["prepare"] = time.perf_counter() - t0
 
     _section(f"2/4 sweep: {len(runs)} runs, {tokens:,} tokens, {flops:.2e} FLOPs")
@@ -159,21 +287,29 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, overrides: Sequ
     csv_path, _, n = collect(sweep_dir)
     times["sweep"] = time.perf_counter() - t0
 
+    cpts = [s for s in exp.stage2 if s.method == "cpt"]
     _section("3/4 fit the law, compare forms, check held-out runs")
     t0 = time.perf_counter()
-    cpt = _fit_cpt(csv_path, report_dir, workers=max(1, workers))
-    law = cpt["law"]
-    print(f"{law.label}: " + ", ".join(f"{k}={v:.4g}" for k, v in law.params.items()))
+    fits = {}
+    for s in cpts:
+        fits[s.name] = _fit_cpt(csv_path, report_dir, max(1, workers), s.name, _loss_col(s))
+        law = fits[s.name]["law"]
+        print(f"{s.name}: {law.label}: " + ", ".join(f"{k}={v:.4g}" for k, v in law.params.items()))
     times["fit"] = time.perf_counter() - t0
 
     _section("4/4 plan: reuse or from scratch?")
     t0 = time.perf_counter()
-    cpt_series = next(s for s in exp.stage2 if s.name == "cpt")
-    plan = _plan(csv_path, law, report_dir, n_params(exp), exp.base.budgets, cpt_series.budgets)
+    scale = {b["name"]: b for b in base_scale(exp)}
+    plans = {}
+    for s in cpts:
+        base = s.bases[0] if s.bases else exp.base.name
+        d1s = s.D1 or scale[base]["D1"]
+        plans[s.name] = _plan(csv_path, fits[s.name]["law"], report_dir, scale[base]["params"], d1s, s.budgets,
+                              exp.scratch[0].name, _loss_col(s), "plan" if s.name == "cpt" else f"plan_{s.name}")
     times["plan"] = time.perf_counter() - t0
 
     rows = [json.loads(line) for line in (sweep_dir / "runs.jsonl").read_text().splitlines()]
-    text = _study_report(exp, rows, cpt, plan, times, tokens, len(runs), n, workers, n_params(exp))
+    text = _study_report(exp, rows, fits, plans, times, tokens, len(runs), n, workers, info)
     (report_dir / "report.md").write_text(text)
     shutil.copy(csv_path, report_dir / "runs.csv")
     _section("summary")
