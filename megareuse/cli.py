@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your corpus: a file, a glob (** recurses) or an HF save_to_disk directory; "
                         "repeat for more files or domains")
     p.add_argument("--domains", default=None, help="built-in corpora instead of --input, comma-separated: "
-                                                   "prose, code (default prose,code)")
+                                                   "prose, code, pycode, mix (default prose,code)")
     p.add_argument("--format", default=None, choices=("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "text", "hf"),
                    help="input format (default: from each file name; other names are text)")
     p.add_argument("--text-key", default="text", help="the text field of jsonl/parquet/HF records")
