@@ -73,6 +73,21 @@ def test_bad_experiment(tmp_path, prepared):
         load_experiment(bad)
 
 
+def test_parallel_sweep_reuses_workers_and_matches_sequential(tmp_path, prepared):
+    """workers=2 with more runs than workers: a worker process runs several (its process group from
+    the first stays up; the second once failed with DeepSpeed's missing LOCAL_RANK), and every
+    run's losses equal those of the same run in a sequential sweep."""
+    exp = experiment(tmp_path, prepared)
+    runs = [r for r in plan_experiment(exp) if r.run_id.startswith(("base/", "scratch_code/"))]
+    assert len(runs) == 5
+    local.run_sweep(exp.train, runs, tmp_path / "seq", emit=quiet)
+    ran = local.run_sweep(exp.train, runs, tmp_path / "par", workers=2, emit=quiet)
+    assert sorted(ran) == sorted(r.run_id for r in runs)
+    for run in [r for r in runs if r.data_point]:  # trunks write checkpoints, not records
+        seq, par = (json.loads((tmp_path / d / run.run_id / "record.json").read_text()) for d in ("seq", "par"))
+        assert par["valid_loss"] == seq["valid_loss"], run.run_id
+
+
 def test_sweep_runs_resumes_and_branches_equal_independent_runs(tmp_path, prepared, monkeypatch):
     exp = experiment(tmp_path, prepared)
     runs = plan_experiment(exp)

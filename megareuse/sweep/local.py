@@ -75,10 +75,14 @@ def _quiet_execute(train: dict, root: str, run: RunSpec, log_dir: str) -> str:
     import os
 
     import torch
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)  # inherited from the parent's own single-process start-up
+    if not (dist.is_available() and dist.is_initialized()):  # the worker's first run: the
+        # launcher variables are the parent's own single-process start-up's, not this process's;
+        # a later run in the same worker keeps the ones its first run set with its process group
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
     log = Path(log_dir) / (run.run_id.replace("/", "__") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
