@@ -1,6 +1,7 @@
 """Sweeps: the plan matches a hand-computed grid; WSD branches equal independent runs; an
 interrupted sweep resumes without re-running finished runs; the table feeds the fitter."""
 import json
+import re
 import textwrap
 
 import pytest
@@ -173,3 +174,28 @@ def test_sweep_progress_eta_counts_flops_left(tmp_path, monkeypatch):
     assert done == [f"sweep: [{i + 1}/5] {rid} done ({t}s elapsed, ~{left}s left)" for i, (rid, t, left) in
                     enumerate([("trunk", 800, 400), ("b0", 900, 300), ("b1", 1000, 200), ("b2", 1100, 100),
                                ("b3", 1200, 0)])], done
+
+
+def test_series_overrides_reach_only_their_runs_and_are_checked(tmp_path, prepared):
+    base_text = (tmp_path / "exp.yaml")
+    experiment(tmp_path, prepared)  # writes exp.yaml
+    text = base_text.read_text().replace(
+        "{name: stack, method: stack,", "{name: stack, method: stack, overrides: [optim.lr=0.001],")
+    base_text.write_text(text)
+    runs = plan_experiment(load_experiment(base_text))
+    lowered = [r.run_id for r in runs if "optim.lr=0.001" in r.overrides]
+    assert lowered == ["stack/D1=2560/trunk", "stack/D1=2560/D=1280"]  # the grow step takes no config
+    branch = by_id(runs)["stack/D1=2560/D=1280"].overrides
+    assert "model.n_layers=4" in branch and branch.index("optim.lr=0.001") < branch.index("run.train_tokens=1280")
+    for bad, message in [("[run.train_tokens=5]", "overrides of keys the planner does not set"),
+                         ("[model.d_model=64]", "model.*: use the series' model / growth"),
+                         ("[optim.nope=1]", "stage2[1].overrides: "),
+                         ("[optim.lr=-1]", "optim.lr"),
+                         ("optim.lr=1", "a list of section.field=value strings")]:
+        base_text.write_text(text.replace("overrides: [optim.lr=0.001]", f"overrides: {bad}"))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_experiment(base_text)
+
+
+def by_id(runs):
+    return {r.run_id: r for r in runs}

@@ -25,6 +25,11 @@ its run ids (``stack/base_small/D1=131072/...``):
       - {name: stack, method: stack, bases: [base, base_small], domains: {prose: 1}, D1: [262144],
          D2: [131072, 524288], growth: {depth: 2}}
 
+Any series may carry ``overrides``, training-config overrides for its runs only, e.g. a stage-2
+peak LR of its own (``overrides: [optim.lr=1e-3]``); the keys the planner sets (data blend,
+schedule, token budgets, init_from, replay) and model fields (use ``model`` or ``growth``) are
+refused there.
+
 With ``schedule: wsd`` (warmup-stable-decay) a series of token budgets costs one constant-LR
 "trunk" run to the last branch point plus a short cooldown branch per budget: the branch for
 budget D resumes the trunk's checkpoint at the step where D's own WSD schedule starts to decay
@@ -63,6 +68,7 @@ class Series:
     D1: Optional[list[int]] = None  # stage 2: which base budgets to start from (None: all)
     model: dict[str, Any] = field(default_factory=dict)  # base / scratch: model fields that differ
     bases: Optional[list[str]] = None  # stage 2: which base series to start from (None: the first)
+    overrides: list[str] = field(default_factory=list)  # this series' own training-config overrides
 
 
 @dataclass
@@ -119,7 +125,7 @@ def _model(raw: Any, where: str) -> dict[str, Any]:
 def _series(raw: Any, where: str, budget_key: str, method: str, extra: tuple = ()) -> Series:
     if not isinstance(raw, dict):
         _fail(where, raw, "a mapping")
-    known = {"name", "method", "domains", budget_key, "schedule", "replay", "growth", "D1", *extra}
+    known = {"name", "method", "domains", budget_key, "schedule", "replay", "growth", "D1", "overrides", *extra}
     for key in raw:
         if key not in known:
             _fail(f"{where}.{key}", raw[key], "one of the keys " + ", ".join(sorted(known)))
@@ -161,7 +167,33 @@ def _series(raw: Any, where: str, budget_key: str, method: str, extra: tuple = (
         series.bases = list(names)
     if series.schedule not in SCHEDULES:
         _fail(f"{where}.schedule", series.schedule, "one of " + ", ".join(SCHEDULES))
+    series.overrides = _series_overrides(raw.get("overrides", []), f"{where}.overrides")
     return series
+
+
+PLANNED_KEYS = ("data.train", "data.replay", "run.series", "run.train_tokens", "run.save_tokens",
+                "run.init_from", "run.keep_last", "run.write_record", "schedule.kind", "schedule.decay_frac")
+
+
+def _series_overrides(raw: Any, where: str) -> list[str]:
+    """A series' own overrides: section.field=value strings, none of a key the planner sets."""
+    if not isinstance(raw, list) or not all(isinstance(o, str) and "=" in o for o in raw):
+        _fail(where, raw, "a list of section.field=value strings")
+    for item in raw:
+        key = item.split("=", 1)[0].strip()
+        if key in PLANNED_KEYS or key.startswith("model."):
+            _fail(where, item, "overrides of keys the planner does not set (not " + ", ".join(PLANNED_KEYS)
+                  + " or model.*: use the series' model / growth)")
+    return list(raw)
+
+
+def _check_overrides(train: dict, s: Series, where: str) -> None:
+    if not s.overrides:
+        return
+    try:
+        Config.from_dict(apply_overrides(train, s.overrides)).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"experiment error: {where}.overrides: {exc}") from None
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
@@ -197,6 +229,10 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
     for i, s in enumerate(scratch):
         s.method = "scratch"
         _check_model(train, s.model, f"scratch[{i}].model")
+    for where, s in ([("base" if i == 0 else f"bases[{i - 1}]", b) for i, b in enumerate(bases)]
+                     + [(f"stage2[{i}]", x) for i, x in enumerate(stage2)]
+                     + [(f"scratch[{i}]", x) for i, x in enumerate(scratch)]):
+        _check_overrides(train, s, where)
     names = [b.name for b in bases] + [s.name for s in stage2 + scratch]
     if len(set(names)) != len(names):
         _fail("name", names, "distinct series names")
@@ -280,6 +316,7 @@ class Planner:
     def _series_runs(self, series: Series, prefix: str, common: list[str], after: list[str],
                      model: dict[str, Any]) -> dict[int, str]:
         """Plan one series; returns budget -> final checkpoint path of its run."""
+        common = list(common) + series.overrides
         cfg = self._cfg(common)
         cfg.run.micro_batch_size *= self.dp  # global batch for token accounting
         tps = cfg.tokens_per_step
