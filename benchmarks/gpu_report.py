@@ -1,8 +1,10 @@
 """Helpers of benchmarks/gpu.sh: set the GPU machine up, prepare data, merge the results.
 
-    python benchmarks/gpu_report.py setup --wheels .whl --env-json OUT/work/env.json
-    python benchmarks/gpu_report.py prepare DATA_DIR --peers-file OUT/work/peers.txt
-    python benchmarks/gpu_report.py report OUT --work OUT/work --rev REV --started ISO
+    python benchmarks/gpu_report.py setup --wheels .whl --env-json WORK_DIR/env.json
+    python benchmarks/gpu_report.py prepare DATA_DIR --peers-file WORK_DIR/peers.txt
+    python benchmarks/gpu_report.py report OUT --work WORK_DIR --rev REV --started ISO
+
+(WORK_DIR: the work folder gpu.sh keeps inside its output folder OUT.)
 
 ``report`` reads what the steps left in the work folder (steps.tsv: name, status, exit code, wall
 and timeout seconds; env.json; the pytest JUnit files; kernels.json; throughput-*.json; memory.log's

@@ -258,19 +258,19 @@ def tokenizer_sample(resolved: dict[str, list[src.Source]], sample_bytes: int, o
         per_source = max(1, budget // len(sources))
         for source in sources:
             used = 0
-            chunk_bytes = min(src.CHUNK_BYTES, max(1 << 16, per_source))
-            for chunk in src.read_chunks(source, chunk_bytes=chunk_bytes, **options):
-                for _, text, _ in src.documents(chunk, options["text_key"]):
-                    for piece in text_chunks(text or ""):
-                        if used >= per_source:
-                            break
-                        sample.append(piece)
-                        used += len(piece.encode("utf-8", "replace"))
-                    if used >= per_source:
-                        break
+            for piece in _source_pieces(source, min(src.CHUNK_BYTES, max(1 << 16, per_source)), options):
                 if used >= per_source:
                     break
+                sample.append(piece)
+                used += len(piece.encode("utf-8", "replace"))
     return sample
+
+
+def _source_pieces(source: src.Source, chunk_bytes: int, options: dict):
+    """A source's documents in order, as the tokenizer trainer's line chunks (bad records: none)."""
+    for chunk in src.read_chunks(source, chunk_bytes=chunk_bytes, **options):
+        for _, text, _ in src.documents(chunk, options["text_key"]):
+            yield from text_chunks(text or "")
 
 
 # --------------------------------------------------------------------------- one domain
