@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -70,14 +71,24 @@ def execute(train: dict, root: str, run: RunSpec, emit: Callable[[str], None] = 
     return run.run_id
 
 
-def _quiet_execute(train: dict, root: str, run: RunSpec, log_dir: str) -> str:
-    """Worker-process entry: one run, its output in <log_dir>/<run id>.log."""
-    import os
+def worker_threads(workers: int, cpus: Optional[int] = None) -> int:
+    """Intra-op threads for each of ``workers`` sweep processes: the cores this process may use,
+    shared out (at least 1). A worker left at the train config's ``run.threads`` oversubscribed
+    the cores: 2 workers x 2 threads on 2 cores ran each at 4.1k tokens/s, against 20k at 1."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, workers))
 
+
+def _quiet_execute(train: dict, root: str, run: RunSpec, log_dir: str, threads: int = 1) -> str:
+    """Worker-process entry: one run with ``threads`` intra-op threads (the train config's
+    ``run.threads`` is replaced; a series' own override still wins), its output in
+    <log_dir>/<run id>.log."""
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    train = {**train, "run": {**train.get("run", {}), "threads": threads}}
     if not (dist.is_available() and dist.is_initialized()):  # the worker's first run: the
         # launcher variables are the parent's own single-process start-up's, not this process's;
         # a later run in the same worker keeps the ones its first run set with its process group
@@ -140,6 +151,8 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
             progress(run.run_id)
         return ran
     pending = list(todo)
+    threads = worker_threads(workers)
+    emit(f"sweep: {workers} worker processes, {threads} thread(s) each")
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         futures = {}
@@ -147,7 +160,7 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
             ready = [r for r in pending if all(d in done_ids for d in r.depends_on)]
             for run in ready[: max(0, workers - len(futures))]:
                 pending.remove(run)
-                futures[pool.submit(_quiet_execute, train, str(root), run, str(root / "logs"))] = run
+                futures[pool.submit(_quiet_execute, train, str(root), run, str(root / "logs"), threads)] = run
             if not futures:
                 raise SweepError("sweep error: runs wait on dependencies that cannot finish: "
                                    + ", ".join(r.run_id for r in pending))
