@@ -192,6 +192,26 @@ def test_law_json_samples_reach_the_plan_command(tmp_path, capsys):
     assert "The D1 beyond which reuse saves nothing" in text and "bootstrap samples of the reuse law" in text
 
 
+def test_threshold_figure_points_are_the_closed_form_with_clipped_intervals():
+    """The plan figure's threshold panel: finite thresholds at the closed form, a saving that lasts
+    past the range drawn at the range's top (its interval's inf clipped there), none at the bottom."""
+    from megareuse.law.plots import figure_plan, threshold_points
+    reuse, scratch = laws()
+    plan = make_plan(with_samples(reuse, 0.002), scratch, D1=[1 * M], D2=[0.5 * M, 2 * M])
+    points = threshold_points(plan)
+    assert set(points) == {"tokens", "tokens_with_base"}
+    p = points["tokens_with_base"]
+    assert p["D2"].tolist() == [0.5 * M, 2 * M] and list(p["status"]) == ["crosses", "crosses"]
+    assert p["D1"] == pytest.approx([roots(0.5)[1], roots(2.0)[1]], rel=1e-6)
+    assert np.all(p["lo"] <= p["D1"]) and np.all(p["D1"] <= p["hi"])
+    base_free = points["tokens"]  # a3 = 0, base free: reuse saves at every D1 above saves_from
+    top = plan["thresholds"][0]["range"][1]
+    assert list(base_free["status"]) == ["saves_at_top"] * 2 and np.isnan(base_free["D1"]).all()
+    assert base_free["hi"].tolist() == [top, top]
+    files, note = figure_plan(plan, reuse, scratch)
+    assert note is None and files["plan.png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # -- item 5: the fast refits ---------------------------------------------------------------------
 def test_fast_refits_agree_with_lbfgs_refits():
     from megareuse.law.fit import DELTA, huber_objective, log_inputs

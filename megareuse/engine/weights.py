@@ -163,9 +163,12 @@ def open_weights(ckpt_dir: Path, tied: bool, model: Optional[ModelConfig] = None
 
 
 def weights_problem(sd: Mapping[str, torch.Tensor], model: ModelConfig, tied: bool) -> Optional[str]:
-    """None when ``sd`` holds exactly the weights of ``GPT(model)``, else the first difference."""
+    """None when ``sd`` holds exactly the weights of ``GPT(model)``, else the first difference.
+    With ``tied`` the head may be left out (it is the embedding). The one check of names and
+    shapes that loading, growth and export-hf share."""
     want = weight_shapes(model)
-    names = set(sd)
+    stored = set(sd)  # names only: ``in`` on LazyTensors would read the tensor
+    names = set(stored)
     if tied:
         names |= {alias for alias, target in TIED.items() if target in names}
     missing, extra = sorted(set(want) - names), sorted(names - set(want))
@@ -174,7 +177,8 @@ def weights_problem(sd: Mapping[str, torch.Tensor], model: ModelConfig, tied: bo
     if extra:
         return f"unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
     for name, shape in want.items():
-        got = tuple(sd.shape(name)) if isinstance(sd, LazyTensors) else tuple(sd[name].shape)
+        key = name if name in stored else TIED.get(name, name)  # a tied head stored once
+        got = tuple(sd.shape(key)) if isinstance(sd, LazyTensors) else tuple(sd[key].shape)
         if got != shape:
             return f"{name} has shape {got}, the config gives {shape}"
     return None

@@ -375,18 +375,10 @@ def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
     except (KeyError, TypeError, ConfigError) as exc:
         raise HFError(f"{src}/meta.json has no valid model config ({exc})") from None
     sd = weights.open_weights(src, tied=False)
+    problem = weights.weights_problem(sd, cfg, tied=cfg.tie_embeddings)
+    if problem is not None:
+        raise HFError(f"{weights.WEIGHTS} does not fit the meta.json config (model section): {problem}")
     want = weight_shapes(cfg)
-    unknown = sorted(set(sd) - set(want))
-    if unknown:
-        raise HFError(f"model.safetensors holds {unknown[0]}, which the config's model has no place for")
-    for key, shape in want.items():
-        if key == "output.weight" and cfg.tie_embeddings and key not in sd:
-            continue
-        if key not in sd:
-            raise HFError(f"model.safetensors has no {key}; the meta.json config needs it")
-        if tuple(sd[key].shape) != shape:
-            raise HFError(f"model.safetensors tensor {key} has shape {tuple(sd[key].shape)}, the meta.json "
-                          f"config (model section) gives {shape}")
     if cfg.tie_embeddings and "output.weight" in sd and not torch.equal(sd["output.weight"],
                                                                          sd["tok_embeddings.weight"]):
         raise HFError("model.tie_embeddings = true but model.safetensors's output.weight differs from "

@@ -119,6 +119,48 @@ def figure_heldout(check: dict, source: str = "") -> tuple[dict[str, bytes], Opt
         plt.close(fig)
 
 
+def threshold_points(plan: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Per view, the plan's D1 thresholds as plottable arrays over D2: ``D1`` (nan where there is
+    no finite threshold), the interval ``lo``/``hi`` clipped to the search range (beyond it: the
+    top; no D1 saves: the bottom) and ``status``."""
+    out: dict[str, dict[str, list]] = {}
+    for t in plan["thresholds"]:
+        bottom, top = t["range"]
+        thr = t["threshold"]
+        lo, hi = t.get("interval") or (np.nan, np.nan)
+        v = out.setdefault(t["view"], {"D2": [], "D1": [], "lo": [], "hi": [], "status": []})
+        v["D2"].append(t["D2"])
+        v["D1"].append(thr if thr is not None and np.isfinite(thr) else np.nan)
+        v["lo"].append(float(np.clip(lo, bottom, top)))
+        v["hi"].append(float(np.clip(hi, bottom, top)))
+        v["status"].append(t["status"])
+    return {view: {k: np.array(a) for k, a in v.items()} for view, v in out.items()}
+
+
+def _threshold_panel(ax, plan: dict, d1_range=None) -> None:
+    """The D1 beyond which reuse stops saving, per D2 and view, with its bootstrap interval;
+    triangles mark a saving that lasts past the search range (up) or never starts (down)."""
+    bottom, top = plan["thresholds"][0]["range"]
+    for i, (view, p) in enumerate(threshold_points(plan).items()):
+        color = f"C{i}"
+        x = p["D2"] * (1.04 ** i)  # views side by side at each D2
+        ok = np.isfinite(p["D1"])
+        ax.plot(x[ok], p["D1"][ok], "o-", color=color, label=view)
+        has = np.isfinite(p["lo"]) & np.isfinite(p["hi"])
+        ax.vlines(x[has], p["lo"][has], p["hi"][has], color=color, alpha=0.6)
+        for status, y, marker in (("saves_at_top", top, "^"), ("never_saves", bottom, "v")):
+            at = p["status"] == status
+            if at.any():
+                ax.plot(x[at], np.full(at.sum(), y), marker, color=color, ls="none")
+    if d1_range:
+        ax.axhspan(*d1_range, color="0.9", zorder=0, label="fitted D1 range")
+    ax.set(xscale="log", yscale="log", xlabel="D2 (tokens)", ylabel="D1 beyond which reuse stops saving",
+           ylim=(bottom / 1.5, top * 1.5))
+    _log_ticks(ax.xaxis, [t["D2"] for t in plan["thresholds"]])
+    ax.set_title("threshold (bars: bootstrap interval; ^ saves past the range, v never saves)", fontsize=8)
+    ax.legend(fontsize=7)
+
+
 def figure_plan(plan: dict, law, scratch=None) -> tuple[dict[str, bytes], Optional[str]]:
     """Left: loss vs D2 per D1 (and the scratch law vs D); right: token saving vs D2."""
     plt = _pyplot()
@@ -127,8 +169,8 @@ def figure_plan(plan: dict, law, scratch=None) -> tuple[dict[str, bytes], Option
     d1s = sorted({r["D1"] for r in plan["rows"]})
     d2 = np.array(sorted({r["D2"] for r in plan["rows"]}))
     grid = np.geomspace(d2.min(), d2.max(), 80)
-    fig, axes = plt.subplots(1, 2 if scratch is not None else 1, figsize=(12 if scratch is not None else 6, 4.5),
-                             squeeze=False)
+    panels = 1 + (scratch is not None) + bool(plan.get("thresholds"))
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
     for d1 in d1s:
         ax.plot(grid, law.predict(D1=d1, D2=grid), label=f"reuse, D1 = {d1:.3g}")
@@ -151,6 +193,8 @@ def figure_plan(plan: dict, law, scratch=None) -> tuple[dict[str, bytes], Option
         ax.set_title(f"vs {plan['scratch_law']}", fontsize=9)
         _log_ticks(ax.xaxis, d2)
         ax.legend(fontsize=7)
+    if plan.get("thresholds"):
+        _threshold_panel(axes[0][-1], plan, (law.data.get("ranges") or {}).get("D1"))
     try:
         return _save(fig, "plan", ("png",)), None
     finally:

@@ -91,18 +91,15 @@ def parse_layer_map(layer_map: LayerMap) -> Optional[list[int]]:
 def check_state_dict(cfg: ModelConfig, sd: StateDict) -> StateDict:
     """``sd`` as a plain dict after checking its keys and shapes against ``cfg`` (a tied head may
     be left out: it is the embedding). Raises ValueError naming the first mismatch."""
+    from megareuse.engine.weights import weights_problem
+
     sd = dict(sd)
-    if cfg.tie_embeddings and "output.weight" not in sd and "tok_embeddings.weight" in sd:
+    problem = weights_problem(sd, cfg, tied=cfg.tie_embeddings)
+    if problem is not None:
+        raise ValueError(f"growth: state dict does not fit the model config: {problem}; "
+                         "accepted GPT(config).state_dict() names and shapes")
+    if cfg.tie_embeddings and "output.weight" not in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    want = weight_shapes(cfg)
-    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    if missing or extra:
-        raise ValueError(f"growth: state dict does not fit the model config (missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}); accepted GPT(config).state_dict() keys")
-    for key, shape in want.items():
-        if tuple(sd[key].shape) != shape:
-            raise ValueError(f"growth: state dict entry {key} has shape {tuple(sd[key].shape)}, "
-                             f"the model config gives {shape}")
     return sd
 
 
