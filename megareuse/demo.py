@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from megareuse.config import ConfigError
 from megareuse.engine.metrics import format_duration
@@ -44,9 +44,14 @@ def _g(value, digits: int = 4) -> str:
 
 
 def _runs_table(rows: list[dict], series: str, loss_col: str) -> list[str]:
-    lines = [f"| D1 | D2 | {loss_col} | tokens/s |", "|---|---|---|---|"]
-    for r in sorted((r for r in rows if r["series"] == series), key=lambda r: (r["D1"], r["D2"])):
-        lines.append(f"| {r['D1']:,} | {r['D2']:,} | {_g(r.get(loss_col))} | {_g(r.get('tokens_per_s'), 3)} |")
+    """One row per run of ``series``; an N column (non-embedding parameters) when it has several sizes."""
+    mine = sorted((r for r in rows if r["series"] == series), key=lambda r: (r.get("N", 0), r["D1"], r["D2"]))
+    sizes = len({r.get("N") for r in mine}) > 1
+    lines = [("| N " if sizes else "") + f"| D1 | D2 | {loss_col} | tokens/s |",
+             "|---" * (5 if sizes else 4) + "|"]
+    for r in mine:
+        lines.append((f"| {r['N']:,} " if sizes else "") + f"| {r['D1']:,} | {r['D2']:,} | {_g(r.get(loss_col))} | "
+                     f"{_g(r.get('tokens_per_s'), 3)} |")
     return lines
 
 
@@ -124,18 +129,49 @@ def _scale_lines(exp, info: dict) -> list[str]:
     return lines + [""]
 
 
-def _fit_cpt(csv_path: Path, report_dir: Path, workers: int, series: str = "cpt",
-             loss_col: str = "valid_loss_code") -> dict:
-    from megareuse.law import analyse, load_table, write_fit
-    table = load_table(csv_path, loss_col=loss_col, where={"series": series})
-    result = analyse(table, form="reuse", compare="auto", holdout="largest", n_boot=200, seed=0,
-                     workers=workers, strict_holdout=False)
-    write_fit(result, report_dir / f"{series}_law")
-    return result
+FIT_LEVELS = 3  # distinct D1 and D2 values a stage-2 series needs before the demo fits a law to it
 
 
-def _plan(csv_path: Path, cpt_law, report_dir: Path, n_params: int, d1s: list[int], d2s: list[int],
-          scratch_series: str = "scratch_code", loss_col: str = "valid_loss_code", subdir: str = "plan") -> dict:
+def _fit_series(csv_path: Path, report_dir: Path, workers: int, s) -> tuple[Optional[dict], Optional[str]]:
+    """Fit the reuse law to stage-2 series ``s`` (``reuse_N`` when it starts from several model
+    sizes): (the analysis, None), or (None, why it was not fitted)."""
+    import numpy as np
+
+    from megareuse.law import LawError, analyse, load_table, write_fit
+    table = load_table(csv_path, loss_col=_loss_col(s), where={"series": s.name})
+    short = [f"{len(np.unique(table.columns[c]))} {c} values" for c in ("D1", "D2")
+             if len(np.unique(table.columns[c])) < FIT_LEVELS]
+    if short:
+        return None, (f"not fitted: {' and '.join(short)}; the demo fits a series with at least "
+                      f"{FIT_LEVELS} of each")
+    sizes = len(np.unique(table.columns["N"])) if "N" in table.columns else 1
+    try:
+        result = analyse(table, form="reuse_N" if sizes > 1 else "reuse", compare="auto", holdout="largest",
+                         n_boot=200, seed=0, workers=workers, strict_holdout=False)
+    except LawError as exc:
+        return None, f"not fitted: {exc}"
+    write_fit(result, report_dir / f"{s.name}_law")
+    return result, None
+
+
+def series_model(exp, s) -> dict:
+    """The model section stage-2 series ``s`` trains: its (first) base's, grown for growth."""
+    from megareuse.sweep.grid import grown_model
+    base = next(b for b in exp.bases if b.name == (s.bases or [exp.base.name])[0])
+    model = {**exp.train.get("model", {}), **base.model}
+    return model if s.method == "cpt" else grown_model(model, s.growth)
+
+
+def scratch_for(exp, s):
+    """The from-scratch series the planner weighs stage-2 series ``s`` against: the first that
+    trains the same model on the same blend (None if there is none)."""
+    want = series_model(exp, s)
+    return next((sc for sc in exp.scratch if _shares(sc.domains) == _shares(s.domains)
+                 and {**exp.train.get("model", {}), **sc.model} == want), None)
+
+
+def _plan(csv_path: Path, law, report_dir: Path, N: int, N_base: int, d1s: list[int], d2s: list[int],
+          scratch_series: str, loss_col: str, subdir: str) -> dict:
     from megareuse.law import fit_form, load_table, make_plan
     from megareuse.law.commands import finite_json, write_outputs
     from megareuse.law.plots import figure_plan
@@ -143,13 +179,29 @@ def _plan(csv_path: Path, cpt_law, report_dir: Path, n_params: int, d1s: list[in
     scratch_table = load_table(csv_path, loss_col=loss_col, where={"series": scratch_series},
                                rename={"D": "D1"})
     scratch = fit_form(scratch_table, "power")
-    plan = make_plan(cpt_law, scratch, D1=d1s, D2=d2s, budget_tokens=float(max(d1s) + max(d2s)),
-                     N=float(n_params))
-    files, note = figure_plan(plan, cpt_law, scratch)
+    plan = make_plan(law, scratch, D1=d1s, D2=d2s, budget_tokens=float(max(d1s) + max(d2s)),
+                     N=float(N), N_base=float(N_base))
+    files, note = figure_plan(plan, law, scratch)
     text = plan_report(plan, "plan.png" if files else None, [note] if note else [])
     write_outputs(report_dir / subdir, {"plan.md": text, "plan.json": json.dumps(finite_json(plan), indent=1),
                                         **files})
-    return {"plan": plan, "scratch": scratch, "text": text, "dir": subdir}
+    return {"plan": plan, "scratch": scratch, "scratch_name": scratch_series, "text": text, "dir": subdir}
+
+
+def _plan_series(exp, s, fit: Optional[dict], csv_path: Path, report_dir: Path) -> dict:
+    """The planner's answer for stage-2 series ``s`` against its scratch series, or {"skipped": why}."""
+    if fit is None:
+        return {"skipped": "no law was fitted"}
+    if "N" in fit["law"].form.inputs:
+        return {"skipped": "the series spans several model sizes; `megareuse plan --N` answers for one"}
+    scratch = scratch_for(exp, s)
+    if scratch is None:
+        return {"skipped": f"no scratch series trains its model on {'+'.join(s.domains)}"}
+    base = s.bases[0] if s.bases else exp.base.name
+    d1s = s.D1 or next(b for b in exp.bases if b.name == base).budgets
+    N, N_base = _model_params(exp, series_model(exp, s)), {b["name"]: b for b in base_scale(exp)}[base]["params"]
+    return _plan(csv_path, fit["law"], report_dir, N, N_base, list(d1s), list(s.budgets), scratch.name,
+                 _loss_col(s), "plan" if s.name == "cpt" else f"plan_{s.name}")
 
 
 def _loss_col(series) -> str:
@@ -193,9 +245,11 @@ def _law_lines(name: str, cpt: dict) -> list[str]:
     return lines
 
 
-def _plan_lines(name: str, plan: dict, scratch_name: str) -> list[str]:
+def _plan_lines(name: str, plan: dict) -> list[str]:
+    if "skipped" in plan:
+        return [f"Planner: not run ({plan['skipped']}).", ""]
     d = plan["dir"]
-    lines = [f"Planner (the `{name}` law vs a `power` law fitted to the `{scratch_name}` runs): "
+    lines = [f"Planner (the `{name}` law vs a `power` law fitted to the `{plan['scratch_name']}` runs): "
              f"[{d}/plan.md]({d}/plan.md).", ""]
     split = plan["plan"].get("split")
     if split and "decision" in split:
@@ -208,7 +262,6 @@ def _plan_lines(name: str, plan: dict, scratch_name: str) -> list[str]:
 
 def _study_report(exp, rows, fits, plans, times, tokens, n_runs, n_points, workers, info) -> str:
     cpts = [s for s in exp.stage2 if s.method == "cpt"]
-    scratch = exp.scratch[0]
     lines = [f"# megareuse demo: reuse or from scratch (`{exp.name}`)", "",
              f"Experiment `{exp.path.name}`: {n_runs} runs ({n_points} data points), {tokens:,} training tokens, "
              f"{workers} worker(s). Wall time: " + ", ".join(f"{k} {format_duration(v)}" for k, v in times.items()) + ".",
@@ -220,11 +273,14 @@ def _study_report(exp, rows, fits, plans, times, tokens, n_runs, n_points, worke
         lines += [f"Growth `{s.name}` ({s.method}: " + ", ".join(f"{k} x{v}" for k, v in s.growth.items())
                   + f") on {'+'.join(s.domains)} after base training on "
                   f"{_base_label(exp, s)} (target: {_loss_col(s)}):", "", *_runs_table(rows, s.name, _loss_col(s)), ""]
-    lines += [f"From scratch `{scratch.name}` on {'+'.join(scratch.domains)} (D1 column = tokens):", "",
-              *_runs_table(rows, scratch.name, _loss_col(scratch))]
-    for s in cpts:
-        lines += ["", f"## The law on the `{s.name}` runs", "", *_law_lines(s.name, fits[s.name]),
-                  "### Reuse or from scratch?", "", *_plan_lines(s.name, plans[s.name], scratch.name)]
+    for scratch in exp.scratch:
+        lines += [f"From scratch `{scratch.name}` on {'+'.join(scratch.domains)} (D1 column = tokens):", "",
+                  *_runs_table(rows, scratch.name, _loss_col(scratch)), ""]
+    for s in exp.stage2:
+        fit, why = fits[s.name]
+        lines += ["", f"## The law on the `{s.name}` runs", ""]
+        lines += _law_lines(s.name, fit) if fit else [f"{why.capitalize()}.", ""]
+        lines += ["### Reuse or from scratch?", "", *_plan_lines(s.name, plans[s.name])]
     top = max(b["tokens_per_param"][-1] for b in base_scale(exp))
     regime = ("reaching the over-trained regime (tens to hundreds) where the paper finds saturation" if top >= 100
               else "far from the over-trained regime (tens to hundreds) where the paper finds saturation; "
@@ -235,7 +291,7 @@ def _study_report(exp, rows, fits, plans, times, tokens, n_runs, n_points, worke
               "fitted laws (plan.md marks them).",
               "- Seed noise is about 0.0075 nats per run at the laptop scale (measured in the pilot); compare it to "
               "the fit's RMS error in the fit report.", ""]
-    lines += [f"- {s.name}: {n}" for s in cpts for n in fits[s.name].get("notes", [])]
+    lines += [f"- {name}: {n}" for name, (fit, _) in fits.items() if fit for n in fit.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -287,25 +343,21 @@ def run_demo(out: str | Path = DEFAULT_OUT, fresh: bool = False, overrides: Sequ
     csv_path, _, n = collect(sweep_dir)
     times["sweep"] = time.perf_counter() - t0
 
-    cpts = [s for s in exp.stage2 if s.method == "cpt"]
     _section("3/4 fit the law, compare forms, check held-out runs")
     t0 = time.perf_counter()
     fits = {}
-    for s in cpts:
-        fits[s.name] = _fit_cpt(csv_path, report_dir, max(1, workers), s.name, _loss_col(s))
-        law = fits[s.name]["law"]
-        print(f"{s.name}: {law.label}: " + ", ".join(f"{k}={v:.4g}" for k, v in law.params.items()))
+    for s in exp.stage2:
+        fit, why = fits[s.name] = _fit_series(csv_path, report_dir, max(1, workers), s)
+        print(f"{s.name}: " + (why if fit is None else f"{fit['law'].label}: "
+                               + ", ".join(f"{k}={v:.4g}" for k, v in fit["law"].params.items())))
     times["fit"] = time.perf_counter() - t0
 
     _section("4/4 plan: reuse or from scratch?")
     t0 = time.perf_counter()
-    scale = {b["name"]: b for b in base_scale(exp)}
-    plans = {}
-    for s in cpts:
-        base = s.bases[0] if s.bases else exp.base.name
-        d1s = s.D1 or scale[base]["D1"]
-        plans[s.name] = _plan(csv_path, fits[s.name]["law"], report_dir, scale[base]["params"], d1s, s.budgets,
-                              exp.scratch[0].name, _loss_col(s), "plan" if s.name == "cpt" else f"plan_{s.name}")
+    plans = {s.name: _plan_series(exp, s, fits[s.name][0], csv_path, report_dir) for s in exp.stage2}
+    for name, plan in plans.items():
+        if "skipped" in plan:
+            print(f"{name}: planner not run: {plan['skipped']}")
     times["plan"] = time.perf_counter() - t0
 
     rows = [json.loads(line) for line in (sweep_dir / "runs.jsonl").read_text().splitlines()]

@@ -108,6 +108,20 @@ def test_no_N_column_lists_the_joint_forms_as_skipped():
     assert "chinchilla" not in skipped  # it needs D, which this table lacks as well
 
 
+def test_fit_compare_auto_reports_the_joint_forms_as_skipped_without_N():
+    """`megareuse fit` (compare auto) on a D1/D2 table names the joint forms and why they are
+    missing, as compare_forms does, instead of leaving them out silently."""
+    from megareuse.law import analyse
+    from megareuse.law.report import fit_report
+    t = draw("reuse_N", sizes=(1e6,))
+    plain = table_from_arrays(t.loss, D1=t.columns["D1"], D2=t.columns["D2"])
+    result = analyse(plain, "reuse", n_boot=0, figures=False)
+    skipped = {r["form"]: r.get("skipped") for r in result["comparison"]["results"]}
+    assert skipped["reuse_N"].startswith("column 'N'") and skipped["reuse_N_additive"].startswith("column 'N'")
+    assert skipped["reuse"] is None
+    assert "reuse_N | 6 | skipped: column 'N'" in fit_report(result)
+
+
 def test_additive_N_term_needs_three_sizes():
     t = draw("reuse_N_additive", sizes=(0.5e6, 2e6))
     with pytest.raises(LawError, match="column 'N' has 2 distinct values .*needs at least 3 distinct values"):

@@ -96,6 +96,22 @@ def test_parallel_sweep_reuses_workers_and_matches_sequential(tmp_path, prepared
         assert config["run"]["threads"] == local.worker_threads(2), run.run_id
 
 
+def test_critical_path_is_the_heaviest_chain_below_each_run(tmp_path, prepared):
+    runs = plan_experiment(experiment(tmp_path, prepared))
+    index = {r.run_id: i for i, r in enumerate(runs)}
+    assert all(index[d] < index[r.run_id] for r in runs for d in r.depends_on)  # what critical_path relies on
+    by_id = {r.run_id: r for r in runs}
+
+    def heaviest(run_id):  # every path down the dependants, enumerated
+        below = [r.run_id for r in runs if run_id in r.depends_on]
+        return by_id[run_id].flops + max((heaviest(c) for c in below), default=0.0)
+
+    chain = local.critical_path(runs)
+    assert chain == pytest.approx({r.run_id: heaviest(r.run_id) for r in runs})
+    assert max(chain, key=chain.get) == "base/trunk"
+    assert chain["scratch_code/D=2560"] == by_id["scratch_code/D=2560"].flops
+
+
 def test_worker_threads_share_the_cores():
     assert [local.worker_threads(w, cpus=2) for w in (1, 2, 3)] == [2, 1, 1]
     assert [local.worker_threads(w, cpus=16) for w in (1, 2, 3, 4)] == [16, 8, 5, 4]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megareuse.law.data import LawError, RunTable, load_table, merge_duplicates, parse_count
-from megareuse.law.forms import available_forms, forms_for_columns, get_form
+from megareuse.law.forms import available_forms, get_form
 from megareuse.paths import check_output_dir
 
 CHECKS = ("rollout", "loo")
@@ -50,7 +50,8 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
     from megareuse.law.fit import fit_form
     from megareuse.law.identify import profile_E
     from megareuse.law.perd1 import per_d1_analysis
-    from megareuse.law.validate import compare_forms, expanding_window, holdout_check, holdout_mask, leave_one_out
+    from megareuse.law.validate import (auto_forms, compare_forms, expanding_window, holdout_check, holdout_mask,
+                                        leave_one_out)
     form = get_form(form or default_form(table))
     table.require(form.inputs, f"form {form.name}")
     table, merged = merge_duplicates(table)
@@ -68,7 +69,7 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
                 raise
             notes.append(f"no held-out check: {exc}")
             holdout = None
-    names = forms_for_columns(table.columns) if compare == "auto" else list(compare or [])
+    names = auto_forms(table.columns) if compare == "auto" else list(compare or [])
     for name in names:
         get_form(name)
     law = fit_form(table, form)

@@ -109,10 +109,14 @@ def _select(results: list[dict]) -> tuple[Optional[str], str]:
                             f"({best['n_params']} parameters)")
 
 
-def _forms_short_of_N(columns) -> list[str]:
-    """Registered forms that the columns would serve but for the model size N (listed as skipped)."""
-    return [name for name in available_forms() if "N" in get_form(name).inputs and "N" not in columns
-            and len(get_form(name).inputs) > 1 and all(c in columns for c in get_form(name).inputs if c != "N")]
+def auto_forms(columns) -> list[str]:
+    """What `--compare auto` compares: the registered forms these columns serve, then those they
+    would serve but for the model size N (listed as skipped, so a table without N says why the
+    joint forms are missing)."""
+    short_of_n = [name for name in available_forms() if "N" in get_form(name).inputs and "N" not in columns
+                  and len(get_form(name).inputs) > 1
+                  and all(c in columns for c in get_form(name).inputs if c != "N")]
+    return forms_for_columns(columns) + short_of_n
 
 
 def _unidentified(table: RunTable, form: Form) -> Optional[str]:
@@ -134,8 +138,7 @@ def _unidentified(table: RunTable, form: Form) -> Optional[str]:
 def compare_forms(table: RunTable, forms: Optional[Sequence] = None, rule: str = "largest") -> dict:
     """Fit every form on the same training runs and score it on the same held-out runs. Forms the
     training runs cannot identify (no N column, one model size) are listed as skipped, with why."""
-    names = [get_form(f).name for f in forms] if forms else (forms_for_columns(table.columns)
-                                                               + _forms_short_of_N(table.columns))
+    names = [get_form(f).name for f in forms] if forms else auto_forms(table.columns)
     if not names:
         raise LawError(f"no registered form fits the columns of {table.source}: "
                        f"{', '.join(table.columns) or 'none'}")

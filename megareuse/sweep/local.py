@@ -111,6 +111,21 @@ def eta_seconds(elapsed: float, done_work: float, remaining_work: float) -> Opti
     return elapsed * remaining_work / done_work if done_work > 0 else None
 
 
+def critical_path(runs: list[RunSpec]) -> dict[str, float]:
+    """Per run: its training FLOPs plus the longest chain of FLOPs that waits on it. Workers take
+    the ready run with the longest chain first, so a long trunk near the end of the plan (the
+    largest scratch run) does not start last and leave a worker idle behind it."""
+    children: dict[str, list[str]] = {r.run_id: [] for r in runs}
+    for r in runs:
+        for d in r.depends_on:
+            if d in children:
+                children[d].append(r.run_id)
+    length: dict[str, float] = {}
+    for r in reversed(runs):  # a plan lists each run after the runs it depends on
+        length[r.run_id] = r.flops + max((length[c] for c in children[r.run_id]), default=0.0)
+    return length
+
+
 def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
               only: Optional[str] = None, emit: Callable[[str], None] = print) -> list[str]:
     """Run every run of the plan that is not done (or just ``only``); returns the ids run."""
@@ -150,7 +165,8 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
             done_ids.add(run.run_id)
             progress(run.run_id)
         return ran
-    pending = list(todo)
+    chain = critical_path(todo)
+    pending = sorted(todo, key=lambda r: -chain[r.run_id])  # stable: plan order among equals
     threads = worker_threads(workers)
     emit(f"sweep: {workers} worker processes, {threads} thread(s) each")
     ctx = mp.get_context("spawn")
