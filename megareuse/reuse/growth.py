@@ -43,7 +43,7 @@ from megareuse.engine import checkpoint as ckpt
 from megareuse.atomic import publish_dir
 from megareuse.engine import weights
 from megareuse.model import non_embedding_param_count, param_count
-from megareuse.model.flops import LAYER_WEIGHTS, weight_shapes
+from megareuse.model.flops import LAYER_WEIGHTS
 from megareuse.paths import check_output_dir, naming
 
 StateDict = dict[str, torch.Tensor]
