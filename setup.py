@@ -15,10 +15,11 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The Triton kernels live in kernels/ and import as `megareuse_kernels`
-    # (the PyPI name `kernels` belongs to another project).
+    # The Triton kernels live in kernels/megareuse_kernels/ and import as `megareuse_kernels`.
+    # kernels/ itself is no package: a checkout on sys.path (python -m pytest, python -c in the
+    # repository) must not shadow the PyPI project `kernels`, which transformers imports.
     packages=PACKAGES + ["megareuse_kernels"],
-    package_dir={"megareuse_kernels": "kernels"},
+    package_dir={"megareuse_kernels": "kernels/megareuse_kernels"},
     install_requires=[
         "torch>=2.4",  # install it first (see Makefile) so an existing CUDA torch is kept
         "numpy>=1.24",

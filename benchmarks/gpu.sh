@@ -12,7 +12,7 @@
 #   tests-kernels    MEGAREUSE_TEST_GPU=1 pytest tests/test_kernels*.py (bf16 included on CUDA)
 #   tests-train      bf16 training steps per attention backend and fused vs plain loss
 #                    (tests/test_gpu_train_step.py) and the fused head tests of tests/test_lm_loss.py
-#   kernels          benchmarks/kernels.py (attention at S 1024/4096, norm, SwiGLU, RoPE, linear+CE)
+#   kernels          benchmarks/kernel_speed.py (attention at S 1024/4096, norm, SwiGLU, RoPE, linear+CE)
 #   memory           benchmarks/memory.py (CPU gloo ranks, CUDA hidden), in the background
 #                    while the tests and kernels run; waited for before the throughput steps
 #   throughput-350m  benchmarks/train_throughput.py --model 350m, megareuse vs bare (vs hf)
@@ -102,7 +102,7 @@ step_cmd() {
         tests-train) CMD=(env MEGAREUSE_TEST_GPU=1 "MEGAREUSE_TEST_DATA=$DATA" "$PY" -m pytest -q
                           -p no:cacheprovider tests/test_gpu_train_step.py tests/test_lm_loss.py
                           -k "bf16_train_step or fused" --junitxml "$WORK/tests-train.xml") ;;
-        kernels) CMD=("$PY" benchmarks/kernels.py --json "$WORK/kernels.json" --seqs 1024 4096
+        kernels) CMD=("$PY" benchmarks/kernel_speed.py --json "$WORK/kernels.json" --seqs 1024 4096
                       --reps 20 --warmup 3) ;;
         memory) CMD=(env CUDA_VISIBLE_DEVICES= "$PY" benchmarks/memory.py --world 2 --zero "0,3" --tp 1
                      --ac none --steps 2) ;;

@@ -53,14 +53,14 @@ print(json.dumps(info))
 
 
 def install_megareuse(shim: Path) -> int:
-    """Make megareuse and megareuse_kernels (kernels/, mapped by setup.py) importable in every process,
+    """Make megareuse and megareuse_kernels (kernels/megareuse_kernels/) importable in every process,
     torchrun's children included (benchmarks/memory.py sets their PYTHONPATH to the repo alone):
     an editable install without dependencies, build isolation or the network; where that fails, a
-    folder ``shim`` holding a link megareuse_kernels -> kernels/ for PYTHONPATH."""
+    folder ``shim`` holding a link megareuse_kernels -> kernels/megareuse_kernels/ for PYTHONPATH."""
     probe = ("import megareuse, megareuse_kernels, pathlib; "
              "print(pathlib.Path(megareuse_kernels.__file__).resolve().parent)")
     got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd="/", timeout=60)
-    if got.returncode == 0 and Path(got.stdout.strip()) == (REPO / "kernels").resolve():
+    if got.returncode == 0 and Path(got.stdout.strip()) == (REPO / "kernels" / "megareuse_kernels").resolve():
         print("megareuse: already importable from this checkout")
         return 0
     proc = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "-q", "--no-deps",
@@ -71,7 +71,7 @@ def install_megareuse(shim: Path) -> int:
     shim.mkdir(parents=True, exist_ok=True)
     link = shim / "megareuse_kernels"
     if not link.exists():
-        link.symlink_to(REPO / "kernels")
+        link.symlink_to(REPO / "kernels" / "megareuse_kernels")
     print(f"megareuse: the editable install failed; megareuse_kernels through {shim} on PYTHONPATH "
           "(benchmarks/memory.py's ranks will not see it)")
     return 1

@@ -66,7 +66,7 @@ def test_dry_run_lists_every_step_within_eight_minutes(tmp_path):
     cmds = {k: v["cmd"] for k, v in steps.items()}
     assert "MEGAREUSE_TEST_GPU=1" in cmds["tests-kernels"] and "tests/test_kernels_attention.py" in cmds["tests-kernels"]
     assert "tests/test_gpu_train_step.py" in cmds["tests-train"]
-    assert "benchmarks/kernels.py --json" in cmds["kernels"]
+    assert "benchmarks/kernel_speed.py --json" in cmds["kernels"]
     assert "--device cuda --model 350m" in cmds["throughput-350m"]
     assert "--device cuda --model 1.1b" in cmds["throughput-1.1b"]
     assert "benchmarks/memory.py" in cmds["memory"]

@@ -72,3 +72,49 @@ def test_package_has_no_import_cycles():
     graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ---------------------------------------------------------------- shadowing installed modules
+REPO = PACKAGE.parent
+# folders that land on sys.path: the checkout (python -m ..., python -c in it), benchmarks/ (its
+# scripts), tests/ (pytest's rootdir conftest) and megareuse/ (python megareuse/train.py)
+ON_SYS_PATH = (REPO, REPO / "benchmarks", REPO / "tests", REPO / "megareuse")
+
+
+def _installed_top_level() -> set[str]:
+    import importlib.metadata as md
+    import sys
+    names = set(sys.stdlib_module_names)
+    for dist in md.distributions():
+        top = dist.read_text("top_level.txt")
+        if top:
+            names.update(top.split())
+        else:
+            names.update(f.parts[0].removesuffix(".py") for f in dist.files or ()
+                         if f.parts and not f.parts[0].endswith((".dist-info", ".data")) and f.parts[0] != "..")
+    return names
+
+
+def test_checkout_shadows_no_installed_module():
+    """A module or package in a folder that lands on sys.path named like the standard library's
+    or an installed project's (transformers >= 5.25 imports the PyPI project `kernels`; a
+    kernels/__init__.py at the top of the checkout broke `python -m pytest` there) is an error."""
+    taken = _installed_top_level() - {"megareuse"}
+    clashes = []
+    for folder in ON_SYS_PATH:
+        for p in folder.iterdir():
+            name = p.stem if p.suffix == ".py" else p.name if (p / "__init__.py").is_file() else None
+            if name in taken:
+                clashes.append(str(p.relative_to(REPO)))
+    assert not clashes, f"these shadow an installed module of the same name: {clashes}"
+
+
+def test_transformers_imports_from_the_checkout():
+    """The checkout first on sys.path (as under `python -m pytest`) leaves transformers' Llama importable."""
+    import subprocess
+    import sys
+    import pytest
+    pytest.importorskip("transformers")
+    code = "import sys; sys.path.insert(0, ''); from transformers import LlamaConfig, LlamaForCausalLM"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

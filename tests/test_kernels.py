@@ -135,12 +135,12 @@ def test_auto_rms_norm_on_cpu_takes_the_torch_path():
 
 @pytest.mark.skipif(ON_GPU, reason="CPU smoke run")
 def test_benchmark_script_smoke(tmp_path):
-    """benchmarks/kernels.py end to end at tiny shapes (interpreter): every row timed, JSON written."""
+    """benchmarks/kernel_speed.py end to end at tiny shapes (interpreter): every row timed, JSON written."""
     import importlib.util
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_speed.py"
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

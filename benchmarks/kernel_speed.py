@@ -1,7 +1,7 @@
 """Benchmark the fused Triton kernels against their torch baselines on one CUDA device.
 
-    python benchmarks/kernels.py [--json kernels.json] [--reps 30] [--seqs 1024 2048 4096 8192]
-    python benchmarks/kernels.py --smoke      # tiny shapes on CPU under TRITON_INTERPRET=1 (plumbing only)
+    python benchmarks/kernel_speed.py [--json kernels.json] [--reps 30] [--seqs 1024 2048 4096 8192]
+    python benchmarks/kernel_speed.py --smoke      # tiny shapes on CPU under TRITON_INTERPRET=1 (plumbing only)
 
 Shapes come from the 1.1B configuration (TinyLlama-like: d_model 2048, 22 layers, 4 kv heads,
 FFN 5632, vocabulary 32000) at 16384 tokens per micro-batch, in bf16: attention with head dim 64
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
         args.reps, args.warmup = 1, 0
         MODEL.update(d_model=128, ffn_hidden=96, n_kv_heads=1)
     elif not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA device (or --smoke for a CPU plumbing check)", file=sys.stderr)
+        print("benchmarks/kernel_speed.py needs a CUDA device (or --smoke for a CPU plumbing check)", file=sys.stderr)
         return 2
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
