@@ -32,7 +32,10 @@ from distributed_utils import REPO, TRAIN, base_env, eval_losses, run_job, tiny_
 
 pytestmark = pytest.mark.multinode
 
-RTOL = 1e-5  # TP x DP reorders fp32 sums: equal to the single process up to rounding (as test_distributed)
+# TP x DP reorders fp32 sums: each step equals the single process up to rounding (~1e-7), and 24
+# Adam steps amplify that: up to 3.2e-5 relative was measured on an AMD EPYC machine (1e-5 held on
+# others); test_distributed's 6-step runs keep 1e-5.
+RTOL = 1e-4
 STEPS = 24  # 24 steps of 8 x 32 tokens, a checkpoint every 4: long enough to be killed mid-run
 SCHEDULE = ("run.train_tokens=6144", "run.save_interval=4", "run.eval_interval=6")
 LAYOUT = ("parallel.tp=2", "parallel.zero_stage=2", "run.micro_batch_size=4")  # 2 nodes x 2 = TP 2 x DP 2
