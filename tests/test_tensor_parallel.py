@@ -336,3 +336,25 @@ def test_incompatible_config_errors(overrides, tp, words):
     assert all(w in str(err.value) for w in words) and "\n" not in str(err.value)
     with pytest.raises(ValueError):
         check_tp_compatible(cfg, tp)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0, float("inf")])
+def test_clip_grad_norm_single_device_matches_torch(max_norm):
+    """At tp = 1 the foreach norm and clip equal torch.nn.utils.clip_grad_norm_ computed in float64
+    (max_norm 0 or inf: the norm only, gradients untouched)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**BASE, "n_heads": 4})
+    model = GPT(cfg)
+    model(*batch(cfg, 1)).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    before = [p.grad.detach().double().clone() for p in params]
+    want = torch.linalg.vector_norm(torch.stack([g.norm() for g in before]))
+    single = ParallelState(tp_size=1, dp_size=1, tp_rank=0, dp_rank=0, rank=0, world_size=1)
+    got = clip_grad_norm_(model.parameters(), max_norm, single)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    scale = min(1.0, max_norm / (want.item() + 1e-6)) if 0 < max_norm < float("inf") else 1.0
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad.double(), g * scale, rtol=1e-6, atol=1e-12)
+    if scale < 1:  # clipped: the new norm is max_norm
+        assert torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in params])).item() == \
+            pytest.approx(max_norm, rel=1e-5)

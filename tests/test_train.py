@@ -171,3 +171,30 @@ def test_logged_grad_norm_equals_autograd(prepared, tmp_path):
     trainer.run()
     logged = [r["grad_norm"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
     assert logged == pytest.approx([norm], rel=1e-5)  # the norm before clipping
+
+
+def test_zero0_single_rank_step_equals_plain_torch_step(prepared, tmp_path):
+    """One ZeRO-0 step on one rank (DeepSpeed's gradient all-reduce off, the trainer's foreach
+    norm and clip) moves the weights exactly as a hand-written torch step: float64 loss and
+    backward, torch's clip_grad_norm_, torch AdamW at the logged learning rate."""
+    import copy
+
+    from megareuse.model import cross_entropy
+    cfg = tiny(prepared, tmp_path / "run", "run.train_tokens=256", "run.grad_accum=1",
+               "run.micro_batch_size=8", "optim.grad_clip=0.01")
+    trainer = Trainer(cfg, emit=quiet)
+    assert trainer.engine.enable_backward_allreduce is False  # nothing to reduce over one rank
+    reference = copy.deepcopy(trainer.model).double()
+    batch = trainer.data.train.batch(0, 8)
+    trainer.run()
+    lr = next(r["lr"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train")
+    cross_entropy(reference(batch[:, :-1]), batch[:, 1:]).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
+    o = cfg.optim
+    params = list(reference.parameters())
+    torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                      lr=lr, betas=(o.beta1, o.beta2), eps=o.eps).step()
+    got = dict(trainer.model.named_parameters())
+    for name, want in reference.named_parameters():
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6, msg=name)

@@ -42,6 +42,7 @@ from megareuse.model import flops_per_token, non_embedding_param_count, param_co
 from megareuse.parallel.launch import discover
 from megareuse.paths import output_dir_problem
 from megareuse.parallel.state import MPU, init_parallel_state
+from megareuse.parallel.tensor_parallel import clip_grad_norm_
 from megareuse.reuse.cpt import InitSource, model_diff, open_init_source, replay_blend
 from megareuse.reuse.records import build_record
 
@@ -289,6 +290,10 @@ class Trainer:
             # that measurement clips too (the same formula DeepSpeed's own clipping applies after it):
             # one pass over the gradients for the norm, not two
             self._zero0_clip, engine._config.gradient_clipping = engine.gradient_clipping(), 0.0
+        if cfg.parallel.zero_stage == 0 and self.pstate.dp_size == 1:
+            # one data-parallel rank: DeepSpeed would still copy every gradient into a flat buffer,
+            # all-reduce it over a group of one and copy it back, each step
+            engine.enable_backward_allreduce = False
         if saved is not None:
             self._restore(engine, *saved)
         elif self.init is not None and cfg.run.keep_optimizer:
@@ -567,9 +572,8 @@ class Trainer:
             self.engine.backward(loss)
             if micro == run.grad_accum - 1 and self.cfg.parallel.zero_stage == 0:
                 # ZeRO-0 clips without keeping the norm: measure it (TP-aware) and, in fp32, clip here
-                from deepspeed.runtime.utils import clip_grad_norm_
-                norm_before_step = clip_grad_norm_(list(self.engine.module.parameters()), self._zero0_clip,
-                                                   mpu=self.engine.mpu).reshape(())
+                norm_before_step = clip_grad_norm_(self.engine.module.parameters(), self._zero0_clip,
+                                                   self.pstate).reshape(())
                 finite = torch.isfinite(norm_before_step)
                 self.optimizer.skip_next_step_if(~finite)
             self.engine.step()

@@ -132,24 +132,28 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, state: ParallelState,
 
 def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float,
                     state: ParallelState) -> torch.Tensor:
-    """Global L2 gradient norm of a TP model (and clip to ``max_norm`` when > 0), for runs
-    without DeepSpeed. Same rule as DeepSpeed: a parameter counts on every TP rank when it is
-    TP-sharded (``tensor_model_parallel``), on TP rank 0 only otherwise; squares are summed over
-    the TP group. Gradients must already be reduced over data parallelism. Returns the norm.
-    """
+    """Global L2 gradient norm of a TP model, and clip to ``max_norm`` when it is finite and > 0.
+    Same rule as DeepSpeed: a parameter counts on every TP rank when it is TP-sharded
+    (``tensor_model_parallel``), on TP rank 0 only otherwise; squares are summed over the TP
+    group. Gradients must already be reduced over data parallelism (the trainer's ZeRO-0 step,
+    runs without DeepSpeed). Returns the norm as a device tensor: nothing waits for the device.
+
+    Per-tensor norms and the scaling are one ``torch._foreach_*`` call each (torch's own
+    clip_grad_norm_ does the same), not a Python loop of small kernels per parameter."""
     params = [p for p in parameters if p.grad is not None]
-    device = params[0].grad.device if params else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for p in params:
-        if is_tp_sharded(p) or state.tp_rank == 0:
-            total += p.grad.detach().float().pow(2).sum()
+    if not params:
+        return torch.zeros((), dtype=torch.float32)
+    grads = [p.grad.detach() for p in params]
+    counted = [g.float() for p, g in zip(params, grads) if is_tp_sharded(p) or state.tp_rank == 0]
+    total = (torch.stack(torch._foreach_norm(counted, 2.0)).pow(2).sum() if counted
+             else torch.zeros((), dtype=torch.float32, device=grads[0].device))
     if state.tp_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=state.tp_group)
     norm = total.sqrt()
-    if max_norm > 0:
+    if 0 < max_norm < float("inf"):
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            p.grad.detach().mul_(scale.to(p.grad.dtype))
+        for dtype in {g.dtype for g in grads}:
+            torch._foreach_mul_([g for g in grads if g.dtype == dtype], scale.to(dtype))
     return norm
 
 
