@@ -25,8 +25,10 @@ gradient clipping, in the same process, one after the other, for ``--rounds`` ro
 megareuse's run and prints how long each blocked training.
 
 Printed per model: tokens/s of each (median over rounds), MFU where the device's peak is known,
-peak memory (CUDA: max allocated; CPU: peak RSS of the process during that run) and the ratio
-to megareuse. CPU runs use fp32; CUDA runs bf16 (megareuse: DeepSpeed bf16; peers: autocast).
+peak memory (CUDA: max allocated; CPU: peak RSS of the process during that run), the ratio of
+the medians to megareuse, and megareuse's ratio to each peer within each round (median and
+range: the two ran back to back, so a shared machine's drift between rounds cancels). CPU runs use fp32; CUDA runs bf16 (megareuse: DeepSpeed bf16;
+peers: autocast).
 """
 from __future__ import annotations
 
@@ -249,9 +251,14 @@ def measure(name: str, cfg: Config, peers: list[str], steps: int, warmup: int, r
     from megareuse.engine.loop import peak_flops
     peak = peak_flops(device, cfg.run.peak_tflops)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    ours = results.get("megareuse", {}).get("runs", [])
     for peer, res in results.items():
         if res["runs"]:
             res["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in res["runs"])
+            if peer != "megareuse" and len(ours) == len(res["runs"]):
+                # megareuse / this peer within each round (the two ran back to back): robust to
+                # the machine's drift between rounds, which moves both alike
+                res["paired_ratios"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, res["runs"])]
             res["peak_mib"] = max(x["peak_mib"] for x in res["runs"])
             res["mfu"] = res["tokens_per_s"] * fpt / peak if peak else None
             for key in ("save_sync", "save_async"):
@@ -264,19 +271,23 @@ def measure(name: str, cfg: Config, peers: list[str], steps: int, warmup: int, r
 
 
 def table(points: list[dict]) -> str:
-    rows = ["| model | device | impl | tokens/s | MFU | peak MiB | vs megareuse |", "|---|---|---|---|---|---|---|"]
+    rows = ["| model | device | impl | tokens/s | MFU | peak MiB | vs megareuse | per round: median (range) |",
+            "|---|---|---|---|---|---|---|---|"]
     for pt in points:
         ours = pt["results"].get("megareuse", {}).get("tokens_per_s")
         for peer, res in pt["results"].items():
             if "skipped" in res:
-                rows.append(f"| {pt['model']} | {pt['device']} | {peer} | skipped: {res['skipped']} | | | |")
+                rows.append(f"| {pt['model']} | {pt['device']} | {peer} | skipped: {res['skipped']} | | | | |")
                 continue
             mfu = f"{100 * res['mfu']:.1f}%" if res.get("mfu") else "-"
             ratio = f"{ours / res['tokens_per_s']:.2f}x" if ours and peer != "megareuse" else "1.00x"
             if peer.startswith("megareuse["):  # a switch flipped: its gain over the default
                 ratio = f"default {ours / res['tokens_per_s']:.2f}x of this"
+            paired = res.get("paired_ratios")
+            per_round = (f"{statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f})"
+                         if paired else "")
             rows.append(f"| {pt['model']} | {pt['device']} | {peer} | {res['tokens_per_s']:,.0f} | {mfu} | "
-                        f"{res['peak_mib']:,.0f} | {ratio} |")
+                        f"{res['peak_mib']:,.0f} | {ratio} | {per_round} |")
     for pt in points:
         res = pt["results"].get("megareuse", {})
         if "save_sync" in res:
