@@ -132,26 +132,44 @@ def _scale_lines(exp, info: dict) -> list[str]:
 FIT_LEVELS = 3  # distinct D1 and D2 values a stage-2 series needs before the demo fits a law to it
 
 
-def _fit_series(csv_path: Path, report_dir: Path, workers: int, s) -> tuple[Optional[dict], Optional[str]]:
-    """Fit the reuse law to stage-2 series ``s`` (``reuse_N`` when it starts from several model
-    sizes): (the analysis, None), or (None, why it was not fitted)."""
+def _fit_table(csv_path: Path, out_dir: Path, workers: int, loss_col: str, where: dict,
+               form: str) -> tuple[Optional[dict], Optional[str]]:
+    """Fit ``form`` to the runs ``where`` selects: (the analysis, None), or (None, why not)."""
     import numpy as np
 
     from megareuse.law import LawError, analyse, load_table, write_fit
-    table = load_table(csv_path, loss_col=_loss_col(s), where={"series": s.name})
+    table = load_table(csv_path, loss_col=loss_col, where=where)
     short = [f"{len(np.unique(table.columns[c]))} {c} values" for c in ("D1", "D2")
              if len(np.unique(table.columns[c])) < FIT_LEVELS]
     if short:
         return None, (f"not fitted: {' and '.join(short)}; the demo fits a series with at least "
                       f"{FIT_LEVELS} of each")
-    sizes = len(np.unique(table.columns["N"])) if "N" in table.columns else 1
     try:
-        result = analyse(table, form="reuse_N" if sizes > 1 else "reuse", compare="auto", holdout="largest",
+        result = analyse(table, form=form, compare="auto", holdout="largest",
                          n_boot=200, seed=0, workers=workers, strict_holdout=False)
     except LawError as exc:
         return None, f"not fitted: {exc}"
-    write_fit(result, report_dir / f"{s.name}_law")
+    write_fit(result, out_dir)
     return result, None
+
+
+def _fit_series(csv_path: Path, report_dir: Path, workers: int, s) -> tuple[Optional[dict], Optional[str]]:
+    """Fit the reuse law to stage-2 series ``s``: (the analysis, None), or (None, why it was not
+    fitted). A series that starts from several model sizes gets the joint ``reuse_N`` and, under
+    ``per_size``, a ``reuse`` law of each size's runs alone (``{N: (analysis or None, why)}``)."""
+    import numpy as np
+
+    from megareuse.law import load_table
+    sizes = np.unique(load_table(csv_path, loss_col=_loss_col(s), where={"series": s.name}).columns["N"])
+    if len(sizes) == 1:
+        return _fit_table(csv_path, report_dir / f"{s.name}_law", workers, _loss_col(s), {"series": s.name}, "reuse")
+    result, why = _fit_table(csv_path, report_dir / f"{s.name}_law", workers, _loss_col(s), {"series": s.name},
+                             "reuse_N")
+    if result is not None:
+        result["per_size"] = {int(n): _fit_table(csv_path, report_dir / f"{s.name}_N{int(n)}_law", workers,
+                                                 _loss_col(s), {"series": s.name, "N": int(n)}, "reuse")
+                              for n in sizes}
+    return result, why
 
 
 def series_model(exp, s) -> dict:
@@ -192,16 +210,23 @@ def _plan_series(exp, s, fit: Optional[dict], csv_path: Path, report_dir: Path) 
     """The planner's answer for stage-2 series ``s`` against its scratch series, or {"skipped": why}."""
     if fit is None:
         return {"skipped": "no law was fitted"}
-    if "N" in fit["law"].form.inputs:
-        return {"skipped": "the series spans several model sizes; `megareuse plan --N` answers for one"}
     scratch = scratch_for(exp, s)
     if scratch is None:
         return {"skipped": f"no scratch series trains its model on {'+'.join(s.domains)}"}
     base = s.bases[0] if s.bases else exp.base.name
     d1s = s.D1 or next(b for b in exp.bases if b.name == base).budgets
     N, N_base = _model_params(exp, series_model(exp, s)), {b["name"]: b for b in base_scale(exp)}[base]["params"]
-    return _plan(csv_path, fit["law"], report_dir, N, N_base, list(d1s), list(s.budgets), scratch.name,
+    law = fit["law"]
+    if "N" in law.form.inputs:  # several sizes: the planner weighs the size its scratch series trains
+        own, why = fit.get("per_size", {}).get(N, (None, f"no runs of N = {N:,}"))
+        if own is None:
+            return {"skipped": f"the `reuse` law of the N = {N:,} runs alone: {why}"}
+        law = own["law"]
+    plan = _plan(csv_path, law, report_dir, N, N_base, list(d1s), list(s.budgets), scratch.name,
                  _loss_col(s), "plan" if s.name == "cpt" else f"plan_{s.name}")
+    if law is not fit["law"]:
+        plan["N"] = N  # the size whose own law was planned
+    return plan
 
 
 def _loss_col(series) -> str:
@@ -213,24 +238,31 @@ def _base_label(exp, s) -> str:
     return ", ".join(f"{n} ({'+'.join(next(b for b in exp.bases if b.name == n).domains)})" for n in names)
 
 
+def _a3_line(law, what: str) -> list[str]:
+    a3 = law.params.get("a3")
+    if a3 is None:
+        return []
+    a3_ci = ((law.bootstrap or {}).get("intervals") or {}).get("a3")
+    verdict = ("**excludes 0**" if a3_ci and (a3_ci[0] > 0 or a3_ci[1] < 0) else "**contains 0**")
+    return [f"{what}: a3 = {_g(a3)} with bootstrap interval "
+            f"[{_g(a3_ci[0]) if a3_ci else '-'}, {_g(a3_ci[1]) if a3_ci else '-'}], which {verdict}"
+            + (": saturation (a3 > 0) is detected." if a3_ci and a3_ci[0] > 0 else
+               ": no saturation is detected at this scale." if verdict == "**contains 0**" else ".")]
+
+
+def _holdout_line(check: Optional[dict]) -> list[str]:
+    if not check:
+        return []
+    inside = (f", {100 * check['coverage']:.0f}% inside the {100 * check['level']:.0f}% prediction interval"
+              if check.get("coverage") is not None and check.get("level") else "")
+    return [f"Held-out largest runs ({check['n_test']} predicted from {check['n_train']}): mean absolute "
+            f"relative error {100 * check['mare']:.2f}%, max {100 * check['max_abs_rel']:.2f}%{inside}."]
+
+
 def _law_lines(name: str, cpt: dict) -> list[str]:
     law = cpt["law"]
-    boot = law.bootstrap or {}
-    a3 = law.params.get("a3")
-    a3_ci = (boot.get("intervals") or {}).get("a3")
-    lines = []
-    if a3 is not None:
-        verdict = ("**excludes 0**" if a3_ci and (a3_ci[0] > 0 or a3_ci[1] < 0) else "**contains 0**")
-        lines.append(f"Fitted `reuse`: a3 = {_g(a3)} with bootstrap interval "
-                     f"[{_g(a3_ci[0]) if a3_ci else '-'}, {_g(a3_ci[1]) if a3_ci else '-'}], which {verdict}"
-                     + (": saturation (a3 > 0) is detected." if a3_ci and a3_ci[0] > 0 else
-                        ": no saturation is detected at this scale." if verdict == "**contains 0**" else "."))
-    check = cpt.get("holdout")
-    if check:
-        inside = (f", {100 * check['coverage']:.0f}% inside the {100 * check['level']:.0f}% prediction interval"
-                  if check.get("coverage") is not None and check.get("level") else "")
-        lines.append(f"Held-out largest runs ({check['n_test']} predicted from {check['n_train']}): mean absolute "
-                     f"relative error {100 * check['mare']:.2f}%, max {100 * check['max_abs_rel']:.2f}%{inside}.")
+    lines = _a3_line(law, f"Fitted `{law.form.name}`" + (" (all sizes, with N)" if "N" in law.form.inputs else ""))
+    lines += _holdout_line(cpt.get("holdout"))
     comp = cpt.get("comparison")
     if comp:
         lines.append(f"Form comparison on the same split selects `{comp['selected']}` ({comp['why']}).")
@@ -239,6 +271,14 @@ def _law_lines(name: str, cpt: dict) -> list[str]:
         lines += ["", "Per-D1 exponents (power fits over D2 at each D1, E shared):", "",
                   "| D1 | runs | alpha(D1) |", "|---|---|---|"]
         lines += [f"| {r['D1']:,.0f} | {r['n']} | {_g(r['alpha'])} |" for r in per]
+    for n, (own, why) in (cpt.get("per_size") or {}).items():  # a series from several model sizes
+        if own is None:
+            lines += ["", f"The N = {n:,} runs alone: {why}."]
+            continue
+        alphas = ", ".join(_g(r["alpha"], 3) for r in (own.get("per_d1") or {}).get("per_d1") or [])
+        lines += ["", *_a3_line(own["law"], f"The N = {n:,} runs alone, `reuse`"), *_holdout_line(own.get("holdout")),
+                  *([f"alpha(D1) from the smallest D1 up: {alphas}."] if alphas else []),
+                  f"Report: [{name}_N{n}_law/report.md]({name}_N{n}_law/report.md)."]
     lines += ["", f"Full fit report: [{name}_law/report.md]({name}_law/report.md) "
               f"(figures: [Figure 1]({name}_law/figure1.png), [held-out]({name}_law/heldout.png)).", "",
               f"![figure 1]({name}_law/figure1.png)", "", f"![held-out]({name}_law/heldout.png)", ""]
@@ -249,7 +289,8 @@ def _plan_lines(name: str, plan: dict) -> list[str]:
     if "skipped" in plan:
         return [f"Planner: not run ({plan['skipped']}).", ""]
     d = plan["dir"]
-    lines = [f"Planner (the `{name}` law vs a `power` law fitted to the `{plan['scratch_name']}` runs): "
+    law = f"the `{name}` law" + (f" of the N = {plan['N']:,} runs" if "N" in plan else "")
+    lines = [f"Planner ({law} vs a `power` law fitted to the `{plan['scratch_name']}` runs): "
              f"[{d}/plan.md]({d}/plan.md).", ""]
     split = plan["plan"].get("split")
     if split and "decision" in split:
@@ -292,6 +333,8 @@ def _study_report(exp, rows, fits, plans, times, tokens, n_runs, n_points, worke
               "- Seed noise is about 0.0075 nats per run at the laptop scale (measured in the pilot); compare it to "
               "the fit's RMS error in the fit report.", ""]
     lines += [f"- {name}: {n}" for name, (fit, _) in fits.items() if fit for n in fit.get("notes", [])]
+    lines += [f"- {name} (N = {size:,} alone): {n}" for name, (fit, _) in fits.items() if fit
+              for size, (own, _) in (fit.get("per_size") or {}).items() if own for n in own.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 

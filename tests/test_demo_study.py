@@ -34,19 +34,27 @@ def write_table(path, rows):
         w.writerows(rows)
 
 
+N0, B = 1e5, 0.1  # a series from several sizes: reuse_N's factor (N / N0)^-B on the reuse term
+
+
 def study_rows(exp, rng):
-    """The data points of ``exp``'s plan with losses from the laws above (0.2% noise)."""
+    """The data points of ``exp``'s plan with losses from the laws above (0.2% noise); a series
+    that starts from several bases gets each base's grown size N and the factor (N / N0)^-B."""
+    from megareuse.sweep.grid import grown_model
     rows = []
     noise = lambda: float(np.exp(0.002 * rng.standard_normal()))
     bases = {b.name: b for b in exp.bases}
     for s in exp.stage2:
-        base = bases[(s.bases or [exp.base.name])[0]]
-        n = demo._model_params(exp, demo.series_model(exp, s))
-        for d1 in s.D1 or base.budgets:
-            for d2 in s.budgets:
-                loss = reuse_loss(d1, d2) * noise()
-                rows.append({"series": s.name, "N": n, "D1": d1, "D2": d2, "tokens_per_s": 1000.0,
-                             "valid_loss_code": loss, "valid_loss_prose": loss})
+        for name in s.bases or [exp.base.name]:
+            base = bases[name]
+            model = {**exp.train.get("model", {}), **base.model}
+            n = demo._model_params(exp, model if s.method == "cpt" else grown_model(model, s.growth))
+            size = (n / N0) ** -B if s.bases and len(s.bases) > 1 else 1.0
+            for d1 in s.D1 or base.budgets:
+                for d2 in s.budgets:
+                    loss = ((reuse_loss(d1, d2) - REUSE["E"]) * size + REUSE["E"]) * noise()
+                    rows.append({"series": s.name, "N": n, "D1": d1, "D2": d2, "tokens_per_s": 1000.0,
+                                 "valid_loss_code": loss, "valid_loss_prose": loss})
     for s in exp.scratch:
         n = demo._model_params(exp, s.model)
         for d in s.budgets:
@@ -73,10 +81,19 @@ def test_every_overtrained_series_is_fitted_near_its_truth(overtrained_study):
     for name, (fit, why) in fits.items():
         assert why is None, name
         law = fit["law"]
-        assert law.form.name == "reuse"
+        assert law.form.name == ("reuse_N" if name == "stack_lr1e-3" else "reuse")  # two base sizes
         assert law.params["a3"] == pytest.approx(REUSE["a3"], abs=0.01), name
         assert law.bootstrap and "a3" in law.bootstrap["intervals"]
         assert (out / f"{name}_law" / "law.json").is_file()
+    joint = fits["stack_lr1e-3"][0]
+    assert joint["law"].params["b"] == pytest.approx(B, abs=0.03)
+    assert set(joint["per_size"]) == {101_808, 184_896}  # each size's runs alone, grown d48 and d64
+    for n, (own, why) in joint["per_size"].items():
+        assert why is None and own["law"].form.name == "reuse"
+        assert own["law"].params["a3"] == pytest.approx(REUSE["a3"], abs=0.01), n
+        assert (out / f"stack_lr1e-3_N{n}_law" / "law.json").is_file()
+    for name in ("cpt", "cpt_mix", "stack"):
+        assert "per_size" not in fits[name][0]
 
 
 def test_each_series_is_planned_against_its_own_scratch_series(overtrained_study):
@@ -87,6 +104,8 @@ def test_each_series_is_planned_against_its_own_scratch_series(overtrained_study
     grown, base = plans["stack"]["plan"]["N"], plans["stack"]["plan"]["N_base"]
     assert (grown, base) == (101_808, 50_928)  # the FLOPs view pays the base at its own size
     assert plans["cpt"]["plan"]["N"] == plans["cpt"]["plan"]["N_base"] == 50_928
+    # two sizes: the planner weighs the size scratch_prose_4l trains, with that size's own law
+    assert plans["stack_lr1e-3"]["N"] == plans["stack_lr1e-3"]["plan"]["N"] == 101_808
     for p in plans.values():
         assert (out / p["dir"] / "plan.png").is_file()
         assert p["plan"]["split"]["verdict"] in ("reuse", "scratch", "undecided")
@@ -98,7 +117,10 @@ def test_report_has_a_law_and_a_planner_section_per_series(overtrained_study):
     text = demo._study_report(exp, rows, fits, plans, {"sweep": 1.0}, 1, 1, 1, 2, info)
     for name in ("cpt", "cpt_mix", "stack", "stack_lr1e-3"):
         assert f"## The law on the `{name}` runs" in text
-    assert text.count("Fitted `reuse`: a3 = ") == 4
+    assert text.count("Fitted `reuse`: a3 = ") == 3
+    assert text.count("Fitted `reuse_N` (all sizes, with N): a3 = ") == 1
+    assert "The N = 101,808 runs alone, `reuse`: a3 = " in text and "The N = 184,896 runs alone" in text
+    assert "the `stack_lr1e-3` law of the N = 101,808 runs vs a `power` law" in text
     assert "From scratch `scratch_prose_4l` on prose" in text
     assert "vs a `power` law fitted to the `scratch_prose_4l` runs" in text
 

@@ -9,11 +9,11 @@ from megareuse.config import ConfigError
 from megareuse.data import corpora
 from megareuse.sweep.grid import load_experiment, plan_experiment, totals
 
-# Measured 2026-12-02 (2 idle cores, --workers 2, one thread each): the preset's first full run,
-# 93 runs / 32,782,336 tokens / 3.555e13 FLOPs by the dry run, swept in 17 min 17 s; the YAML
-# header derives the current grid's estimate from these rates.
-MEASURED_TOKENS_PER_S = 32_782_336 / 1037
-MEASURED_FLOPS_PER_S = 3.555e13 / 1037
+# Measured 2026-12-07 (2 idle cores, --workers 2, one thread each): the 155-run grid, 50,030,592
+# tokens / 6.401e13 FLOPs by the dry run, swept in 18 min 52 s (docs/reproducing.md). A grid
+# change is checked against these rates.
+MEASURED_TOKENS_PER_S = 50_030_592 / 1132
+MEASURED_FLOPS_PER_S = 6.401e13 / 1132
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,13 @@ def runs(exp):
 
 def test_largest_base_is_over_trained(exp):
     scale = {b["name"]: b for b in demo.base_scale(exp)}
-    assert set(scale) == {"base", "base_mix"}
-    for b in scale.values():
-        assert b["params"] == 50_928
-        assert b["tokens_per_param"][-1] >= 100
-    assert {tuple(b.domains) for b in exp.bases} == {("prose",), ("mix",)}
+    assert set(scale) == {"base", "base_mix", "base_wide"}
+    for name in ("base", "base_mix"):
+        assert scale[name]["params"] == 50_928
+        assert scale[name]["tokens_per_param"][-1] >= 100
+    assert scale["base_wide"]["params"] == 92_480  # the second size, for the joint law with N
+    assert scale["base_wide"]["tokens_per_param"][-1] >= 50
+    assert [tuple(b.domains) for b in exp.bases] == [("prose",), ("mix",), ("prose",)]
 
 
 def test_series_shapes(exp):
@@ -40,7 +42,8 @@ def test_series_shapes(exp):
     methods = {s.name: s.method for s in exp.stage2}
     assert methods == {"cpt": "cpt", "cpt_mix": "cpt", "stack": "stack", "stack_lr1e-3": "stack"}
     starts = {s.name: s.bases or [exp.base.name] for s in exp.stage2}
-    assert starts["cpt"] == ["base"] and starts["cpt_mix"] == ["base_mix"]
+    assert starts["cpt"] == ["base"] and starts["cpt_mix"] == ["base_mix"] and starts["stack"] == ["base"]
+    assert starts["stack_lr1e-3"] == ["base", "base_wide"]  # two model sizes: reuse_N
     for s in exp.stage2:  # every stage-2 series starts from all >= 5 D1 of its base
         assert s.D1 is None
         assert len(s.budgets) >= 3
@@ -56,7 +59,7 @@ def test_series_shapes(exp):
 def test_run_count_and_time_budget(runs):
     tokens, flops = totals(runs)
     points = sum(r.data_point for r in runs)
-    assert (len(runs), points, tokens) == (124, 90, 40_783_872)  # the numbers in the YAML header
+    assert (len(runs), points, tokens) == (155, 110, 50_030_592)  # the numbers in the YAML header
     minutes_by_tokens = tokens / MEASURED_TOKENS_PER_S / 60
     minutes_by_flops = flops / MEASURED_FLOPS_PER_S / 60
     assert max(minutes_by_tokens, minutes_by_flops) < 30  # room inside the hour for fits and a busy machine
