@@ -133,7 +133,7 @@ FIT_LEVELS = 3  # distinct D1 and D2 values a stage-2 series needs before the de
 
 
 def _fit_table(csv_path: Path, out_dir: Path, workers: int, loss_col: str, where: dict,
-               form: str) -> tuple[Optional[dict], Optional[str]]:
+               form: str, holdout: str = "largest") -> tuple[Optional[dict], Optional[str]]:
     """Fit ``form`` to the runs ``where`` selects: (the analysis, None), or (None, why not)."""
     import numpy as np
 
@@ -145,7 +145,7 @@ def _fit_table(csv_path: Path, out_dir: Path, workers: int, loss_col: str, where
         return None, (f"not fitted: {' and '.join(short)}; the demo fits a series with at least "
                       f"{FIT_LEVELS} of each")
     try:
-        result = analyse(table, form=form, compare="auto", holdout="largest",
+        result = analyse(table, form=form, compare="auto", holdout=holdout,
                          n_boot=200, seed=0, workers=workers, strict_holdout=False)
     except LawError as exc:
         return None, f"not fitted: {exc}"
@@ -160,11 +160,14 @@ def _fit_series(csv_path: Path, report_dir: Path, workers: int, s) -> tuple[Opti
     import numpy as np
 
     from megareuse.law import load_table
-    sizes = np.unique(load_table(csv_path, loss_col=_loss_col(s), where={"series": s.name}).columns["N"])
+    columns = load_table(csv_path, loss_col=_loss_col(s), where={"series": s.name}).columns
+    sizes = np.unique(columns["N"])
     if len(sizes) == 1:
         return _fit_table(csv_path, report_dir / f"{s.name}_law", workers, _loss_col(s), {"series": s.name}, "reuse")
+    # held out: the longest stage 2 at every size ('largest' would hold out a whole size, and
+    # reuse_N needs two in its training runs)
     result, why = _fit_table(csv_path, report_dir / f"{s.name}_law", workers, _loss_col(s), {"series": s.name},
-                             "reuse_N")
+                             "reuse_N", holdout=f"D2>={int(columns['D2'].max())}")
     if result is not None:
         result["per_size"] = {int(n): _fit_table(csv_path, report_dir / f"{s.name}_N{int(n)}_law", workers,
                                                  _loss_col(s), {"series": s.name, "N": int(n)}, "reuse")

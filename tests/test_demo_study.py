@@ -87,6 +87,8 @@ def test_every_overtrained_series_is_fitted_near_its_truth(overtrained_study):
         assert (out / f"{name}_law" / "law.json").is_file()
     joint = fits["stack_lr1e-3"][0]
     assert joint["law"].params["b"] == pytest.approx(B, abs=0.03)
+    check = joint["holdout"]  # the longest stage 2 at both sizes, predicted from the rest
+    assert check["n_test"] == 10 and check["n_train"] == 20 and check["mare"] < 0.01
     assert set(joint["per_size"]) == {101_808, 184_896}  # each size's runs alone, grown d48 and d64
     for n, (own, why) in joint["per_size"].items():
         assert why is None and own["law"].form.name == "reuse"
