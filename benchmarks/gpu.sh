@@ -113,7 +113,7 @@ step_cmd() {
             local variants=sdpa
             [ "$model" = 350m ] && variants=sync-every-step,sdpa
             CMD=("$PY" benchmarks/train_throughput.py --device cuda --model "$model" --peers "$(peers)"
-                 --variants "$variants" --steps 9 --warmup 3 --rounds 1 --data "$DATA"
+                 --variants "$variants" --steps 9 --warmup 3 --rounds 1 --data "$DATA" --in-process
                  --json "$WORK/throughput-$model.json") ;;
         report) CMD=("$PY" benchmarks/gpu_report.py report "$OUTDIR" --work "$WORK" --rev "$REV"
                      --started "$STARTED" --wall-so-far "$((SECONDS))") ;;

@@ -4,10 +4,13 @@
                                           [--rounds 2] [--peers megareuse,hf,bare,torchtitan]
                                           [--variants prefetch,sync-every-step,compile]
                                           [--save-timing] [--set model.compile=true] [--json FILE]
+                                          [--in-process]
 
 Every implementation trains the same model shape on the same batches (the same samples of a
 small local corpus, prepared once), with AdamW, the same learning rate, weight decay and
-gradient clipping, in the same process, one after the other, for ``--rounds`` rounds:
+gradient clipping, one after the other, for ``--rounds`` rounds. Each run has a fresh Python
+process of its own (``--in-process``: all in this one), so nothing one leaves in a process (the
+host allocator's settings, thread pools, compile caches, the peak RSS) reaches the next:
 
 - ``megareuse``: the real training loop, as ``megareuse train`` runs it (DeepSpeed engine,
   divergence guard, metrics log, progress line); throughput from the loop's own per-step clock
@@ -36,6 +39,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -194,7 +198,7 @@ BUILDERS = {"hf": build_hf, "bare": build_bare, "torchtitan": build_torchtitan}
 
 
 def model_config(name: str, data: Path, device: str, overrides: list[str], seq: Optional[int],
-                 micro: Optional[int], accum: int) -> Config:
+                 micro: Optional[int], accum: int, threads: Optional[int] = None) -> Config:
     path = MODELS.get(name, name)
     cuda = device == "cuda"
     seq = seq or (2048 if cuda else 128)
@@ -202,7 +206,7 @@ def model_config(name: str, data: Path, device: str, overrides: list[str], seq: 
     base = [f"data.dir={data}", "data.train={prose: 1.0}", "data.valid=[prose]", f"data.seq_len={seq}",
             f"model.max_seq_len={max(seq, 32)}", f"run.micro_batch_size={micro}", f"run.grad_accum={accum}",
             f"run.device={device}", f"run.dtype={'bf16' if cuda else 'fp32'}", "schedule.warmup_steps=1",
-            "parallel.zero_stage=0"]
+            "parallel.zero_stage=0", *([f"run.threads={threads}"] if threads else [])]
     return load_config(str(REPO / path), base + overrides)
 
 
@@ -211,44 +215,65 @@ def variant(cfg: Config, name: str) -> Config:
     return Config.from_dict(apply_overrides(cfg.to_dict(), VARIANTS[name])).validate()
 
 
-def measure(name: str, cfg: Config, peers: list[str], steps: int, warmup: int, rounds: int,
-            work: Path, save_timing: bool = False) -> dict:
+def run_one(name: str, cfg: Config, peer: str, steps: int, warmup: int, work: Path, save_timing: bool) -> dict:
+    """One implementation trained once, in this process: its result, or {"skipped": why}."""
     from megareuse.engine.ds import resolve_device
     from megareuse.engine.inputs import open_training_data
     device = resolve_device(cfg.run.device)
-    bf16 = cfg.run.dtype == "bf16"
-    data = open_training_data(cfg.data, cfg.model)
-    per_step = cfg.run.micro_batch_size
-    batches = [data.train.batch(i * per_step, per_step) for i in range(steps * cfg.run.grad_accum)]
+    torch.manual_seed(cfg.run.seed)
+    try:
+        if peer == "megareuse":
+            return run_megareuse(cfg, steps, warmup, work / name, save_timing)
+        if peer.startswith("megareuse["):
+            return run_megareuse(variant(cfg, peer[10:-1]), steps, warmup, work / f"{name}-{peer[10:-1]}", False)
+        data = open_training_data(cfg.data, cfg.model)
+        per_step = cfg.run.micro_batch_size
+        batches = [data.train.batch(i * per_step, per_step) for i in range(steps * cfg.run.grad_accum)]
+        model, loss_fn = BUILDERS[peer](cfg)
+        model = model.to(device)
+        if cfg.model.compile:  # every block, as megareuse does
+            blocks = model.model.layers if peer == "hf" else model.layers
+            for layer in (blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks):
+                layer.compile()
+        return plain_loop(model, loss_fn, cfg, batches, steps, warmup, device, cfg.run.dtype == "bf16")
+    except RuntimeError as exc:
+        if peer != "torchtitan":
+            raise
+        return {"skipped": str(exc).splitlines()[0]}
+
+
+def run_isolated(argv: list[str], name: str, peer: str, work: Path) -> dict:
+    """``run_one`` in a fresh Python process: nothing one implementation leaves behind in a process
+    (the host allocator's heap, thread pools, compile caches, imported modules, the peak RSS)
+    reaches the next."""
+    result = work / f"{name}-{peer}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--model", name, "--one", peer,
+           "--result", str(result), "--work", str(work)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not result.is_file():
+        raise SystemExit(f"{peer} on {name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    got = json.loads(result.read_text())
+    result.unlink()
+    return got
+
+
+def measure(name: str, cfg: Config, peers: list[str], rounds: int, run: Callable[[str, int], dict]) -> dict:
+    """``rounds`` rounds of every peer in turn (``run(peer, round)``), then the medians."""
     results: dict[str, dict] = {p: {"runs": []} for p in peers}
     for r in range(rounds):
         for peer in peers:
             if "skipped" in results[peer]:
                 continue
-            torch.manual_seed(cfg.run.seed)
-            try:
-                if peer == "megareuse":
-                    got = run_megareuse(cfg, steps, warmup, work / f"{name}-r{r}", save_timing)
-                elif peer.startswith("megareuse["):
-                    got = run_megareuse(variant(cfg, peer[10:-1]), steps, warmup, work / f"{name}-{peer[10:-1]}-r{r}", False)
-                else:
-                    model, loss_fn = BUILDERS[peer](cfg)
-                    model = model.to(device)
-                    if cfg.model.compile:  # every block, as megareuse does
-                        blocks = model.model.layers if peer == "hf" else model.layers
-                        for layer in (blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks):
-                            layer.compile()
-                    got = plain_loop(model, loss_fn, cfg, batches, steps, warmup, device, bf16)
-                    del model
-            except RuntimeError as exc:
-                if peer != "torchtitan":
-                    raise
-                results[peer]["skipped"] = str(exc).splitlines()[0]
+            got = run(peer, r)
+            if "skipped" in got:
+                results[peer]["skipped"] = got["skipped"]
                 continue
             results[peer]["runs"].append(got)
             print(f"  {name} round {r + 1}/{rounds} {peer:10s} {got['tokens_per_s']:>10,.0f} tok/s  "
                   f"peak {got['peak_mib']:,.0f} MiB", flush=True)
+    from megareuse.engine.ds import resolve_device
     from megareuse.engine.loop import peak_flops
+    device = resolve_device(cfg.run.device)
     peak = peak_flops(device, cfg.run.peak_tflops)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     ours = results.get("megareuse", {}).get("runs", [])
@@ -316,6 +341,11 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=None, help="a prepared data directory (default: prepared into a temp dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="a config override for every implementation")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--in-process", action="store_true", help="run every implementation in this process "
+                    "(default: each run in a fresh process; gpu.sh saves the start-ups within its time limit)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: this peer, once
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not 0 < args.warmup < args.steps:
         ap.error(f"--warmup = {args.warmup}: accepted 1 .. --steps - 1 ({args.steps - 1})")
@@ -333,21 +363,38 @@ def main(argv=None) -> None:
     peers += [f"megareuse[{v}]" for v in variants]
     if args.threads:
         torch.set_num_threads(args.threads)
+    config = lambda name, data: model_config(  # noqa: E731
+        name, data, args.device, args.overrides, args.seq, args.micro_batch, args.grad_accum, args.threads)
+    if args.one:  # a child of run_isolated
+        got = run_one(args.model, config(args.model, Path(args.data)), args.one, args.steps, args.warmup,
+                      Path(args.work), args.save_timing)
+        Path(args.result).write_text(json.dumps(got))
+        return
     models = (args.model or ("350m,1.1b" if args.device == "cuda" else "tiny,25m")).split(",")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else Path(tmp) / "data"
         if not args.data:
             from megareuse.data.preprocess import prepare_default
             prepare_default(data, domains=["prose"], vocab_size=2048, progress=False)
+        child = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                 "--grad-accum", str(args.grad_accum), "--data", str(data),
+                 *[a for flag, v in (("--seq", args.seq), ("--micro-batch", args.micro_batch),
+                                     ("--threads", args.threads)) if v for a in (flag, str(v))],
+                 *[a for o in args.overrides for a in ("--set", o)], *(["--save-timing"] if args.save_timing else [])]
         points = []
         for name in models:
-            cfg = model_config(name, data, args.device, args.overrides, args.seq, args.micro_batch, args.grad_accum)
-            if args.threads:
-                cfg.run.threads = args.threads
+            cfg = config(name, data)
             print(f"{name}: {param_count(cfg.model):,} parameters, seq {cfg.data.seq_len}, batch "
-                  f"{cfg.run.micro_batch_size} x {cfg.run.grad_accum}, {cfg.run.dtype}, compile={cfg.model.compile}",
-                  flush=True)
-            points.append(measure(name, cfg, peers, args.steps, args.warmup, args.rounds, Path(tmp), args.save_timing))
+                  f"{cfg.run.micro_batch_size} x {cfg.run.grad_accum}, {cfg.run.dtype}, compile={cfg.model.compile}, "
+                  f"{'in this process' if args.in_process else 'each run in a fresh process'}", flush=True)
+            work = Path(tmp) / name
+            if args.in_process:
+                run = lambda peer, r: run_one(name, cfg, peer, args.steps, args.warmup, work / f"r{r}",  # noqa: E731
+                                              args.save_timing)
+            else:
+                run = lambda peer, r: run_isolated(child, name, peer, work / f"r{r}")  # noqa: E731
+            points.append(measure(name, cfg, peers, args.rounds, run))
+            points[-1]["isolated"] = not args.in_process
     print()
     print(table(points))
     if args.json:

@@ -11,7 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_train_throughput_smoke(tmp_path, prepared):
+@pytest.mark.parametrize("where", ["isolated", "in-process"])
+def test_train_throughput_smoke(tmp_path, prepared, where):
     pytest.importorskip("transformers")
     out = tmp_path / "tp.json"
     shape = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
@@ -19,10 +20,12 @@ def test_train_throughput_smoke(tmp_path, prepared):
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--model", "tiny", "--steps", "6",
            "--warmup", "2", "--rounds", "2", "--seq", "32", "--micro-batch", "2", "--threads", "1",
            "--peers", "megareuse,hf,bare", "--variants", "sync-every-step", "--data", str(prepared),
-           "--json", str(out), *[a for s in shape for a in ("--set", s)]]
+           "--json", str(out), *[a for s in shape for a in ("--set", s)],
+           *(["--in-process"] if where == "in-process" else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     point = json.loads(out.read_text())["points"][0]
+    assert point["isolated"] == (where == "isolated")
     res = point["results"]
     assert set(res) == {"megareuse", "hf", "bare", "megareuse[sync-every-step]"}
     for peer, r in res.items():
