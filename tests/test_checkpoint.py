@@ -64,3 +64,31 @@ def test_resave_same_step_replaces(tmp_path):
     objs, _ = ckpt.load_checkpoint(path)
     assert objs["model"]["w"][0] == 9.0
     assert sorted(os.listdir(tmp_path)) == ["step_00000007"]
+
+
+def test_git_revision_is_the_code_the_process_imported(tmp_path):
+    """A commit made in the checkout after the trainer was imported (a sweep worker runs for many
+    minutes) does not relabel the checkpoints this process writes."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = tmp_path / "checkout"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "megareuse", repo / "megareuse",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "first"]):
+        subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True, timeout=60)
+    first = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    script = ("import subprocess, sys\n"
+              "import megareuse.engine.trainer\n"
+              "from megareuse.engine import checkpoint\n"
+              "assert checkpoint.__file__.startswith(sys.argv[1]), checkpoint.__file__\n"
+              f"subprocess.run({git + ['commit', '-q', '--allow-empty', '-m', 'second']!r}, cwd=sys.argv[1], check=True)\n"
+              "print(checkpoint.git_revision())\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(repo)], capture_output=True, text=True, timeout=300, cwd=repo,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == first

@@ -16,6 +16,7 @@ revision.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -42,8 +43,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 
+@functools.lru_cache(maxsize=1)
 def git_revision() -> str:
-    """The source tree's git revision ("<sha>[-dirty]"), or "unknown" outside a checkout."""
+    """The source tree's git revision ("<sha>[-dirty]"), or "unknown" outside a checkout, read
+    once per process: the code a process runs is the code it imported, so a commit made in the
+    checkout while a long run (or a sweep worker) goes on must not relabel its checkpoints. The
+    trainer reads it when it is imported."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,

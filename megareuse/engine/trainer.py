@@ -73,6 +73,9 @@ def _load_engine_state(engine, path: Path) -> None:
             f"(delete or move {path.name} to resume from an older one)") from exc
 
 
+ckpt.git_revision()  # fixed at import: the revision of the code this process runs
+
+
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose next ``step()`` can be declined: at ZeRO-0 DeepSpeed has no overflow check of
     its own, so the trainer declines the update of a step whose gradient norm is not finite (the
