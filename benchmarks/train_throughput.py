@@ -8,9 +8,10 @@
 
 Every implementation trains the same model shape on the same batches (the same samples of a
 small local corpus, prepared once), with AdamW, the same learning rate, weight decay and
-gradient clipping, one after the other, for ``--rounds`` rounds. Each run has a fresh Python
-process of its own (``--in-process``: all in this one), so nothing one leaves in a process (the
-host allocator's settings, thread pools, compile caches, the peak RSS) reaches the next:
+gradient clipping, one after the other (each round starting with the next implementation), for
+``--rounds`` rounds. Each run has a fresh Python process of its own (``--in-process``: all in
+this one), so nothing one leaves in a process (the host allocator's heap, thread pools, compile
+caches, the peak RSS) reaches the next:
 
 - ``megareuse``: the real training loop, as ``megareuse train`` runs it (DeepSpeed engine,
   divergence guard, metrics log, progress line); throughput from the loop's own per-step clock
@@ -246,6 +247,7 @@ def run_isolated(argv: list[str], name: str, peer: str, work: Path) -> dict:
     """``run_one`` in a fresh Python process: nothing one implementation leaves behind in a process
     (the host allocator's heap, thread pools, compile caches, imported modules, the peak RSS)
     reaches the next."""
+    work.mkdir(parents=True, exist_ok=True)
     result = work / f"{name}-{peer}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--model", name, "--one", peer,
            "--result", str(result), "--work", str(work)]
@@ -258,10 +260,11 @@ def run_isolated(argv: list[str], name: str, peer: str, work: Path) -> dict:
 
 
 def measure(name: str, cfg: Config, peers: list[str], rounds: int, run: Callable[[str, int], dict]) -> dict:
-    """``rounds`` rounds of every peer in turn (``run(peer, round)``), then the medians."""
+    """``rounds`` rounds of every peer in turn (``run(peer, round)``), then the medians. Each round
+    starts one peer later than the one before, so no implementation always runs first."""
     results: dict[str, dict] = {p: {"runs": []} for p in peers}
     for r in range(rounds):
-        for peer in peers:
+        for peer in peers[r % len(peers):] + peers[:r % len(peers)]:
             if "skipped" in results[peer]:
                 continue
             got = run(peer, r)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from distributed_utils import base_env
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -22,7 +24,7 @@ def test_train_throughput_smoke(tmp_path, prepared, where):
            "--peers", "megareuse,hf,bare", "--variants", "sync-every-step", "--data", str(prepared),
            "--json", str(out), *[a for s in shape for a in ("--set", s)],
            *(["--in-process"] if where == "in-process" else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=base_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     point = json.loads(out.read_text())["points"][0]
     assert point["isolated"] == (where == "isolated")
