@@ -31,8 +31,8 @@ megareuse's run and prints how long each blocked training.
 Printed per model: tokens/s of each (median over rounds), MFU where the device's peak is known,
 peak memory (CUDA: max allocated; CPU: peak RSS of the process during that run), the ratio of
 the medians to megareuse, and megareuse's ratio to each peer within each round (median and
-range: the two ran back to back, so a shared machine's drift between rounds cancels). CPU runs use fp32; CUDA runs bf16 (megareuse: DeepSpeed bf16;
-peers: autocast).
+range: both ran in the same round, so a shared machine's drift between rounds cancels). CPU
+runs use fp32; CUDA runs bf16 (megareuse: DeepSpeed bf16; peers: autocast).
 """
 from __future__ import annotations
 
@@ -284,8 +284,8 @@ def measure(name: str, cfg: Config, peers: list[str], rounds: int, run: Callable
         if res["runs"]:
             res["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in res["runs"])
             if peer != "megareuse" and len(ours) == len(res["runs"]):
-                # megareuse / this peer within each round (the two ran back to back): robust to
-                # the machine's drift between rounds, which moves both alike
+                # megareuse / this peer within each round (both ran in it): robust to the
+                # machine's drift between rounds, which moves both alike
                 res["paired_ratios"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, res["runs"])]
             res["peak_mib"] = max(x["peak_mib"] for x in res["runs"])
             res["mfu"] = res["tokens_per_s"] * fpt / peak if peak else None
