@@ -35,10 +35,12 @@ setup(
         # tests: Triton kernels under the interpreter, the mpirun launcher, the figures
         "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "mpi4py>=3.1", "matplotlib>=3.7",
                 "transformers>=4.40", "tokenizers>=0.15", "tensorboard>=2.14",
-                "pyarrow>=12", "zstandard>=0.21", "datasets>=2.14"],
+                "pyarrow>=12", "zstandard>=0.21", "datasets>=2.14", "torchtitan>=0.2,<0.3"],
         # your own corpora in `megareuse prepare --input`: parquet / HF save_to_disk, .jsonl.zst
         "corpus": ["pyarrow>=12", "zstandard>=0.21"],
         "hf": ["transformers>=4.40", "tokenizers>=0.15"],
+        # benchmarks/train_throughput.py's peers (torchtitan 0.3 takes flex / varlen attention only)
+        "bench": ["transformers>=4.40", "torchtitan>=0.2,<0.3"],
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
     },

@@ -8,14 +8,14 @@
 #                    machine lacks (never torch/triton/numpy) and megareuse itself (editable, no
 #                    deps, no network); record the GPU and the torch/triton/CUDA versions
 #   data             prepare the prose corpus once (vocab 2048) for the benchmarks and the train
-#                    test; decide whether the hf peer can run (transformers builds a Llama here)
+#                    test; keep the hf / torchtitan peers where each builds and runs a Llama here
 #   tests-kernels    MEGAREUSE_TEST_GPU=1 pytest tests/test_kernels*.py (bf16 included on CUDA)
 #   tests-train      bf16 training steps per attention backend and fused vs plain loss
 #                    (tests/test_gpu_train_step.py) and the fused head tests of tests/test_lm_loss.py
 #   kernels          benchmarks/kernel_speed.py (attention at S 1024/4096, norm, SwiGLU, RoPE, linear+CE)
 #   memory           benchmarks/memory.py (CPU gloo ranks, CUDA hidden), in the background
 #                    while the tests and kernels run; waited for before the throughput steps
-#   throughput-350m  benchmarks/train_throughput.py --model 350m, megareuse vs bare (vs hf)
+#   throughput-350m  benchmarks/train_throughput.py --model 350m, megareuse vs bare, hf, torchtitan
 #   throughput-1.1b  the same for 1.1b
 #   report           OUT/gpu.json (date, GPU, versions, git revision, per-step status and wall
 #                    seconds, the benchmarks' JSON merged) and OUT/gpu.md (the tables)
@@ -146,7 +146,7 @@ if [ "$DRY" = 1 ]; then
         is_skipped "$s" && how="$how skipped"
         printf 'step %s timeout=%ss%s: %s\n' "$s" "$t" "$how" "$(shown "${CMD[@]}")"
     done
-    echo "peers: $PEERS_DEFAULT, less hf when transformers cannot build a Llama here (decided in step data)"
+    echo "peers: $PEERS_DEFAULT, less hf / torchtitan where it cannot build and run a Llama here (step data)"
     echo "worst case: ${total} s (foreground timeouts + ${KILL_AFTER} s kill grace each; limit ${LIMIT_S} s)"
     exit 0
 fi

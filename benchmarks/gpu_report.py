@@ -113,20 +113,21 @@ def cmd_prepare(args) -> int:
     prepare_default(data, domains=["prose"], vocab_size=2048, progress=False)
     print(f"prepared {data} in {time.perf_counter() - t0:.1f} s")
     peers = ["megareuse", "bare", "hf", "torchtitan"]
-    try:  # the hf peer: transformers must build and run a Llama of megareuse's shape here
-        sys.path.insert(0, str(HERE))
-        import torch
-        import train_throughput as tt
+    sys.path.insert(0, str(HERE))
+    import torch
+    import train_throughput as tt
 
-        cfg = tt.model_config("tiny", data, "cpu", [], 32, 2, 1)
-        model, loss_fn = tt.build_hf(cfg)
-        batch = torch.randint(0, cfg.model.vocab_size, (2, 33))
-        loss = loss_fn(model, batch)
-        assert math.isfinite(float(loss)), loss
-        print(f"hf peer: ok (transformers {__import__('transformers').__version__})")
-    except Exception as exc:  # any reason at all: measure the others
-        peers.remove("hf")
-        print(f"hf peer: left out ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    cfg = tt.model_config("tiny", data, "cpu", [], 32, 2, 1)
+    for peer, package in (("hf", "transformers"), ("torchtitan", "torchtitan")):
+        try:  # the peer must build and run a Llama of megareuse's shape here, or it is left out
+            model, loss_fn = tt.BUILDERS[peer](cfg)
+            loss = loss_fn(model, torch.randint(0, cfg.model.vocab_size, (2, 33)))
+            loss.backward()
+            assert math.isfinite(float(loss)), loss
+            print(f"{peer} peer: ok ({package} {__import__(package).__version__})")
+        except Exception as exc:  # any reason at all: measure the others
+            peers.remove(peer)
+            print(f"{peer} peer: left out ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     Path(args.peers_file).parent.mkdir(parents=True, exist_ok=True)
     Path(args.peers_file).write_text(",".join(peers) + "\n")
     print("peers:", ",".join(peers))

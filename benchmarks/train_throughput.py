@@ -20,7 +20,8 @@ caches, the peak RSS) reaches the next:
 - ``hf``: transformers' ``LlamaForCausalLM`` of the same shape + torch AdamW, a plain loop;
 - ``bare``: a plain loop over megareuse's own ``GPT`` + torch AdamW (the model without the
   trainer: the difference to ``megareuse`` is the trainer's cost or gain);
-- ``torchtitan``: torchtitan's Llama 3 model, when it imports (skipped with the reason if not);
+- ``torchtitan``: torchtitan's Llama 3 model (the 0.2 series, ``pip install 'torchtitan>=0.2,<0.3'``)
+  of the same shape, when it imports (skipped with the reason if not);
 - ``megareuse[X]``: megareuse with one speed switch flipped against the device's defaults
   (``--variants``: prefetch / no-prefetch, sync-every-step, compile, sdpa / fused-attention), so
   each feature's effect is measured; its row shows how fast the default is against it.
@@ -179,19 +180,35 @@ def build_bare(cfg: Config):
     return model, lambda model, b: model(b[:, :-1], b[:, 1:])
 
 
+TORCHTITAN = "torchtitan>=0.2,<0.3"  # 0.3 builds language models with flex / varlen attention only
+
+
 def build_torchtitan(cfg: Config):
+    """torchtitan's Llama 3 (the 0.2 series) of megareuse's shape: the same FFN width and head
+    counts, plain RoPE (torchtitan's Llama 3.1 frequency scaling off), SDPA, tied embeddings
+    where megareuse ties them. Its parameter count must equal megareuse's."""
     try:
-        from torchtitan.models.llama3.model.args import TransformerModelArgs
+        from torchtitan.models.llama3.model.args import RoPEScalingArgs, TransformerModelArgs
         from torchtitan.models.llama3.model.model import Transformer
-    except Exception as exc:  # not installed, or needs a newer torch than this one
+    except Exception as exc:  # not installed, another series, or needs a newer torch than this one
         raise RuntimeError(f"torchtitan's Llama 3 does not import here ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}); pip install torchtitan") from None
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); pip install '{TORCHTITAN}'") from None
     m = cfg.model
+    base = int(2 * 4 * m.d_model / 3)  # torchtitan's width before its multiplier and rounding
     args = TransformerModelArgs(dim=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                                 vocab_size=m.vocab_size, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-                                max_seq_len=m.max_seq_len)
+                                max_seq_len=m.max_seq_len, multiple_of=m.ffn_hidden,
+                                ffn_dim_multiplier=min(1.0, m.ffn_hidden / base),
+                                rope_scaling_args=RoPEScalingArgs(scaling_factor=1.0),
+                                attn_type="sdpa", attn_mask_type="causal")
     model = Transformer(args)
-    model.init_weights()
+    with torch.no_grad():
+        model.init_weights()
+    if m.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    got, want = sum(p.numel() for p in model.parameters()), param_count(m)
+    if got != want:
+        raise ValueError(f"torchtitan's model has {got:,} parameters, megareuse's {want:,}: the shapes differ")
     return model, lambda model, b: ce(model(b[:, :-1]), b[:, 1:])
 
 

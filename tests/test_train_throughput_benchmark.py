@@ -1,12 +1,14 @@
 """benchmarks/train_throughput.py at a toy size: megareuse's real loop, the bare loop and the
 transformers loop all run, interleaved, and the JSON and the table carry every figure and the
 per-round ratios (a smoke test of the script, not of the figures)."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed_utils import base_env
 
@@ -21,7 +23,7 @@ def test_train_throughput_smoke(tmp_path, prepared, where):
              "model.ffn_hidden=64", "model.vocab_size=512"]
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--model", "tiny", "--steps", "6",
            "--warmup", "2", "--rounds", "2", "--seq", "32", "--micro-batch", "2", "--threads", "1",
-           "--peers", "megareuse,hf,bare", "--variants", "sync-every-step", "--data", str(prepared),
+           "--peers", "megareuse,hf,bare,torchtitan", "--variants", "sync-every-step", "--data", str(prepared),
            "--json", str(out), *[a for s in shape for a in ("--set", s)],
            *(["--in-process"] if where == "in-process" else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=base_env())
@@ -29,10 +31,64 @@ def test_train_throughput_smoke(tmp_path, prepared, where):
     point = json.loads(out.read_text())["points"][0]
     assert point["isolated"] == (where == "isolated")
     res = point["results"]
-    assert set(res) == {"megareuse", "hf", "bare", "megareuse[sync-every-step]"}
+    assert set(res) == {"megareuse", "hf", "bare", "torchtitan", "megareuse[sync-every-step]"}
+    if importlib.util.find_spec("torchtitan") is None:
+        assert "pip install 'torchtitan>=0.2,<0.3'" in res.pop("torchtitan")["skipped"]
     for peer, r in res.items():
         assert len(r["runs"]) == 2 and r["tokens_per_s"] > 0 and r["peak_mib"] > 0, peer
         if peer != "megareuse":
             want = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(res["megareuse"]["runs"], r["runs"])]
             assert r["paired_ratios"] == pytest.approx(want)
     assert "| tiny | cpu x 1 threads | hf |" in proc.stdout
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_train_throughput", REPO / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """q/k rows from megareuse's rotate-half RoPE layout (dimension i paired with i + D/2) to
+    torchtitan's complex one (dimension 2i paired with 2i + 1), head by head."""
+    return w.view(heads, 2, w.shape[0] // heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_torchtitan_peer_is_the_same_model(tie):
+    """The torchtitan peer has megareuse's shape: the same parameter count and, with megareuse's
+    weights copied in (q/k rows reordered for its RoPE layout), the same loss in float64."""
+    pytest.importorskip("torchtitan.models.llama3.model.model")
+    from megareuse.config import Config
+    from megareuse.model import GPT
+
+    bench = _load_benchmark()
+    cfg = Config.from_dict({"model": {"vocab_size": 96, "d_model": 48, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                      "ffn_hidden": 136, "max_seq_len": 16, "tie_embeddings": tie,
+                                      "rope_theta": 500.0}, "data": {"seq_len": 16}}).validate()
+    m = cfg.model
+    torch.manual_seed(0)
+    ours = GPT(m).double()
+    with torch.no_grad():  # weights far from init, so that a misplaced row shows in the logits
+        for p in ours.parameters():
+            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)
+    titan, loss_fn = bench.build_torchtitan(cfg)
+    titan = titan.double()
+    assert sum(p.numel() for p in titan.parameters()) == sum(p.numel() for p in ours.parameters())
+    src = ours.state_dict()
+    with torch.no_grad():
+        for name, p in titan.named_parameters():
+            w = src[name]
+            if name.endswith("attention.wq.weight"):
+                w = _interleaved(w, m.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                w = _interleaved(w, m.n_kv_heads)
+            p.copy_(w)
+    batch = torch.randint(0, m.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
+    want = ours(batch[:, :-1], batch[:, 1:])
+    got = loss_fn(titan, batch)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    logits = ours(batch[:, :-1])
+    assert logits.std() > 1.0
+    torch.testing.assert_close(titan(batch[:, :-1]).float(), logits, rtol=0, atol=1e-5)
