@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -124,7 +125,7 @@ def cmd_prepare(args) -> int:
             loss = loss_fn(model, torch.randint(0, cfg.model.vocab_size, (2, 33)))
             loss.backward()
             assert math.isfinite(float(loss)), loss
-            print(f"{peer} peer: ok ({package} {__import__(package).__version__})")
+            print(f"{peer} peer: ok ({package} {metadata.version(package)})")
         except Exception as exc:  # any reason at all: measure the others
             peers.remove(peer)
             print(f"{peer} peer: left out ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")

