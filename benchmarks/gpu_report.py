@@ -236,7 +236,8 @@ def markdown(res: dict) -> str:
             for peer, r in pt["results"].items():
                 shape = f"{pt.get('seq_len')} x {pt.get('micro_batch')}"
                 if "skipped" in r or "tokens_per_s" not in r:
-                    lines.append(f"| {pt['model']} | {shape} | {peer} | skipped: {r.get('skipped', 'no run')} | | | |")
+                    why = r.get("skipped") or ("no run" if pt.get("complete", True) else "not run: the step ended first")
+                    lines.append(f"| {pt['model']} | {shape} | {peer} | skipped: {why} | | | |")
                     continue
                 ratio = f"{ours / r['tokens_per_s']:.2f}" if ours and r["tokens_per_s"] else "-"
                 lines.append(f"| {pt['model']} | {shape} | {peer} | {r['tokens_per_s']:,.0f} | "
@@ -252,7 +253,8 @@ def cmd_report(args) -> int:
     throughput = []
     for path in sorted(work.glob("throughput-*.json")):
         got = read_json(path) or {}
-        throughput += got.get("points", [])
+        # a step killed at its timeout leaves the runs it finished (the file says complete: false)
+        throughput += [{**pt, "complete": got.get("complete", True)} for pt in got.get("points", [])]
     res = {
         "date": time.strftime("%Y-%m-%d"), "started": args.started, "revision": args.rev,
         "wall_s": args.wall_so_far, "env": read_json(work / "env.json"),

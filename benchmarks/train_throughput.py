@@ -275,9 +275,11 @@ def run_isolated(argv: list[str], name: str, peer: str, work: Path) -> dict:
     return got
 
 
-def measure(name: str, cfg: Config, peers: list[str], rounds: int, run: Callable[[str, int], dict]) -> dict:
+def measure(name: str, cfg: Config, peers: list[str], rounds: int, run: Callable[[str, int], dict],
+            progress: Optional[Callable[[dict], None]] = None) -> dict:
     """``rounds`` rounds of every peer in turn (``run(peer, round)``), then the medians. Each round
-    starts one peer later than the one before, so no implementation always runs first."""
+    starts one peer later than the one before, so no implementation always runs first. After each
+    run ``progress`` gets the summary so far (a killed benchmark keeps what it measured)."""
     results: dict[str, dict] = {p: {"runs": []} for p in peers}
     for r in range(rounds):
         for peer in peers[r % len(peers):] + peers[:r % len(peers)]:
@@ -286,15 +288,24 @@ def measure(name: str, cfg: Config, peers: list[str], rounds: int, run: Callable
             got = run(peer, r)
             if "skipped" in got:
                 results[peer]["skipped"] = got["skipped"]
-                continue
-            results[peer]["runs"].append(got)
-            print(f"  {name} round {r + 1}/{rounds} {peer:10s} {got['tokens_per_s']:>10,.0f} tok/s  "
-                  f"peak {got['peak_mib']:,.0f} MiB", flush=True)
+            else:
+                results[peer]["runs"].append(got)
+                print(f"  {name} round {r + 1}/{rounds} {peer:10s} {got['tokens_per_s']:>10,.0f} tok/s  "
+                      f"peak {got['peak_mib']:,.0f} MiB", flush=True)
+            if progress:
+                progress(summarize(name, cfg, results))
+    return summarize(name, cfg, results)
+
+
+def summarize(name: str, cfg: Config, results: dict[str, dict]) -> dict:
+    """One model's point: each implementation's median tokens/s, MFU, peak memory and megareuse's
+    ratio to it within each round, over the runs it has so far (``results`` is left as it is)."""
     from megareuse.engine.ds import resolve_device
     from megareuse.engine.loop import peak_flops
     device = resolve_device(cfg.run.device)
     peak = peak_flops(device, cfg.run.peak_tflops)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    results = json.loads(json.dumps(results))  # a copy: the figures below are of these runs only
     ours = results.get("megareuse", {}).get("runs", [])
     for peer, res in results.items():
         if res["runs"]:
@@ -311,7 +322,8 @@ def measure(name: str, cfg: Config, peers: list[str], rounds: int, run: Callable
     return {"model": name, "params": param_count(cfg.model), "non_embedding_params": non_embedding_param_count(cfg.model),
             "seq_len": cfg.data.seq_len, "micro_batch": cfg.run.micro_batch_size, "grad_accum": cfg.run.grad_accum,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
-            "dtype": cfg.run.dtype, "compile": cfg.model.compile, "attention": cfg.model.attention, "results": results}
+            "dtype": cfg.run.dtype, "compile": cfg.model.compile, "attention": cfg.model.attention,
+            "results": results}
 
 
 def table(points: list[dict]) -> str:
@@ -412,13 +424,23 @@ def main(argv=None) -> None:
                                               args.save_timing)
             else:
                 run = lambda peer, r: run_isolated(child, name, peer, work / f"r{r}")  # noqa: E731
-            points.append(measure(name, cfg, peers, args.rounds, run))
+            done = list(points)
+            save = lambda pt: write_json(args.json, done + [{**pt, "isolated": not args.in_process}],  # noqa: E731
+                                         complete=False)
+            points.append(measure(name, cfg, peers, args.rounds, run, save if args.json else None))
             points[-1]["isolated"] = not args.in_process
     print()
     print(table(points))
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                                               "argv": sys.argv[1:], "points": points}, indent=2))
+        write_json(args.json, points, complete=True)
+
+
+def write_json(path: str, points: list[dict], complete: bool) -> None:
+    """The results so far, replaced atomically; ``complete`` is false until every run has ended."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "argv": sys.argv[1:],
+                               "complete": complete, "points": points}, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

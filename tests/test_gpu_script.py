@@ -110,6 +110,11 @@ def test_report_merges_step_results(tmp_path):
             "megareuse": {"tokens_per_s": 100.0, "mfu": 0.5, "peak_mib": 10.0},
             "hf": {"tokens_per_s": 50.0, "mfu": 0.25, "peak_mib": 12.0},
             "torchtitan": {"runs": [], "skipped": "not installed"}}}]}))
+    # the 1.1b step hit its timeout after megareuse's run: the file it left says complete: false
+    (work / "throughput-1.1b.json").write_text(json.dumps({"complete": False, "points": [{
+        "model": "1.1b", "seq_len": 2048, "micro_batch": 4, "results": {
+            "megareuse": {"runs": [{}], "tokens_per_s": 40.0, "mfu": 0.45, "peak_mib": 30.0},
+            "bare": {"runs": []}}}]}))
     (work / "tests-kernels.xml").write_text(
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1" time="2.5">'
         '<testcase classname="tests.test_kernels_ops" name="test_a"/>'
@@ -133,11 +138,14 @@ def test_report_merges_step_results(tmp_path):
     assert res["kernels"]["results"][0]["ms"] == 0.05
     assert res["tests"]["tests-kernels"]["passed"] == 1 and res["tests"]["tests-kernels"]["failed"] == [
         "tests.test_kernels_ops::test_b"]
-    assert res["throughput"][0]["results"]["hf"]["tokens_per_s"] == 50.0
+    assert {pt["model"]: pt for pt in res["throughput"]}["350m"]["results"]["hf"]["tokens_per_s"] == 50.0
     md = (tmp_path / "gpu.md").read_text()
     assert "| kernels | timeout | 65.0 | 65 |" in md
     assert "| 350m | 2048 x 4 | hf | 50 | 25.0% | 12 | 2.00 |" in md
     assert "| torchtitan | skipped: not installed |" in md
+    assert "| 1.1b | 2048 x 4 | megareuse | 40 | 45.0% | 30 | 1.00 |" in md
+    assert "| 1.1b | 2048 x 4 | bare | skipped: not run: the step ended first |" in md
+    assert {pt["model"]: pt["complete"] for pt in res["throughput"]} == {"1.1b": False, "350m": True}
     assert "| 1 | 0 |" in md
     assert "| rmsnorm | [16384, 2048] | fwd | triton | 0.050 | 2000.0 | 41.7 | 3.00 | - | - |" in md
     assert "unavailable: not supported" in md and "target rmsnorm: PASS" in md and "target attention: not measured" in md

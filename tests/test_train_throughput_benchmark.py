@@ -35,7 +35,9 @@ def test_train_throughput_smoke(tmp_path, prepared, where):
            *(["--in-process"] if where == "in-process" else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=base_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    point = json.loads(out.read_text())["points"][0]
+    written = json.loads(out.read_text())
+    assert written["complete"] is True and not list(tmp_path.glob("*.tmp"))
+    point = written["points"][0]
     assert point["isolated"] == (where == "isolated")
     res = point["results"]
     assert set(res) == set(peers.split(",")) | ({f"megareuse[{variants}]"} if variants != "none" else set())
@@ -99,3 +101,38 @@ def test_torchtitan_peer_is_the_same_model(tie):
     logits = ours(batch[:, :-1])
     assert logits.std() > 1.0
     torch.testing.assert_close(titan(batch[:, :-1]).float(), logits, rtol=0, atol=1e-5)
+
+
+def test_partial_results_are_written_after_every_run(tmp_path):
+    """A benchmark killed between runs (gpu.sh's step timeout) leaves a JSON of the runs it
+    finished, marked incomplete; the medians and per-round ratios are those of the runs so far."""
+    from megareuse.config import Config
+
+    bench = _load_benchmark()
+    cfg = Config.from_dict({"model": {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                                      "ffn_hidden": 64, "max_seq_len": 16}, "data": {"seq_len": 16}}).validate()
+    rates = iter([100.0, 50.0, 80.0])
+    path = tmp_path / "tp.json"
+    seen = []
+
+    def run(peer, r):
+        if peer == "megareuse" and r == 1:
+            raise KeyboardInterrupt  # killed in round 2 (bare ran first there) during megareuse's run
+        return {"tokens_per_s": next(rates), "peak_mib": 1.0}
+
+    def progress(point):
+        seen.append(point)
+        bench.write_json(str(path), [point], complete=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        bench.measure("toy", cfg, ["megareuse", "bare"], 2, run, progress)
+    got = json.loads(path.read_text())
+    assert got["complete"] is False and len(seen) == 3
+    assert seen[0]["results"]["bare"] == {"runs": []}
+    assert seen[1]["results"]["bare"]["paired_ratios"] == [2.0]
+    res = got["points"][0]["results"]
+    assert res["megareuse"]["tokens_per_s"] == 100.0
+    assert res["bare"]["tokens_per_s"] == 65.0 and len(res["bare"]["runs"]) == 2
+    assert "paired_ratios" not in res["bare"]  # 1 run against 2: no per-round pairing is claimed
+    bench.write_json(str(path), seen[-1:], complete=True)
+    assert json.loads(path.read_text())["complete"] is True and not list(tmp_path.glob("*.tmp"))
