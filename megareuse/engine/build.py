@@ -75,12 +75,21 @@ def meta_model(cfg: ModelConfig) -> GPT:
 
 
 def build_model(cfg: ModelConfig, pstate: ParallelState, device: torch.device, source: Optional[WeightSource] = None,
-                zero3_config: Optional[dict[str, Any]] = None, seed: int = 0) -> GPT:
+                zero3_config: Optional[dict[str, Any]] = None, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> GPT:
     """This rank's part of the model, materialised on ``device`` from ``source``.
 
     ``source`` None: the seeded initialisation of ``seed`` (``SeededInit``). With ``zero3_config`` (the DeepSpeed config of a ZeRO-3 run) each module's parameters are
     partitioned over the data-parallel group right after they are materialised. Collective
-    (TP subgroups; ZeRO-3 partitioning broadcasts)."""
+    (TP subgroups; ZeRO-3 partitioning broadcasts).
+
+    ``dtype``: the parameters' compute dtype (bf16 for a bf16 run). Each value is drawn or read
+    in fp32 and rounded once when placed. It matters at ZeRO-3: ``zero.Init(module=...)``
+    partitions parameters in whatever dtype they have, and DeepSpeed's engine never casts a
+    ZeRO-3 model, so fp32 parameters would stay fp32 (partitions, all-gathers and matmuls) in a
+    bf16 run. At ZeRO 0-2 the engine casts the model itself; building in bf16 there only saves
+    the fp32 copy. The optimizers' fp32 masters are made from these bf16 values (DeepSpeed's
+    rule at every stage); a resumed run sets them from the checkpoint's fp32 weights."""
     reference = meta_model(cfg)  # single-device structure: the draw order and full shapes
     source = SeededInit(seed, reference) if source is None else source
     model = meta_model(cfg)
@@ -103,7 +112,7 @@ def build_model(cfg: ModelConfig, pstate: ParallelState, device: torch.device, s
             else:
                 value = shard_state_dict({key: full}, cfg, pstate)[key] if pstate.tp_size > 1 else full
                 del full
-            _place(module, leaf, value.to(device=device, dtype=torch.float32), done)
+            _place(module, leaf, value.to(device=device, dtype=dtype), done)
         if reset:
             with torch.no_grad():
                 module.reset_parameters()

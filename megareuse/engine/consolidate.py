@@ -3,8 +3,9 @@ layout, written by global rank 0 while the ranks gather each tensor in turn, and
 an engine of any TP x DP x ZeRO layout.
 
 Saving (collective): for every parameter, in model order, the data-parallel shards of its fp32
-master value (or of an Adam moment) are gathered (DeepSpeed's ``safe_get_full_*`` at ZeRO 1-3
-and with bf16; the parameter or the torch optimizer's state at ZeRO-0 fp32), the tensor-parallel
+master value (or of an Adam moment) are gathered (DeepSpeed's ``safe_get_full_*`` at ZeRO 1-3;
+at ZeRO-0 the parameter itself in fp32, its fp32 master copy in bf16, and the torch optimizer's
+state keyed by whichever of the two it steps: ``fp32_masters``), the tensor-parallel
 shards are gathered onto the first replica's TP rank 0, merged into the single-device tensor by
 rank 0 and appended to the file. No rank holds more than one full tensor at a time.
 
@@ -46,16 +47,37 @@ def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return list(model.named_parameters())  # shared (tied) parameters appear once, first name
 
 
-def _full_over_dp(engine, param: nn.Parameter, key: Optional[str]) -> torch.Tensor:
+def fp32_masters(engine) -> dict[int, torch.Tensor]:
+    """id(model parameter) -> its fp32 master copy, for the ZeRO-0 low-precision wrapper.
+
+    At ZeRO-0 in bf16 DeepSpeed wraps the optimizer in ``FP16_UnfusedOptimizer`` (its "DDP
+    bf16" path): the model holds bf16 parameters, the torch optimizer steps fp32 clones of them
+    (``fp32_groups``) and keys its Adam state by those clones, not by the model's parameters.
+    Empty for every other wrapper (ZeRO 1-3 expose the masters through ``safe_get_full_*``;
+    ZeRO-0 fp32 steps the model's own parameters)."""
+    opt = engine.optimizer
+    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if low is None or high is None or hasattr(opt, "bit16_groups"):
+        return {}
+    return {id(lp): hp for lp_group, hp_group in zip(low, high) for lp, hp in zip(lp_group, hp_group)}
+
+
+def _is_zero(param: nn.Parameter) -> bool:
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def _full_over_dp(engine, param: nn.Parameter, key: Optional[str],
+                  masters: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
     """This rank's TP shard of ``param`` (its fp32 master, or Adam moment ``key``), whole over DP."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+    if _is_zero(param):
         value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
         return value.reshape(getattr(param, "ds_shape", param.shape))
+    master = (masters or {}).get(id(param), param)
     if key is None:
-        return param.detach()
-    return base_optimizer(engine).state[param][key]
+        return master.detach()
+    return base_optimizer(engine).state[master][key]
 
 
 def _merge_tp(key: str, shard: torch.Tensor, cfg: ModelConfig, ps: ParallelState) -> Optional[torch.Tensor]:
@@ -76,8 +98,9 @@ def _merge_tp(key: str, shard: torch.Tensor, cfg: ModelConfig, ps: ParallelState
 def stream_full(engine, model: nn.Module, cfg: ModelConfig, ps: ParallelState,
                 moment: Optional[str] = None) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
     """(key, single-device fp32 tensor on rank 0 / None elsewhere) per parameter; collective."""
+    masters = fp32_masters(engine)
     for key, param in _unique_params(model):
-        yield key, _merge_tp(key, _full_over_dp(engine, param, moment).float(), cfg, ps)
+        yield key, _merge_tp(key, _full_over_dp(engine, param, moment, masters).float(), cfg, ps)
 
 
 def state_specs(model: nn.Module, cfg: ModelConfig, moments: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -159,10 +182,11 @@ def load_full(engine, model: nn.Module, cfg: ModelConfig, ps: ParallelState,
 
     _ensure_state(engine, step)
     base = base_optimizer(engine)
+    masters = fp32_masters(engine)
     for key, param in _unique_params(model):
-        zero = hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+        zero, master = _is_zero(param), masters.get(id(param))
         sources = [(m, moments[f"{m}/{key}"]) for m in MOMENTS]
-        if weights is not None and zero:
+        if weights is not None and (zero or master is not None):  # the model built a rounded copy
             sources.append((None, weights[key]))
         for moment, full in sources:
             shard = shard_state_dict({key: full}, cfg, ps)[key] if ps.tp_size > 1 else full
@@ -172,6 +196,11 @@ def load_full(engine, model: nn.Module, cfg: ModelConfig, ps: ParallelState,
                     safe_set_full_fp32_param(param, target)
                 else:
                     safe_set_full_optimizer_state(param, target, moment)
-            else:
-                with torch.no_grad():
-                    base.state[param][moment].copy_(shard)
+                continue
+            with torch.no_grad():
+                held = param if master is None else master
+                if moment is None:  # the fp32 master, and the model's low-precision copy of it
+                    held.copy_(shard)
+                    param.copy_(shard)
+                else:
+                    base.state[held][moment].copy_(shard)

@@ -1,8 +1,8 @@
 """Reliability policy of the training loop: stop signals, the divergence guard, loss spikes.
 
 * ``StopSignals``: SIGTERM / SIGUSR1 (SLURM's warning before the time limit, or preemption)
-  only set a flag in the handler. At every step boundary the ranks agree on it with one
-  all-reduce (MAX over the world), so all of them checkpoint the same step and exit with
+  only set a flag in the handler. At each log, eval and save step the ranks agree on it with
+  one host all-reduce (MAX over the world), so all of them checkpoint the same step and exit with
   ``EXIT_REQUEUE`` (75, EX_TEMPFAIL), which the SLURM scripts turn into a requeue.
 * ``DivergenceGuard``: a step whose loss or gradient norm is not finite is skipped (the optimizer
   does not apply it). ``max_skips`` skips inside ``skip_window`` steps trigger ``on_divergence``:
@@ -73,8 +73,9 @@ class StopSignals:
             self.received = signum
 
     def agreed(self, group=None) -> Optional[str]:
-        """The signal any rank received (collective when distributed), or None."""
-        code = torch.tensor([self.received or 0], dtype=torch.int64)
+        """The signal any rank received (collective when distributed), or None. A host tensor:
+        on CUDA the group's gloo backend carries it (parallel/backend.py), not NCCL."""
+        code = torch.tensor([self.received or 0], dtype=torch.int64, device="cpu")
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(code, op=dist.ReduceOp.MAX, group=group)
         return signal.Signals(int(code)).name if int(code) else None

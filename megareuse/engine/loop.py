@@ -1,8 +1,10 @@
 """The training loop and its reliability policy (docs/reliability.md), driving a ``Stage``.
 
-Per step: train, log (with spike detection), skip/rollback/stop for non-finite steps, evaluate,
-save, then one all-reduce on which every rank learns whether any of them got a stop signal; if
-so, all of them checkpoint that step and stop with ``Preempted``. With more than one rank a
+Per step: train; at log, eval and save steps: read the steps' results (one host sync), log
+them (with spike detection), skip/rollback/stop for non-finite steps, evaluate, save, then one
+host all-reduce on which every rank learns whether any of them got a stop signal; if so, all of
+them checkpoint that step and stop with ``Preempted`` (a signal waits at most
+``run.log_interval`` steps; SLURM sends it minutes before the time limit). With more than one rank a
 watchdog thread publishes heartbeats; a collective that fails is explained by naming the dead or
 stuck rank (``RankFailure``).
 """
@@ -200,7 +202,8 @@ class TrainingLoop:
             evaluating = step % run.eval_interval == 0 or last
             saving = step % run.save_interval == 0 or last or step == stop or step in stage.save_steps
             saved = None
-            if evaluating or saving or step % run.log_interval == 0:
+            settling = evaluating or saving or step % run.log_interval == 0
+            if settling:
                 if self._settle(pending, stop, log, progress):  # rolled back
                     t_start, wall_before = time.perf_counter(), stage.state.wall_s
                     progress.start(stage.state.step)
@@ -213,7 +216,9 @@ class TrainingLoop:
                     saved = stage.save()
                     if stage.pending_save is None:
                         stage.emit(f"saved {saved}")
-            received = signals.agreed()
+            # the ranks agree on stop signals where they wait for the device anyway (log, eval and
+            # save steps): an all-reduce every step would be a host round trip between steps
+            received = signals.agreed() if settling else None
             if received is not None:
                 if self._settle(pending, stop, log, progress):
                     continue  # the signal stays set: acted on after the rollback's next step

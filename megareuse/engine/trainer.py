@@ -281,7 +281,8 @@ class Trainer:
         source = None if source_dir is None else CheckpointWeights(
             weights.open_weights(source_dir, cfg.model.tie_embeddings, cfg.model))
         model = build_model(cfg.model, self.pstate, self.device, source, seed=cfg.run.seed,
-                            zero3_config=ds_config if cfg.parallel.zero_stage == 3 else None)
+                            zero3_config=ds_config if cfg.parallel.zero_stage == 3 else None,
+                            dtype=torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32)
         if cfg.model.compile:
             model.compile_blocks()
         self.optimizer = make_optimizer(model, cfg.optim, self.device)
@@ -524,7 +525,7 @@ class Trainer:
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
             error = exc
         if collective and self.pstate.world_size > 1:
-            failed = torch.tensor([int(error is not None)])
+            failed = torch.tensor([int(error is not None)], device="cpu")  # host: the group's gloo side
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
             if int(failed) and error is None:
                 error = ckpt.CheckpointError(f"checkpoint error: another rank's background write of step "
