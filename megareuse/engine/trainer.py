@@ -37,7 +37,7 @@ from megareuse.engine.inputs import open_training_data, tokenizer_files
 from megareuse.engine.loop import StepResult, TrainingLoop, read_steps
 from megareuse.engine.metrics import read_metrics, tune_host_allocator
 from megareuse.engine.prefetch import Prefetcher
-from megareuse.engine.schedule import LRSchedule
+from megareuse.engine.schedule import LRSchedule, StepClock
 from megareuse.model import flops_per_token, non_embedding_param_count, param_count
 from megareuse.parallel.launch import discover
 from megareuse.paths import output_dir_problem
@@ -154,17 +154,27 @@ class Trainer:
         self.device = resolve_device(cfg.run.device, launch.local_rank)
         # rank 0 picks the checkpoint (checksumming it once, not once per rank); all ranks agree
         self.resume_from = self._on_rank0(lambda: self._resolve_resume(resume))
-        self.tokens_per_step = cfg.tokens_per_step * self.pstate.dp_size
-        self.total_steps = cfg.run.train_tokens // self.tokens_per_step
-        if self.total_steps < 1:
+        self.state = TrainState()
+        self.saved = self._read_saved() if self.resume_from is not None else None  # (trainer, meta)
+        self.clock = self._step_clock(cfg.tokens_per_step * self.pstate.dp_size)
+        self.tokens_per_step = self.clock.tokens_per_step
+        base = self.clock.base_tokens_per_step
+        budget = cfg.run.train_tokens // base * base  # the tokens the run trains, fixed at its start
+        if budget < 1:
             raise ConfigError(f"config error: run.train_tokens = {cfg.run.train_tokens}: accepted at "
                              f"least one step of {self.tokens_per_step} tokens at DP={self.pstate.dp_size}")
-        self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.total_steps)
-        bad = [t for t in cfg.run.save_tokens if t % self.tokens_per_step]
+        self.total_steps = self.clock.step_of(budget)
+        if self.total_steps is None:
+            raise self._batch_change_error(f"the {budget - self.clock.tokens_before(int(self.saved[0]['step'])):,} "
+                                           "tokens left of run.train_tokens")
+        self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, budget // base)
+        bad = [t for t in cfg.run.save_tokens if self.clock.step_of(t) is None]
+        if bad and self.saved is not None and len(self.clock.segments) > 1:
+            raise self._batch_change_error(f"run.save_tokens = {bad}")
         if bad:
             raise ConfigError(f"config error: run.save_tokens = {bad}: accepted multiples of the "
                               f"{self.tokens_per_step} tokens of one step")
-        self.save_steps = frozenset(t // self.tokens_per_step for t in cfg.run.save_tokens)
+        self.save_steps = frozenset(self.clock.step_of(t) for t in cfg.run.save_tokens)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         if self.pstate.world_size > 1:  # sharded ranks stream tensors; one process holds the model anyway
@@ -174,7 +184,6 @@ class Trainer:
                                     cfg.run.micro_batch_size * self.pstate.dp_size, self.device) if prefetch else None
         self.async_save = self.device.type == "cuda" if cfg.run.async_save is None else cfg.run.async_save
         self.pending_save: Optional[PendingSave] = None
-        self.state = TrainState()
         self.guard = DivergenceGuard(cfg.guard)  # its state comes back with a resumed checkpoint
         self._lock: Optional[RunLock] = None
         self._take_lock()  # one training per run.out_dir, for as long as this one runs
@@ -183,6 +192,42 @@ class Trainer:
         except BaseException:
             self._release_lock()
             raise
+
+    def _read_saved(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The resumed checkpoint's trainer state and metadata, checked to be of this model and run."""
+        # verified with checksums by rank 0 in _resolve_resume; sizes only here
+        objs, meta = ckpt.load_checkpoint(self.resume_from, names=("trainer",), checksums=False, config=True)
+        diff = model_diff(meta["config"]["model"], asdict(self.cfg.model))
+        if diff:
+            raise ckpt.CheckpointError(f"run error: checkpoint {self.resume_from} was saved for "
+                                       f"another model shape: {'; '.join(diff)}")
+        self._check_same_run(meta)
+        return objs["trainer"], meta
+
+    def _step_clock(self, tokens_per_step: int) -> StepClock:
+        """A fresh run's clock, or the resumed checkpoint's continued at this job's tokens per step
+        (engine/schedule.py ``StepClock``: a resume at another DP size, micro-batch or accumulation
+        keeps the LR schedule, the budget and the pinned save points where they were in tokens)."""
+        if self.saved is None:
+            return StepClock.start(tokens_per_step)
+        trainer, meta = self.saved
+        if "clock" in trainer:
+            clock = StepClock.from_list(trainer["clock"])
+        else:  # written before the clock was saved: one segment, at the tokens per step it ran
+            run, data = meta["config"]["run"], meta["config"]["data"]
+            dp = int((meta.get("layout") or {}).get("dp", 1))
+            clock = StepClock.start(run["micro_batch_size"] * run["grad_accum"] * data["seq_len"] * dp)
+        return clock.resumed(int(trainer["step"]), tokens_per_step)
+
+    def _batch_change_error(self, what: str) -> ckpt.CheckpointError:
+        run, ps = self.cfg.run, self.pstate
+        before = self.clock.segments[-2][2] if len(self.clock.segments) > 1 else self.tokens_per_step
+        return ckpt.CheckpointError(
+            f"run error: --resume {self.resume_from}: trained at {before:,} tokens per step, this job "
+            f"trains {self.tokens_per_step:,} (run.micro_batch_size {run.micro_batch_size} x run.grad_accum "
+            f"{run.grad_accum} x data.seq_len {self.cfg.data.seq_len} x DP {ps.dp_size}); {what} "
+            "fall between two of its steps; accepted a micro-batch, accumulation or DP size whose tokens "
+            "per step divides them, or the checkpoint's own")
 
     def _check_same_run(self, meta: dict[str, Any]) -> None:
         """A resumed checkpoint must be of this kind of run: resuming a base run's checkpoint
@@ -266,16 +311,7 @@ class Trainer:
 
         cfg = self.cfg
         ds_config = deepspeed_config(cfg, self.pstate.dp_size)
-        saved = None
-        if self.resume_from is not None:
-            # verified with checksums by rank 0 in _resolve_resume; sizes only here
-            objs, meta = ckpt.load_checkpoint(self.resume_from, names=("trainer",), checksums=False, config=True)
-            diff = model_diff(meta["config"]["model"], asdict(cfg.model))
-            if diff:
-                raise ckpt.CheckpointError(f"run error: checkpoint {self.resume_from} was saved for "
-                                           f"another model shape: {'; '.join(diff)}")
-            self._check_same_run(meta)
-            saved = (objs["trainer"], meta)
+        saved = self.saved
         source_dir = self.resume_from if self.resume_from is not None else (self.init.path if self.init else None)
         torch.manual_seed(cfg.run.seed)
         source = None if source_dir is None else CheckpointWeights(
@@ -482,7 +518,7 @@ class Trainer:
         """Rank 0's last act of a save, with the state of this step captured now: given the
         engine files' manifest entries, write trainer.pt and commit the checkpoint."""
         trainer = {**asdict(self.state), "guard": asdict(self.guard.state), "rng_cpu": torch.get_rng_state(),
-                   "optimizer_step": adam_step}
+                   "optimizer_step": adam_step, "clock": self.clock.to_list()}
         if torch.cuda.is_available():
             trainer["rng_cuda"] = torch.cuda.get_rng_state()
         meta = self.meta() if self.is_main else None
@@ -565,7 +601,7 @@ class Trainer:
         advance either way. Nothing here waits for the device: loss, norm and the applied flag
         come back as tensors, read by the loop at its log, eval and save steps."""
         run, ps = self.cfg.run, self.pstate
-        lr = self.schedule(self.state.step) * self.guard.state.lr_scale
+        lr = self.schedule(self.clock.schedule_step(self.state.step)) * self.guard.state.lr_scale
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         losses = None
