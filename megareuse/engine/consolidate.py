@@ -62,6 +62,20 @@ def fp32_masters(engine) -> dict[int, torch.Tensor]:
     return {id(lp): hp for lp_group, hp_group in zip(low, high) for lp, hp in zip(lp_group, hp_group)}
 
 
+def precision(engine) -> str:
+    """What the engine really holds, e.g. "bf16 parameters, fp32 master weights and moments":
+    the model's parameters (a ZeRO-3 partition's own dtype) and the tensors the torch optimizer
+    steps. For the start line, and the tests that a bf16 run is bf16 at every ZeRO stage."""
+    param = next(engine.module.parameters())
+    held = getattr(param, "ds_tensor", None)
+    low = str((held if held is not None else param).dtype).replace("torch.", "").replace("bfloat16", "bf16") \
+        .replace("float32", "fp32")
+    stepped = [p for group in base_optimizer(engine).param_groups for p in group["params"]]
+    stepped = stepped or list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO-3's
+    high = str(stepped[0].dtype).replace("torch.", "").replace("float32", "fp32") if stepped else "none"
+    return f"{low} parameters, {high} master weights and moments" if low != high else f"{low} throughout"
+
+
 def _is_zero(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 

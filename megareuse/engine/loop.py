@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megareuse.config import Config
 from megareuse.engine import checkpoint as ckpt
+from megareuse.engine.consolidate import precision
 from megareuse.atomic import write_text_atomic
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, Preempted, StopSignals
 from megareuse.engine.metrics import MetricsLog, Progress, format_duration, peak_memory_mib
@@ -150,7 +151,8 @@ class TrainingLoop:
         self.stage.emit(f"training {param_count(cfg.model):,} parameters "
                   f"({non_embedding_param_count(cfg.model):,} non-embedding) for {self.stage.total_steps} "
                   f"steps x {self.stage.tokens_per_step} tokens on {ps.world_size} x {self.stage.device} "
-                  f"(TP={ps.tp_size}, DP={ps.dp_size}, ZeRO-{cfg.parallel.zero_stage}, {run.dtype})")
+                  f"(TP={ps.tp_size}, DP={ps.dp_size}, ZeRO-{cfg.parallel.zero_stage}, {run.dtype}: "
+                  f"{precision(self.stage.engine)})")
         signals = StopSignals(cfg.guard.signals)
         watchdog = self._start_watchdog()
         t_start = time.perf_counter()
