@@ -85,3 +85,50 @@ def test_bf16_train_step_fused_loss_equals_plain(data_dir, reference, tmp_path):
     got = losses(data_dir, tmp_path / "run", "model.attention=sdpa", "model.loss=fused")
     assert all(math.isfinite(x) for x in got), got
     assert got == pytest.approx(reference, rel=RTOL), (got, reference)
+
+
+def _config(data: Path, out: Path, *overrides: str):
+    from megareuse.config import load_config
+    from megareuse.engine.trainer import Trainer
+
+    seq, micro = 256, 4
+    cfg = load_config(str(CONFIG), [
+        f"data.dir={data}", f"run.out_dir={out}", "data.train={prose: 1.0}", "data.valid=[prose]",
+        f"data.seq_len={seq}", f"model.max_seq_len={seq}", f"run.micro_batch_size={micro}", "run.grad_accum=1",
+        f"run.train_tokens={4 * seq * micro}", "run.device=cuda", "run.dtype=bf16", "run.save_interval=2",
+        "run.eval_tokens=2048", "run.eval_interval=100", "schedule.warmup_steps=1", "run.seed=0",
+        "run.log_interval=1", "run.async_save=false", "model.attention=sdpa", *overrides])
+    return cfg
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_train_step_saves_and_resumes_bit_exactly(stage, data_dir, tmp_path):
+    """bf16 at ZeRO-0 (it crashed at its first save) and ZeRO-3 (it computed in fp32) on CUDA:
+    bf16 parameters with fp32 masters, a checkpoint at step 2, and a resume from it that gives the
+    same losses bit for bit (one GPU: the world is one rank)."""
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+
+    from megareuse.engine.consolidate import precision
+    from megareuse.engine.metrics import read_metrics
+    from megareuse.engine.trainer import Trainer
+
+    out = tmp_path / "run"
+    first = Trainer(_config(data_dir, out, f"parallel.zero_stage={stage}"), emit=lambda _s: None)
+    assert precision(first.engine) == "bf16 parameters, fp32 master weights and moments"
+    config = dist.get_backend_config()
+    assert "cuda:nccl" in config and "cpu:gloo" in config, config  # host collectives have gloo
+    host, device = torch.ones(1), torch.ones(1, device="cuda")
+    dist.all_reduce(host), dist.all_reduce(device)  # both sides of the group answer
+    first.run()
+    whole = [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
+    part = tmp_path / "part"
+    shutil.copytree(out, part)
+    again = Trainer(_config(data_dir, part, f"parallel.zero_stage={stage}"),
+                    resume=str(part / "checkpoints" / "step_00000002"), emit=lambda _s: None)
+    again.run()
+    assert [r["loss"] for r in read_metrics(part) if r["kind"] == "train"] == whole
+    del first, again
+    torch.cuda.empty_cache()
