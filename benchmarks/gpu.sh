@@ -9,8 +9,11 @@
 #                    deps, no network); record the GPU and the torch/triton/CUDA versions
 #   data             prepare the prose corpus once (vocab 2048) for the benchmarks and the train
 #                    test; keep the hf / torchtitan peers where each builds and runs a Llama here
-#   tests-kernels    MEGAREUSE_TEST_GPU=1 pytest tests/test_kernels*.py (bf16 included on CUDA)
-#   tests-train      bf16 training steps per attention backend and fused vs plain loss
+#   tests-kernels    MEGAREUSE_TEST_GPU=1 pytest tests/test_kernels*.py (bf16 included on CUDA) and
+#                    tests/test_kernel_verify.py (the auto mode's first-use check of every kernel
+#                    against float64 at the 1.1B shapes, fp32 and bf16, and its fall-backs)
+#   tests-train      bf16 training steps per attention backend and fused vs plain loss; bf16
+#                    ZeRO-0 and ZeRO-3 save and resume bit for bit; the cpu:gloo,cuda:nccl group
 #                    (tests/test_gpu_train_step.py) and the fused head tests of tests/test_lm_loss.py
 #   kernels          benchmarks/kernel_speed.py (attention at S 1024/4096, norm, SwiGLU, RoPE, linear+CE)
 #   memory           benchmarks/memory.py (CPU gloo ranks, CUDA hidden), in the background
@@ -30,15 +33,15 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 
 STEPS=(setup data tests-kernels tests-train kernels memory throughput-350m throughput-1.1b report)
-declare -A TIMEOUT=([setup]=30 [data]=40 [tests-kernels]=85 [tests-train]=50 [kernels]=65 [memory]=200
-                    [throughput-350m]=75 [throughput-1.1b]=95 [report]=10)
+declare -A TIMEOUT=([setup]=30 [data]=40 [tests-kernels]=85 [tests-train]=75 [kernels]=55 [memory]=200
+                    [throughput-350m]=60 [throughput-1.1b]=95 [report]=10)
 BACKGROUND=memory          # runs beside the steps from after BG_AFTER up to BG_BEFORE
 BG_AFTER=data
 BG_BEFORE=throughput-350m
 KILL_AFTER=3               # SIGKILL this long after a step's timeout (its SIGTERM) if it still runs
 LIMIT_S=480
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY=0
 OUTDIR=""
@@ -98,7 +101,8 @@ step_cmd() {
         data) CMD=("$PY" benchmarks/gpu_report.py prepare "$DATA" --peers-file "$PEERS_FILE") ;;
         tests-kernels) CMD=(env MEGAREUSE_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider
                             tests/test_kernels.py tests/test_kernels_attention.py tests/test_kernels_ce.py
-                            tests/test_kernels_ops.py --junitxml "$WORK/tests-kernels.xml") ;;
+                            tests/test_kernels_ops.py tests/test_kernel_verify.py
+                            --junitxml "$WORK/tests-kernels.xml") ;;
         tests-train) CMD=(env MEGAREUSE_TEST_GPU=1 "MEGAREUSE_TEST_DATA=$DATA" "$PY" -m pytest -q
                           -p no:cacheprovider tests/test_gpu_train_step.py tests/test_lm_loss.py
                           -k "bf16_train_step or fused" --junitxml "$WORK/tests-train.xml") ;;
@@ -108,10 +112,11 @@ step_cmd() {
                      --ac none --steps 2) ;;
         throughput-350m|throughput-1.1b)
             local model=${1#throughput-}
-            # variants: megareuse with a switch flipped (sdpa: the fused-attention default's gain;
-            # sync-every-step: the deferred host reads' gain); steps 9 / warmup 3: losses read every 3 steps
-            local variants=sdpa
-            [ "$model" = 350m ] && variants=sync-every-step,sdpa
+            # variants: megareuse with a switch flipped (fused-attention: model.attention=auto, the
+            # verified Triton kernels against the configs' SDPA default; sync-every-step: the deferred
+            # host reads' gain); steps 9 / warmup 3: losses read every 3 steps
+            local variants=fused-attention
+            [ "$model" = 350m ] && variants=sync-every-step,fused-attention
             CMD=("$PY" benchmarks/train_throughput.py --device cuda --model "$model" --peers "$(peers)"
                  --variants "$variants" --steps 9 --warmup 3 --rounds 1 --data "$DATA" --in-process
                  --json "$WORK/throughput-$model.json") ;;
