@@ -2,7 +2,8 @@
 
 - ``--dry-run`` lists every step with its timeout; the foreground timeouts (plus the kill grace
   of each) fit in 8 minutes, and the background step (memory) fits in the window of the steps it
-  runs beside; ``--skip`` drops a step from the sum and an unknown step is refused;
+  runs beside; the kernel tests include the first-use verification (test_kernel_verify.py);
+  ``--skip`` drops a step from the sum and an unknown step is refused;
 - shellcheck is clean on gpu.sh and wheels.sh (skipped when shellcheck is not installed);
 - the report helper merges a work folder of made-up step results into gpu.json / gpu.md;
 - slow: the wheel set (.whl/, or built into a temp dir by wheels.sh) is complete for CPython 3.12
@@ -65,12 +66,14 @@ def test_dry_run_lists_every_step_within_eight_minutes(tmp_path):
         assert s["timeout"] + KILL_AFTER <= sum(steps[w]["timeout"] + KILL_AFTER for w in window), (name, window)
     cmds = {k: v["cmd"] for k, v in steps.items()}
     assert "MEGAREUSE_TEST_GPU=1" in cmds["tests-kernels"] and "tests/test_kernels_attention.py" in cmds["tests-kernels"]
+    assert "tests/test_kernel_verify.py" in cmds["tests-kernels"]  # the auto mode's check, on the GPU
     assert "tests/test_gpu_train_step.py" in cmds["tests-train"]
     assert "benchmarks/kernel_speed.py --json" in cmds["kernels"]
     assert "--device cuda --model 350m" in cmds["throughput-350m"]
     assert "--device cuda --model 1.1b" in cmds["throughput-1.1b"]
     assert "benchmarks/memory.py" in cmds["memory"]
     for name in ("throughput-350m", "throughput-1.1b"):  # the steps fit their timeouts at ~0.4 s/step
+        assert "fused-attention" in cmds[name]  # the opt-in Triton kernels against the SDPA default
         m = re.search(r"--steps (\d+) --warmup (\d+) --rounds (\d+)", cmds[name])
         assert m and int(m.group(1)) * int(m.group(3)) <= 10, cmds[name]
 

@@ -5,8 +5,10 @@ A backend is a function ``fn(q, k, v, causal=True)`` taking q [B, H, T, D] and k
 [B, H, T, D] scaled by 1/sqrt(D). Built in: "sdpa" (PyTorch's fused kernel), "eager"
 (an explicit fp32 softmax reference), "triton" (the flash-attention kernel of
 ``megareuse_kernels``, falling back to SDPA with a logged reason for shapes it does not take) and
-"auto" (Triton for supported CUDA inputs, SDPA otherwise; the choice is logged once). The Triton
-backends import triton only when first called. Others plug in with ``register_attention_backend``.
+"auto" (Triton for supported CUDA inputs once the kernel has passed its one-time check against a
+float64 reference on that device, dtype and shape class, ``megareuse_kernels.verify``; SDPA
+otherwise; the choice is logged once). The Triton backends import triton only when first
+called. Others plug in with ``register_attention_backend``.
 
 With "triton" / "auto" the module's RoPE also uses the fused kernel (``Attention.kernels``).
 """
@@ -63,7 +65,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
 
 
 def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Triton flash attention on CUDA when importable and supported, SDPA otherwise (logged once)."""
+    """Triton flash attention on CUDA when importable, supported and verified on this device
+    (``megareuse_kernels.verify``), SDPA otherwise (logged once)."""
     from megareuse_kernels import select
 
     out = select.attention(q, k, v, causal, "auto")

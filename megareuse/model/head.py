@@ -10,8 +10,12 @@ gathers a partitioned parameter, and (2) it can be formed without the full [N, V
 - ``chunked``: ``chunked_linear_cross_entropy`` below, torch only, any device;
 - ``fused``: the Triton kernel ``megareuse_kernels.cross_entropy.linear_cross_entropy`` (CUDA, or
   CPU under TRITON_INTERPRET=1), which forms the gradients during the forward;
-- ``auto``: fused for CUDA tensors when Triton runs here, else chunked; plain when all N
-  tokens fit in one chunk (chunking would only add its backward recomputation).
+- ``auto``: fused for CUDA tensors when Triton runs here and the kernel passed its one-time
+  check against a float64 reference on that device, dtype and vocabulary size
+  (``megareuse_kernels.verify``; a failure is logged once and never retried in the process),
+  else chunked; plain when all N tokens fit in one chunk (chunking would only add its backward
+  recomputation). The GPU configs ship ``chunked`` explicitly until benchmarks/gpu.sh has
+  recorded the fused kernel's parity on a GPU (docs/kernels.md).
 
 Chunked design: the forward keeps only the per-token log-sum-exp; the backward recomputes each
 chunk's logits (one extra [chunk, d] x [d, V] matmul per chunk) and turns them into
@@ -126,16 +130,16 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
                                             process_group, int(vocab_start))
 
 
-def resolve_loss(impl: str, hidden: torch.Tensor, chunk_tokens: int) -> str:
-    """``impl`` with "auto" resolved for ``hidden`` [..., d]: "fused" on CUDA when Triton runs;
+def resolve_loss(impl: str, hidden: torch.Tensor, chunk_tokens: int, vocab: Optional[int] = None) -> str:
+    """``impl`` with "auto" resolved for ``hidden`` [..., d]: "fused" on CUDA when Triton runs and
+    the kernel is verified there for a ``vocab``-row output matrix (``select.fused_loss``);
     otherwise "chunked", or "plain" when all tokens fit in one chunk (chunking would then save
     at most a chunk's logits and cost its recomputation in the backward)."""
     if impl != "auto":
         return impl
     from megareuse_kernels import select
-    from megareuse_kernels.common import FLOAT_DTYPES
 
-    if hidden.dtype in FLOAT_DTYPES and select.use_triton("auto", "linear cross entropy", hidden):
+    if select.fused_loss(hidden, vocab):
         return "fused"
     return "plain" if hidden.numel() // hidden.shape[-1] <= chunk_tokens else "chunked"
 
@@ -174,7 +178,7 @@ class LMHead(nn.Linear):
         """h [..., d] -> logits [..., V] (h's dtype); with targets [...]: the fp32 mean loss."""
         if targets is None:
             return super().forward(h)
-        impl = resolve_loss(self.loss, h, self.chunk_tokens)
+        impl = resolve_loss(self.loss, h, self.chunk_tokens, self.out_features)
         if impl == "plain":
             return cross_entropy(super().forward(h), targets)
         return linear_cross_entropy(impl, h, self.weight, targets, self.chunk_tokens)

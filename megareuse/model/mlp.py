@@ -4,7 +4,8 @@ A SwiGLU FFN with hidden width F has 3 * d_model * F weights; LLaMA picks F ~ 8/
 (rounded up to a multiple) so that it costs about as much as a 4 * d_model GELU MLP.
 ``swiglu_hidden`` computes that width for configs that want the LLaMA rule; the model itself
 always uses ``ModelConfig.ffn_hidden`` as given. ``FeedForward.kernels`` ("torch" by default,
-"triton" or "auto") fuses silu(gate) * up into one Triton kernel (``megareuse_kernels``).
+"triton" or "auto") fuses silu(gate) * up into one Triton kernel (``megareuse_kernels``; in
+"auto" mode only after it passed its one-time check on the device, ``verify.py``).
 """
 from __future__ import annotations
 

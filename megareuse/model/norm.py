@@ -4,7 +4,8 @@ Unlike LayerNorm there is no mean subtraction and no bias: each vector is divide
 root mean square over the last dimension and multiplied by a learned per-channel gain.
 ``RMSNorm.kernels`` ("torch" by default, "triton" or "auto") lets the module use the fused
 Triton kernel (or apex's FusedRMSNorm in "auto" mode when apex is importable) of
-``megareuse_kernels``; see ``megareuse_kernels.select.set_fused_kernels``.
+``megareuse_kernels``; see ``megareuse_kernels.select.set_fused_kernels``. In "auto" mode the
+Triton kernel runs only after passing its one-time check on the device (``verify.py``).
 """
 from __future__ import annotations
 

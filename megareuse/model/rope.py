@@ -4,7 +4,8 @@ Frequencies f_i = theta^(-2i/D) for i < D/2 are duplicated to [f, f] along the h
 and a head vector x at position m becomes x * cos(m f) + rotate_half(x) * sin(m f), where
 rotate_half([x1, x2]) = [-x2, x1]. Dimension i is thus paired with dimension i + D/2.
 ``apply_rope(..., kernels="triton" | "auto")`` uses the fused kernel of ``megareuse_kernels``
-(imported on first use) where ``megareuse_kernels.select`` says it applies.
+(imported on first use) where ``megareuse_kernels.select`` says it applies ("auto": only after
+the kernel passed its one-time check on the device, ``megareuse_kernels.verify``).
 """
 from __future__ import annotations
 

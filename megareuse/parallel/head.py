@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from megareuse.model.head import LMHead, linear_cross_entropy, resolve_loss
 from megareuse.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -22,10 +23,16 @@ from megareuse.parallel.layers import ColumnParallelLinear
 from megareuse.parallel.state import ParallelState
 
 
+def checked_on(h: torch.Tensor) -> bool:
+    """Whether ``auto`` may pick the fused loss for ``h`` after a per-rank check (CUDA only)."""
+    return h.device.type == "cuda"
+
+
 class VocabParallelHead(ColumnParallelLinear):
     """Column-parallel head (vocabulary split, output not gathered) that can compute the loss."""
 
     loss, chunk_tokens = "plain", 1024  # set from the LMHead by from_linear
+    _fused_everywhere: Optional[bool] = None  # auto on CUDA: every TP rank's fused check passed
 
     @classmethod
     def from_linear(cls, linear: LMHead, state: ParallelState) -> "VocabParallelHead":
@@ -39,11 +46,26 @@ class VocabParallelHead(ColumnParallelLinear):
         """h [..., d] -> local logits [..., V/tp]; with targets [...]: the fp32 mean loss."""
         if targets is None:
             return super().forward(h)
-        impl = resolve_loss(self.loss, h, self.chunk_tokens)
+        impl = self._agreed(resolve_loss(self.loss, h, self.chunk_tokens, self.weight.shape[0]), h)
         if impl == "plain":
             return vocab_parallel_cross_entropy(super().forward(h), targets, self.state, "mean")
         group = self.state.tp_group if self.state.tp_size > 1 else None
         return linear_cross_entropy(impl, h, self.weight, targets, self.chunk_tokens, group, self.out_range[0])
+
+    def _agreed(self, impl: str, h: torch.Tensor) -> str:
+        """``auto`` on CUDA picks the fused kernel after a check each rank runs for itself
+        (megareuse_kernels/verify.py); the TP ranks must pick alike, since the fused and the
+        chunked loss all-reduce at different points. Decided once, on the first call, by a host
+        all-reduce (MIN) over the TP group: fused only where every rank's check passed."""
+        if self.loss != "auto" or self.state.tp_size == 1 or not checked_on(h):
+            return impl
+        if self._fused_everywhere is None:
+            flag = torch.tensor([int(impl == "fused")], dtype=torch.int32, device="cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.state.tp_group)
+            self._fused_everywhere = bool(flag.item())
+        if impl == "fused" and not self._fused_everywhere:
+            return "plain" if h.numel() // h.shape[-1] <= self.chunk_tokens else "chunked"
+        return impl
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, loss={self.loss!r}, chunk_tokens={self.chunk_tokens}"
