@@ -64,7 +64,7 @@ PEERS = ("megareuse", "hf", "bare", "torchtitan")
 VARIANTS = {"prefetch": ["run.prefetch=true"], "no-prefetch": ["run.prefetch=false"],
             "sync-every-step": ["run.sync_every_step=true"], "compile": ["model.compile=true"],
             "sdpa": ["model.attention=sdpa"], "fused-attention": ["model.attention=auto"]}
-DEFAULT_VARIANTS = {"cpu": "prefetch,sync-every-step,compile", "cuda": "no-prefetch,sync-every-step,sdpa"}
+DEFAULT_VARIANTS = {"cpu": "prefetch,sync-every-step,compile", "cuda": "no-prefetch,sync-every-step,fused-attention"}
 
 
 # ---------------------------------------------------------------- memory
