@@ -89,6 +89,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           "accepted integers >= 1")
     if args.workers < 1 or args.dp < 1:
         raise ConfigError(f"config error: --workers = {args.workers}, --dp = {args.dp}: accepted integers >= 1")
+    _check_sweep_device_flags(args)
     exp = load_experiment(args.config, args.overrides)
     runs = plan_experiment(exp, dp=args.dp)
     if args.dry_run:
@@ -101,14 +102,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         submit = write_slurm(runs, Path(args.config), Path(args.out), Path(args.slurm), dp=job_dp,
                              nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
                              partition=args.partition, account=args.account,
-                             extra_overrides=tuple(args.overrides))
+                             extra_overrides=tuple(args.overrides), exclusive=not args.share_nodes)
         print(f"wrote SLURM scripts; submit them with: bash {submit}")
         return 0
-    run_planned(exp, Path(args.out), dp=args.dp, only=args.run, workers=args.workers)
+    run_planned(exp, Path(args.out), dp=args.dp, only=args.run, workers=args.workers,
+                gpus_per_run=args.gpus_per_run, runs_per_gpu=args.runs_per_gpu or 1)
     if args.run is None:
         csv_path, _, n = collect(Path(args.out))
         print(f"{n} runs -> {csv_path}")
     return 0
+
+
+def _check_sweep_device_flags(args: argparse.Namespace) -> None:
+    """The local sweep's device flags: in range, and not given where they mean nothing (with
+    --slurm a run's GPUs are --nodes x --gpus-per-node; --run runs in this process under its
+    launcher). --share-nodes is for --slurm only."""
+    if args.gpus_per_run is not None and args.gpus_per_run < 0:
+        raise ConfigError(f"config error: --gpus-per-run = {args.gpus_per_run}: accepted an integer >= 0")
+    if args.runs_per_gpu is not None and args.runs_per_gpu < 1:
+        raise ConfigError(f"config error: --runs-per-gpu = {args.runs_per_gpu}: accepted an integer >= 1")
+    local = [f for f, v in (("--gpus-per-run", args.gpus_per_run), ("--runs-per-gpu", args.runs_per_gpu))
+             if v is not None]
+    if local and args.slurm:
+        raise ConfigError(f"config error: {local[0]} is for a local sweep; with --slurm each train run "
+                          "gets --nodes x --gpus-per-node GPUs (--share-nodes lets small runs share a node)")
+    if local and args.run:
+        raise ConfigError(f"config error: {local[0]} is for a local sweep; --run executes one run in "
+                          "this process, on the GPUs its launcher gives it")
+    if args.share_nodes and not args.slurm:
+        raise ConfigError("config error: --share-nodes is for --slurm; locally, --runs-per-gpu lets "
+                          "small runs share a GPU")
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -254,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="root directory of the sweep's runs")
     p.add_argument("--dry-run", action="store_true", help="print the plan with token and FLOP totals")
     p.add_argument("--workers", type=int, default=1, help="runs at a time (local)")
+    p.add_argument("--gpus-per-run", type=int, default=None, metavar="G",
+                   help="local: GPUs of each worker's runs, through CUDA_VISIBLE_DEVICES (default 1 on a "
+                        "GPU node with run.device cuda or auto, else 0); G > 1 runs each under torchrun "
+                        "with G ranks (plan with --dp G / parallel.tp)")
+    p.add_argument("--runs-per-gpu", type=int, default=None, metavar="K",
+                   help="local: workers that may share a GPU (default 1); their memory is yours to "
+                        "check (megareuse estimate)")
     p.add_argument("--run", "--run-id", dest="run", default=None, metavar="RUN_ID",
                    help="execute this one run of the plan")
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks per run (token accounting)")
@@ -263,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", default="24:00:00", help="--slurm: time limit per job")
     p.add_argument("--partition", default=None, help="--slurm: partition")
     p.add_argument("--account", default=None, help="--slurm: account")
+    p.add_argument("--share-nodes", action="store_true",
+                   help="--slurm: train tasks do not take whole nodes (no --exclusive, --mem=0), so "
+                        "SLURM packs runs of few GPUs onto shared nodes")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run's training config")
     p.set_defaults(func=cmd_sweep)
 

@@ -353,7 +353,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, fresh: bool = False, overrides: Sequ
     from megareuse.data.preprocess import load_prepared, prepare_default
     from megareuse.reuse.records import collect
     from megareuse.sweep.grid import load_experiment, plan_experiment, totals
-    from megareuse.sweep.local import run_sweep
+    from megareuse.sweep.local import run_sweep, sweep_devices
 
     if preset not in PRESETS:
         raise ConfigError(f"config error: --preset = {preset!r}: accepted one of {', '.join(PRESETS)}")
@@ -385,7 +385,9 @@ def run_demo(out: str | Path = DEFAULT_OUT, fresh: bool = False, overrides: Sequ
 
     _section(f"2/4 sweep: {len(runs)} runs, {tokens:,} tokens, {flops:.2e} FLOPs")
     t0 = time.perf_counter()
-    run_sweep(exp.train, runs, sweep_dir, workers=workers)
+    gpus = len(sweep_devices(exp.train))  # none unless run.device=cuda|auto on a GPU machine
+    # the demo's models are tiny: on GPUs its workers share them rather than be refused
+    run_sweep(exp.train, runs, sweep_dir, workers=workers, runs_per_gpu=-(-workers // gpus) if gpus else 1)
     csv_path, _, n = collect(sweep_dir)
     times["sweep"] = time.perf_counter() - t0
 

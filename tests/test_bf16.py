@@ -8,8 +8,10 @@ initial weights as a one-process fp32 run on the same global batch, and must sho
 - a consolidated checkpoint holding fp32 master weights (values bf16 cannot represent: not the
   rounded parameters) and both Adam moments of every parameter (before the fix ZeRO-0 crashed
   here, ``KeyError: 'exp_avg'``);
-- for ZeRO-0 and ZeRO-3 (and 1, 2 under ``-m slow``): a resume from step 2 that continues bit
-  for bit, and a resume at another layout.
+- a resume from step 2 that continues bit for bit (every layout but TP=2 ZeRO-2, whose
+  checkpoint is resumed at another layout instead);
+- a resume at another layout from every ZeRO stage (from ZeRO-0 in ``make test``, from 1-3
+  under ``-m slow``).
 The layouts' first losses in bf16 agree among themselves where the forward is the same math:
 ZeRO-3 equals ZeRO-1 exactly (same bf16 weights, same batches), which fp32 parameters would not.
 
@@ -97,17 +99,31 @@ def test_bf16_zero3_computes_what_zero1_computes(prepared, tmp_path):
     assert first[1] == first[3]
 
 
-def test_bf16_resume_at_another_layout(prepared, tmp_path, fp32_reference):
-    """A bf16 ZeRO-0 checkpoint (TP=1, one process) resumed as TP=2 ZeRO-3 on 2 ranks: fp32 masters and
-    moments resharded (weights set from the checkpoint's fp32 values, not the rounded bf16 ones)."""
+RESHARDS = [pytest.param((1, 0), (2, 3), id="zero0-tp1-to-zero3-tp2"),
+            pytest.param((1, 1), (2, 0), id="zero1-dp2-to-zero0-tp2", marks=pytest.mark.slow),
+            pytest.param((2, 2), (1, 1), id="zero2-tp2-to-zero1-dp2", marks=pytest.mark.slow),
+            pytest.param((1, 3), (2, 2), id="zero3-dp2-to-zero2-tp2", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("src, dst", RESHARDS)
+def test_bf16_resume_at_another_layout(prepared, tmp_path, src, dst):
+    """A bf16 checkpoint resumed at another TP x DP x ZeRO layout: the fp32 masters and moments
+    are resharded from the consolidated files (the weights set from the checkpoint's fp32 values,
+    not the rounded bf16 ones), and training goes on as the uninterrupted run within bf16's
+    rounding of the new layout's sums."""
     out = tmp_path / "run"
-    proc = run_job([sys.executable, TRAIN, *_args(prepared, out, 1, 0, "run.micro_batch_size=8")])
+    if src == (1, 0):  # one process: ZeRO-0 with a world of one
+        proc = run_job([sys.executable, TRAIN, *_args(prepared, out, 1, 0, "run.micro_batch_size=8")])
+    else:
+        proc = torchrun(2, _args(prepared, out, *src))
     assert proc.returncode == 0, proc.stdout[-3000:]
     whole = train_losses(out)
     part = tmp_path / "part"
     shutil.copytree(out, part)
-    again = torchrun(2, [*_args(prepared, part, 2, 3), "--resume", str(part / "checkpoints" / "step_00000002")])
+    again = torchrun(2, [*_args(prepared, part, *dst), "--resume", str(part / "checkpoints" / "step_00000002")])
     assert again.returncode == 0, again.stdout[-3000:]
-    assert "weights and optimizer state resharded to {'tp': 2, 'dp': 1, 'zero_stage': 3}" in again.stdout
+    tp, stage = dst
+    assert f"weights and optimizer state resharded to {{'tp': {tp}, 'dp': {2 // tp}, 'zero_stage': {stage}}}" \
+        in again.stdout, again.stdout[-2000:]
     resumed = train_losses(part)
     assert resumed[:2] == whole[:2] and resumed[2:] == pytest.approx(whole[2:], rel=1e-2)

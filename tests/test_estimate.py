@@ -66,13 +66,13 @@ def test_hand_counted_model_states():
         cfg = make_cfg(HAND, parallel={"tp": tp, "zero_stage": stage}, run={"dtype": dtype})
         est = estimate(cfg, world)
         assert (est.params, est.grads, est.optimizer) == (params, grads, optimizer), (tp, world, stage, dtype)
-    # ZeRO-3, DP=2, the generated buckets (d_model 8: reduce bucket 64, prefetch 57, persistence
-    # threshold 80): every tensor but the 256-element embedding shard is kept whole besides its
+    # ZeRO-3, DP=2, the generated buckets (reduce bucket capped at the rank's parameters, 1704 / 2 =
+    # 852; prefetch one layer, 296; persistence threshold 80): every tensor but the 256-element embedding shard is kept whole besides its
     # partition (sum of ceil(n/2) = 468; whole: 936 - 256 = 680); the embedding is gathered for
     # use (256, the largest sharded unit, within 256 + prefetch)
     est = estimate(make_cfg(HAND, parallel={"tp": 2, "zero_stage": 3}, **fp32), 4)
     assert (est.params, est.grads, est.optimizer) == (4 * (468 + 680), 4 * 468, 12 * 468 + 8)
-    assert est.buffers == 4 * 64 + 4 * 256 and est.step_transient == 0
+    assert est.buffers == 4 * 852 + 4 * 256 and est.step_transient == 0
     # the embedding's backward on gloo (a CPU config): its gradient, DeepSpeed's flat reduce input,
     # reduce_scatter_tensor's full copy and its output half; NCCL: the first two only
     assert est.comm_transient == int((2 + 1 + 1 / 2) * 4 * 256)

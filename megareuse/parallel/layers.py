@@ -78,6 +78,13 @@ class ColumnParallelLinear(nn.Module):
 
     The input is replicated (``copy_to_tp``: the backward pass sums the input gradient over the
     group); the output is this rank's slice, or the full output with ``gather_output=True``.
+    ``copy_input=False`` leaves that ``copy_to_tp`` to the caller: the layer is one of several
+    column-parallel projections of the same input (q/k/v, gate/up) and the caller applied
+    ``copy_to_tp`` once to that input, so the backward pass all-reduces the SUM of their input
+    gradients once instead of each one's separately (Megatron's fused QKV / gate-up
+    communication; ``tensor_parallel.parallelize_model`` installs it). The layer's own math is
+    the same either way; a layer with ``copy_input=False`` used alone leaves its input gradient
+    partial (this rank's output slice only).
 
     ``out_range`` overrides the equal split with explicit [start, stop) rows of the full weight
     (used for replicated KV heads); ``replica_group`` is then the process group of the TP ranks
@@ -88,7 +95,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, state: ParallelState,
                  gather_output: bool = False, bias: bool = False, *,
                  init_method: Optional[InitMethod] = None, out_range: Optional[tuple[int, int]] = None,
-                 replica_group: Optional[Any] = None, device=None, dtype=None):
+                 replica_group: Optional[Any] = None, copy_input: bool = True, device=None, dtype=None):
         super().__init__()
         if out_range is None:
             out_range = shard_range(out_features, state.tp_size, state.tp_rank, "output features")
@@ -98,7 +105,7 @@ class ColumnParallelLinear(nn.Module):
         if not 0 <= start < stop <= out_features:
             raise ValueError(f"out_range {out_range} is not inside [0, {out_features})")
         self.in_features, self.out_features, self.state = in_features, out_features, state
-        self.out_range, self.gather_output = (start, stop), gather_output
+        self.out_range, self.gather_output, self.copy_input = (start, stop), gather_output, bool(copy_input)
         self.replica_group = replica_group if group_size(replica_group) > 1 else None
         self.weight = nn.Parameter(torch.empty(stop - start, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(stop - start, device=device, dtype=dtype)) if bias else None
@@ -111,12 +118,12 @@ class ColumnParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, state: ParallelState, gather_output: bool = False, *,
                     out_range: Optional[tuple[int, int]] = None,
-                    replica_group: Optional[Any] = None) -> "ColumnParallelLinear":
+                    replica_group: Optional[Any] = None, copy_input: bool = True) -> "ColumnParallelLinear":
         """This rank's rows of a full single-device ``linear`` (values copied, nothing drawn)."""
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, state, gather_output,
                     bias=linear.bias is not None, init_method=skip_init, out_range=out_range,
-                    replica_group=replica_group, device=w.device, dtype=w.dtype)
+                    replica_group=replica_group, copy_input=copy_input, device=w.device, dtype=w.dtype)
         start, stop = layer.out_range
         with torch.no_grad():
             layer.weight.copy_(w[start:stop])
@@ -125,7 +132,8 @@ class ColumnParallelLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tp(x, self.state)
+        if self.copy_input:
+            x = copy_to_tp(x, self.state)
         weight, bias = self.weight, self.bias
         if self.replica_group is not None:
             weight = copy_to_tp(weight, self.replica_group)
@@ -137,7 +145,8 @@ class ColumnParallelLinear(nn.Module):
         start, stop = self.out_range
         return (f"in_features={self.in_features}, out_features={self.out_features}, rows=[{start}, {stop}), "
                 f"tp={self.state.tp_size}, gather_output={self.gather_output}, "
-                f"replicated={self.replica_group is not None}, bias={self.bias is not None}")
+                f"replicated={self.replica_group is not None}, bias={self.bias is not None}"
+                + ("" if self.copy_input else ", copy_input=False"))
 
 
 class RowParallelLinear(nn.Module):

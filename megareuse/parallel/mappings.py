@@ -114,8 +114,10 @@ def copy_to_tp(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Enter a TP region: forward identity, backward sums the gradient over ``group``.
 
     Used on the replicated input of a column-parallel layer (each rank's partial input gradient
-    covers only its output slice), and on a weight replicated over a subgroup whose ranks each
-    see only part of its uses (replicated KV heads).
+    covers only its output slice) — once for all the layers reading the same input (q/k/v,
+    gate/up: one all-reduce of their summed gradients, ``tensor_parallel.SharedInputCopy``) —
+    and on a weight replicated over a subgroup whose ranks each see only part of its uses
+    (replicated KV heads).
     """
     group = resolve_group(group)
     return x if group_size(group) == 1 else _CopyToGroup.apply(x, group)

@@ -18,6 +18,22 @@ h // (H / Hkv) (attention.py's repeat_interleave convention), so:
   summed over the m ranks (a subgroup per sharing set; see ColumnParallelLinear.replica_group).
 Attention reads its local head counts from the projection shapes, so it needs no change.
 
+Communication (Megatron's pattern): per transformer block, the forward pass all-reduces twice
+(the row-parallel outputs of wo and w2) and the backward pass twice (the gradient of the
+attention input and of the FFN input). The column-parallel q/k/v projections read one input, as
+do gate/up; each group enters the TP region once: a forward pre-hook on the Attention and on the
+FeedForward module (``SharedInputCopy``) applies ``copy_to_tp`` to that input and the column
+layers are built with ``copy_input=False``, so the backward pass all-reduces the sum of the
+three (two) input gradients once instead of five all-reduces per block. The model definition
+stays free of parallelism and the parameters stay one per matrix (wq, wk, wv, w1, w3: same
+state-dict keys, init plan, checkpoints, HF export and growth).
+
+The GEMMs themselves stay separate (no concatenated QKV / gate-up weight): the communication is
+what Megatron's fusion saves under TP; one GEMM would need the per-matrix parameters concatenated
+at every forward (a copy of the weights, and a split of their gradients, each step; under ZeRO-3
+each is gathered separately anyway), and measured on CPU it gave no speed-up (0.85-1.04x of the
+separate projections, docs/benchmarks.md).
+
 State dicts: the TP model's keys are the single-device GPT's keys; ``shard_state_dict`` cuts a
 full (single-device) state dict for one rank and ``merge_state_dicts`` glues the shards back,
 so checkpoints stored in the full layout load at any TP degree.
@@ -36,6 +52,7 @@ from megareuse.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megareuse.parallel.head import VocabParallelHead
 from megareuse.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, \
     is_tp_sharded, shard_range
+from megareuse.parallel.mappings import copy_to_tp
 from megareuse.parallel.state import ParallelState
 
 TPSpec = Union[ParallelState, tuple[int, int]]
@@ -91,13 +108,39 @@ def kv_sharing_partition(cfg: ModelConfig, state: ParallelState) -> list[list[in
 
 
 # --------------------------------------------------------------------------- the model
+class SharedInputCopy:
+    """Forward pre-hook (with kwargs) entering the TP region once for a module's input ``x``
+    (its first positional argument, or the keyword ``x``): ``copy_to_tp``, so that the module's
+    column-parallel projections built with ``copy_input=False`` share one backward all-reduce
+    of their summed input gradients. Recomputed like any other op under activation
+    checkpointing; traced by torch.compile with the block."""
+
+    def __init__(self, state: ParallelState):
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        if args:
+            return (copy_to_tp(args[0], self.state), *args[1:]), kwargs
+        if "x" not in kwargs:
+            raise TypeError(f"{type(module).__name__} called without its input x")
+        return args, {**kwargs, "x": copy_to_tp(kwargs["x"], self.state)}
+
+
+def share_input_copy(module: nn.Module, state: ParallelState) -> None:
+    """Install ``SharedInputCopy`` on ``module`` (once)."""
+    if not any(isinstance(h, SharedInputCopy) for h in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(SharedInputCopy(state), with_kwargs=True)
+
+
 def parallelize_model(model: GPT, state: ParallelState) -> GPT:
     """Swap ``model``'s projections, embedding and head for TP layers holding this rank's shard
     of the current (full) weights, in place; returns the model.
 
-    Collective when the KV heads are replicated (the sharing subgroups are created on every
-    rank). The model must hold real full weights (not meta tensors); move it to its device
-    before or after, as convenient (shards keep the full weights' device and dtype).
+    q/k/v and gate/up share one input ``copy_to_tp`` each (``SharedInputCopy`` hooks on the
+    Attention and FeedForward modules; see the module docstring). Collective when the KV heads
+    are replicated (the sharing subgroups are created on every rank). The model must hold real
+    full weights (not meta tensors), or be on the meta device (the sharded build); move it to
+    its device before or after, as convenient (shards keep the full weights' device and dtype).
     """
     cfg = model.cfg
     kv_mode = check_tp_compatible(cfg, state.tp_size)
@@ -106,14 +149,17 @@ def parallelize_model(model: GPT, state: ParallelState) -> GPT:
     kv_range = kv_rows(cfg, state.tp_size, state.tp_rank)
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
-        attn.wq = ColumnParallelLinear.from_linear(attn.wq, state)
-        kv = dict(out_range=kv_range, replica_group=replica_group)
+        attn.wq = ColumnParallelLinear.from_linear(attn.wq, state, copy_input=False)
+        kv = dict(out_range=kv_range, replica_group=replica_group, copy_input=False)
         attn.wk = ColumnParallelLinear.from_linear(attn.wk, state, **kv)
         attn.wv = ColumnParallelLinear.from_linear(attn.wv, state, **kv)
         attn.wo = RowParallelLinear.from_linear(attn.wo, state)
-        ffn.w1 = ColumnParallelLinear.from_linear(ffn.w1, state)
-        ffn.w3 = ColumnParallelLinear.from_linear(ffn.w3, state)
+        ffn.w1 = ColumnParallelLinear.from_linear(ffn.w1, state, copy_input=False)
+        ffn.w3 = ColumnParallelLinear.from_linear(ffn.w3, state, copy_input=False)
         ffn.w2 = RowParallelLinear.from_linear(ffn.w2, state)
+        if state.tp_size > 1:
+            share_input_copy(attn, state)
+            share_input_copy(ffn, state)
     embedding = VocabParallelEmbedding.from_embedding(model.tok_embeddings, state)
     head = VocabParallelHead.from_linear(model.output, state)
     if tied:

@@ -4,19 +4,30 @@ A run is done when its ``record.json`` exists (train runs with a data point), it
 ``summary.json`` says finished (trunks), or its grown checkpoint verifies (grow). An interrupted
 run resumes from its own latest checkpoint; a branch that never started starts from its trunk's
 checkpoint. Runs execute in dependency order, one at a time in this process, or ``workers`` at a
-time in worker processes (each run still single-process; a run starts when its dependencies are
-done).
+time in worker processes (a run starts when its dependencies are done).
+
+On a GPU node (CUDA visible and ``run.device`` cuda or auto) every worker process owns a *slot*:
+``gpus_per_run`` devices of its own for life, given to it through CUDA_VISIBLE_DEVICES before
+torch starts CUDA in it (without this every run of every worker trained on cuda:0). The devices
+are the parent's own CUDA_VISIBLE_DEVICES (what SLURM allocated) or all of them; ``runs_per_gpu``
+workers may share a device when the runs are small. A run of one GPU trains in the worker
+process; a run of several GPUs is a multi-rank run, launched by the worker under torchrun with
+one rank per GPU of its slot (``python -m megareuse.sweep.local SPEC`` is each rank's entry). On
+CPU there are no slots and the workers share out the cores (``worker_threads``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from megareuse.paths import check_output_dir
 from megareuse.sweep.grid import Experiment, RunSpec, plan_experiment
@@ -80,10 +91,133 @@ def worker_threads(workers: int, cpus: Optional[int] = None) -> int:
     return max(1, cpus // max(1, workers))
 
 
+# The variables by which a process learns its rank from a launcher: a worker's run is a job of
+# its own, so it must not read the parent's (inside a SLURM batch step every worker would derive
+# the same MASTER_PORT from SLURM_JOB_ID and their process groups would collide).
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+
+
+def run_device(train: dict) -> str:
+    """The ``run.device`` the sweep's runs train on (the config's default is cpu)."""
+    return str(train.get("run", {}).get("device", "cpu"))
+
+
+def visible_devices() -> list[str]:
+    """The CUDA devices this process may give to its workers, as CUDA_VISIBLE_DEVICES names them:
+    the parent's own CUDA_VISIBLE_DEVICES when set (SLURM sets it to the job's GPUs; entries may
+    be indices or UUIDs), else 0..count-1; none without CUDA. Only the first ``device_count()``
+    entries count: CUDA ignores a list from its first invalid entry on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [d.strip() for d in listed.split(",") if d.strip()][:count]
+
+
+def sweep_devices(train: dict) -> list[str]:
+    """The devices a sweep of ``train`` can use: the visible ones, unless its runs train on CPU
+    (a GPU node running a run.device=cpu sweep, e.g. the demo, keeps the CPU behaviour)."""
+    return [] if run_device(train) == "cpu" else visible_devices()
+
+
+def assign_devices(devices: Sequence[str], workers: int, gpus_per_run: int,
+                   runs_per_gpu: int = 1) -> list[tuple[str, ...]]:
+    """The devices of each worker slot (index = slot): ``devices`` cut into groups of
+    ``gpus_per_run``, slot s on group s mod groups, so workers spread over every GPU before any
+    GPU takes a second run. ``gpus_per_run`` 0 is a CPU sweep: no slots. Up to ``runs_per_gpu``
+    workers share a group; more workers than groups x runs_per_gpu is refused (one line naming
+    the flag and the maximum)."""
+    for flag, value, least in (("--workers", workers, 1), ("--gpus-per-run", gpus_per_run, 0),
+                               ("--runs-per-gpu", runs_per_gpu, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise SweepError(f"sweep error: {flag} = {value!r}: accepted an integer >= {least}")
+    if gpus_per_run == 0:
+        if runs_per_gpu != 1:
+            raise SweepError(f"sweep error: --runs-per-gpu = {runs_per_gpu} but the runs use no GPU "
+                             "(--gpus-per-run 0); accepted --runs-per-gpu 1, or --gpus-per-run >= 1")
+        return []
+    if not devices:
+        raise SweepError(f"sweep error: --gpus-per-run = {gpus_per_run} but no CUDA device is visible; "
+                         "accepted --gpus-per-run 0 (the runs train on CPU)")
+    if gpus_per_run > len(devices):
+        raise SweepError(f"sweep error: --gpus-per-run = {gpus_per_run}: accepted 0..{len(devices)} "
+                         f"(the visible CUDA devices: {','.join(devices)})")
+    groups = [tuple(devices[i:i + gpus_per_run])
+              for i in range(0, len(devices) - gpus_per_run + 1, gpus_per_run)]
+    most = len(groups) * runs_per_gpu
+    if workers > most:
+        raise SweepError(f"sweep error: --workers = {workers}: accepted at most {most} ({len(devices)} "
+                         f"visible GPUs // --gpus-per-run {gpus_per_run} x --runs-per-gpu {runs_per_gpu}); "
+                         "raise --runs-per-gpu to share a GPU between small runs")
+    return [groups[slot % len(groups)] for slot in range(workers)]
+
+
+def device_slots(train: dict, workers: int, gpus_per_run: Optional[int] = None,
+                 runs_per_gpu: int = 1) -> list[tuple[str, ...]]:
+    """The worker slots of a local sweep of ``train``. ``gpus_per_run`` None is the default: 1
+    when the runs can use a GPU (``sweep_devices``), else 0. Asking for GPUs for runs that train
+    on CPU is refused (the GPUs would sit idle), and so is 0 for runs that train on the visible
+    GPUs (every worker would put its run on cuda:0)."""
+    devices = sweep_devices(train)
+    if gpus_per_run is None:
+        gpus_per_run = 1 if devices else 0
+    elif gpus_per_run > 0 and run_device(train) == "cpu":
+        raise SweepError(f"sweep error: --gpus-per-run = {gpus_per_run} but run.device = 'cpu' (the runs "
+                         "would not use the GPUs); accepted --gpus-per-run 0, or run.device=cuda or auto")
+    elif gpus_per_run == 0 and devices:
+        raise SweepError(f"sweep error: --gpus-per-run = 0 but the runs train on GPUs (run.device = "
+                         f"{run_device(train)!r}, {len(devices)} visible); accepted --gpus-per-run >= 1, "
+                         "or run.device=cpu")
+    return assign_devices(devices, workers, gpus_per_run, runs_per_gpu)
+
+
+# this worker process's slot (index, devices), taken once by _take_slot; None on CPU
+_SLOT: Optional[tuple[int, tuple[str, ...]]] = None
+
+
+def _take_slot(slots: "mp.queues.Queue[int]", devices: list[tuple[str, ...]]) -> None:
+    """Worker initializer: take a free slot index for the life of this process and pin it to the
+    slot's devices. It runs before the worker's first run imports anything that starts CUDA, and
+    CUDA reads CUDA_VISIBLE_DEVICES once, when it starts: a later change would be ignored."""
+    global _SLOT
+    index = slots.get(timeout=60)  # the pool never holds more processes than slots
+    _SLOT = (index, devices[index])
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index])
+
+
+def torchrun_command(gpus: int, spec: Path) -> list[str]:
+    """The command of a multi-GPU run of a local sweep: one rank per GPU of the worker's slot, on a
+    rendezvous of its own (``--standalone`` takes a free port, so concurrent runs never meet)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+            "--max-restarts=0", "-m", "megareuse.sweep.local", str(spec)]
+
+
+def _execute_ranks(train: dict, root: str, run: RunSpec, log: Path, fh) -> str:
+    """A run over every GPU of this worker's slot: torchrun starts the ranks (each reads the run
+    from a spec file next to its log) with the slot's CUDA_VISIBLE_DEVICES; output to the log."""
+    assert _SLOT is not None
+    spec = log.with_name(log.name.removesuffix(".log") + ".spec.json")
+    spec.write_text(json.dumps({"train": train, "root": root, "run": dataclasses.asdict(run)}))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    fh.flush()
+    code = subprocess.run(torchrun_command(len(_SLOT[1]), spec), stdout=fh, stderr=subprocess.STDOUT,
+                          env=env, check=False).returncode
+    if code != 0:
+        raise SweepError(f"sweep error: run {run.run_id!r} exited with code {code} under torchrun "
+                         f"on GPUs {','.join(_SLOT[1])}; its log: {log}")
+    return run.run_id
+
+
 def _quiet_execute(train: dict, root: str, run: RunSpec, log_dir: str, threads: int = 1) -> str:
     """Worker-process entry: one run with ``threads`` intra-op threads (the train config's
     ``run.threads`` is replaced; a series' own override still wins), its output in
-    <log_dir>/<run id>.log."""
+    <log_dir>/<run id>.log, which starts with the worker's devices when it has a slot. A
+    training run of a slot of several GPUs runs under torchrun (``_execute_ranks``)."""
     import torch
     import torch.distributed as dist
 
@@ -92,12 +226,18 @@ def _quiet_execute(train: dict, root: str, run: RunSpec, log_dir: str, threads: 
     if not (dist.is_available() and dist.is_initialized()):  # the worker's first run: the
         # launcher variables are the parent's own single-process start-up's, not this process's;
         # a later run in the same worker keeps the ones its first run set with its process group
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        for key in LAUNCHER_VARS:
             os.environ.pop(key, None)
     log = Path(log_dir) / (run.run_id.replace("/", "__") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
+        if _SLOT is not None:
+            fh.write(f"sweep worker {os.getpid()} slot {_SLOT[0]}: "
+                     f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}\n")
+            fh.flush()
         try:
+            if _SLOT is not None and len(_SLOT[1]) > 1 and run.kind == "train":
+                return _execute_ranks(train, root, run, log, fh)
             return execute(train, root, run, emit=lambda s: (fh.write(s + "\n"), fh.flush()))
         except Exception:
             fh.write(traceback.format_exc())
@@ -127,12 +267,16 @@ def critical_path(runs: list[RunSpec]) -> dict[str, float]:
 
 
 def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
-              only: Optional[str] = None, emit: Callable[[str], None] = print) -> list[str]:
-    """Run every run of the plan that is not done (or just ``only``); returns the ids run."""
+              only: Optional[str] = None, emit: Callable[[str], None] = print,
+              gpus_per_run: Optional[int] = None, runs_per_gpu: int = 1) -> list[str]:
+    """Run every run of the plan that is not done (or just ``only``, in this process under its
+    launcher); returns the ids run. ``gpus_per_run`` / ``runs_per_gpu``: the workers' devices
+    (``device_slots``; None: one GPU per run on a GPU node, none on CPU)."""
     root = Path(root).resolve()
     by_id = {r.run_id: r for r in runs}
     if only is not None and only not in by_id:  # checked before anything is created
         raise SweepError(f"sweep error: --run {only!r} is not in the plan; accepted one of " + ", ".join(by_id))
+    slots = device_slots(train, workers, gpus_per_run, runs_per_gpu) if only is None else []
     check_output_dir(root, "sweep error: --out", SweepError)
     root.mkdir(parents=True, exist_ok=True)
     if only is not None:
@@ -157,7 +301,8 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
         left = "?" if eta is None else f"{eta:.0f}"
         emit(f"sweep: [{len(ran)}/{len(todo)}] {run_id} done ({elapsed:.0f}s elapsed, ~{left}s left)")
 
-    if workers <= 1:
+    if workers <= 1 and all(len(devices) <= 1 for devices in slots):  # in this process; its one
+        # GPU is the first visible one, slot 0's
         for run in todo:
             emit(f"sweep: [{len(ran) + 1}/{len(todo)}] {run.run_id}")
             execute(train, str(root), run,
@@ -167,10 +312,19 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
         return ran
     chain = critical_path(todo)
     pending = sorted(todo, key=lambda r: -chain[r.run_id])  # stable: plan order among equals
-    threads = worker_threads(workers)
-    emit(f"sweep: {workers} worker processes, {threads} thread(s) each")
+    ranks = max((len(devices) for devices in slots), default=1)  # processes per run
+    threads = worker_threads(workers * ranks)
+    emit(f"sweep: {workers} worker process(es), {threads} thread(s) per process"
+         + (", CUDA_VISIBLE_DEVICES " + " | ".join(",".join(d) for d in slots) if slots else ""))
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    if slots:  # each worker process takes one slot index for life
+        free = ctx.Queue()
+        for index in range(len(slots)):
+            free.put(index)
+        initializer, initargs = _take_slot, (free, slots)
+    else:
+        initializer, initargs = None, ()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs) as pool:
         futures = {}
         while pending or futures:
             ready = [r for r in pending if all(d in done_ids for d in r.depends_on)]
@@ -189,10 +343,32 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
     return ran
 
 
+def local_ranks(gpus_per_run: Optional[int]) -> int:
+    """Ranks of each run of a local sweep: one process, or one per GPU when a run has several."""
+    return gpus_per_run if gpus_per_run is not None and gpus_per_run > 1 else 1
+
+
+def local_dp(train: dict, gpus_per_run: Optional[int]) -> int:
+    """The data-parallel size of a local sweep's runs: one process each, or ``gpus_per_run``
+    ranks under torchrun, over parallel.tp. The plan's DP must be this (branch steps and pinned
+    trunk checkpoints are counted in steps of that size)."""
+    ranks, tp = local_ranks(gpus_per_run), int(train.get("parallel", {}).get("tp", 1))
+    if ranks % tp:
+        raise SweepError(f"sweep error: parallel.tp = {tp} but each local run has {ranks} rank(s); "
+                         f"accepted --gpus-per-run a multiple of {tp}")
+    return ranks // tp
+
+
 def run_planned(exp: Experiment, root: Path, dp: int = 1, only: Optional[str] = None,
-                workers: int = 1) -> list[str]:
+                workers: int = 1, gpus_per_run: Optional[int] = None, runs_per_gpu: int = 1) -> list[str]:
     """Plan ``exp`` for ``dp`` data-parallel ranks and run it (or just run ``only``, which may be
-    a multi-rank training run under a launcher: its DP must be the plan's)."""
+    a multi-rank training run under a launcher: its DP must be the plan's). A whole local sweep
+    must be planned for the DP its runs will have (``local_dp``)."""
+    if only is None and dp != local_dp(exp.train, gpus_per_run):
+        raise SweepError(f"sweep error: --dp = {dp} but each local run has {local_ranks(gpus_per_run)} rank(s) "
+                         f"(--gpus-per-run) at TP={exp.train.get('parallel', {}).get('tp', 1)}; accepted "
+                         f"--dp {local_dp(exp.train, gpus_per_run)}, or the plan's token budgets would not "
+                         "match the runs' steps")
     runs = plan_experiment(exp, dp=dp)
     kind = next((r.kind for r in runs if r.run_id == only), None)
     if kind == "train":
@@ -202,4 +378,33 @@ def run_planned(exp: Experiment, root: Path, dp: int = 1, only: Optional[str] = 
             raise SweepError(f"sweep error: --dp = {dp} but this job has {world} ranks at TP={tp} "
                              f"(DP={world // tp}); accepted --dp {world // tp}, or the plan's token "
                              "budgets would not match the run's steps")
-    return run_sweep(exp.train, runs, root, workers=workers, only=only)
+    return run_sweep(exp.train, runs, root, workers=workers, only=only, gpus_per_run=gpus_per_run,
+                     runs_per_gpu=runs_per_gpu)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Each rank's entry of a multi-GPU run of a local sweep (``torchrun_command``): ``python -m
+    megareuse.sweep.local SPEC``, the spec being the JSON of the train config, the sweep's root and
+    the run. The Trainer reads its rank from torchrun's environment."""
+    from megareuse.exits import guarded
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or not Path(args[0]).is_file():
+        print(f"megareuse sweep: sweep error: arguments {args!r}: accepted one run spec file "
+              "(written by a local sweep's worker)", file=sys.stderr)
+        return 2
+
+    def rank() -> int:
+        from megareuse.engine.ds import shutdown_distributed
+
+        spec = json.loads(Path(args[0]).read_text())
+        execute(spec["train"], spec["root"], RunSpec(**spec["run"]), emit=lambda s: print(s, flush=True))
+        shutdown_distributed()  # every rank finished the run: tear down before the interpreter does
+        return 0
+    return guarded("sweep", rank)
+
+
+if __name__ == "__main__":  # the package's module, not a second copy of it as __main__
+    from megareuse.sweep.local import main as _main
+
+    sys.exit(_main())

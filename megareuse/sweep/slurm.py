@@ -14,11 +14,19 @@ the script directory:
                           with placeholder ids (DRYRUN1, DRYRUN2, ...)
     logs/                 one log per array task (%x-%A_%a.out), created by submit.sh
 
-Train runs get ``nodes`` x ``gpus_per_node`` GPUs under torchrun; growth runs (``kind grow``)
-are one process on one node. Each task runs ``megareuse sweep --config EXP --out ROOT --dp DP
---run RUN_ID`` (through the ``task`` helper below), which is idempotent: a finished run returns
-quickly, an interrupted one resumes from its latest checkpoint, a grown checkpoint that exists
-is kept. Re-running ``write_slurm`` (by default) leaves out runs that are already done, so a
+Resources per array task: a train run gets ``nodes`` x ``gpus_per_node`` GPUs under torchrun,
+one rank per GPU, and by default whole nodes (``--exclusive --mem=0``: every CPU and all memory);
+with ``exclusive=False`` (``sweep --share-nodes``) only its GPUs, so SLURM packs several runs of
+few GPUs onto one node, their CPUs and memory being the cluster's defaults or what SBATCH_ARGS
+asks (e.g. ``--mem-per-gpu=64G --cpus-per-gpu=8``). A growth run (``kind grow``) is one process
+on one node with one GPU, 8 CPUs and 128G (``GROW_SBATCH_ARGS``). Two array tasks never share a
+GPU: SLURM allocates GPUs whole (unless the cluster configures MPS or shards); to put several
+small runs on one GPU, run a local sweep inside one allocation (``megareuse sweep --workers N
+--runs-per-gpu K``, which takes its devices from the CUDA_VISIBLE_DEVICES SLURM sets).
+
+Each task runs ``megareuse sweep --config EXP --out ROOT --dp DP --run RUN_ID`` (through the
+``task`` helper below), which is idempotent: a finished run returns quickly, an interrupted one
+resumes from its latest checkpoint, a grown checkpoint that exists is kept. Re-running ``write_slurm`` (by default) leaves out runs that are already done, so a
 partly finished sweep can be re-submitted. DP is the jobs' data-parallel size, nodes x
 gpus_per_node / parallel.tp: branch steps and pinned checkpoints depend on it, so every
 ``--run`` plans with it.
@@ -211,6 +219,15 @@ def check_sbatch_options(time: str, partition: Optional[str], account: Optional[
                              "metacharacters")
 
 
+def train_resources(nodes: int, gpus_per_node: int, time: str, exclusive: bool = True) -> list[str]:
+    """The sbatch resources of one train task: one torchrun agent per node, ``gpus_per_node`` GPUs
+    (ranks) on each. Exclusive (the default) also takes every CPU and all memory of the nodes, right
+    for runs that fill them; a shared task asks only for its GPUs, so SLURM may place other tasks of
+    the sweep beside it (CPUs and memory: the cluster's defaults, or SBATCH_ARGS)."""
+    resources = [f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus_per_node}"]
+    return resources + (["--exclusive", "--mem=0"] if exclusive else []) + [f"--time={time}"]
+
+
 def _q(words: Sequence[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
@@ -220,14 +237,17 @@ def write_slurm(runs: list[RunSpec], experiment_path: Path, out_root: Path, scri
                 partition: Optional[str] = None, account: Optional[str] = None,
                 extra_overrides: Sequence[str] = (), dp: Optional[int] = None,
                 max_parallel: Optional[int] = None, skip_done: bool = True,
-                grow_sbatch_args: Sequence[str] = GROW_SBATCH_ARGS) -> Path:
+                grow_sbatch_args: Sequence[str] = GROW_SBATCH_ARGS, exclusive: bool = True) -> Path:
     """Write the runs lists and submit.sh into ``script_dir``; returns the path of submit.sh.
 
     ``dp`` (the DP size the runs were planned with) must equal the jobs' DP when given.
     ``max_parallel`` throttles each array (``--array=0-N%K``). ``skip_done`` leaves out runs whose
-    results already exist under ``out_root`` (and drops dependencies on them)."""
+    results already exist under ``out_root`` (and drops dependencies on them). ``exclusive``:
+    train tasks take whole nodes; False lets runs of few GPUs share a node (``train_resources``)."""
     if nodes < 1 or gpus_per_node < 1:
         raise SweepError(f"sweep error: nodes = {nodes}, gpus_per_node = {gpus_per_node}: accepted >= 1")
+    if not isinstance(exclusive, bool):
+        raise SweepError(f"sweep error: exclusive = {exclusive!r}: accepted True or False")
     check_sbatch_options(time, partition, account)
     experiment_path, out_root = Path(experiment_path).resolve(), Path(out_root).resolve()
     script_dir = Path(script_dir).resolve()
@@ -269,8 +289,7 @@ def write_slurm(runs: list[RunSpec], experiment_path: Path, out_root: Path, scri
         where.update({r.run_id: (job, i) for i, r in enumerate(job.runs)})
         size = f"0-{len(job.runs) - 1}" + (f"%{max_parallel}" if max_parallel else "")
         if job.kind == "train":
-            resources = [f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus_per_node}",
-                         "--exclusive", "--mem=0", f"--time={time}"]
+            resources = train_resources(nodes, gpus_per_node, time, exclusive)
         else:
             resources = list(grow_sbatch_args)
         export = ",".join(["ALL", *(f"{k}={v}" for k, v in env.items()), f"RUNS_FILE={runs_file}"])
@@ -291,15 +310,19 @@ def write_slurm(runs: list[RunSpec], experiment_path: Path, out_root: Path, scri
 # Submit the sweep {name!r} to SLURM: {total} runs in {len(jobs)} job arrays over \
 {len({j.wave for j in jobs})} waves{skipped}.
 # Written by megareuse.sweep.slurm.write_slurm from {experiment_path}; regenerate with
-#   megareuse sweep --config {experiment_path} --out {out_root} --dp {job_dp} --slurm {script_dir}
+#   megareuse sweep --config {experiment_path} --out {out_root} --dp {job_dp} --slurm {script_dir} \\
+#       --nodes {nodes} --gpus-per-node {gpus_per_node}{"" if exclusive else " --share-nodes"}
 # (regenerating leaves out the runs that are done, so a partly finished sweep can be re-submitted).
 #
 # Array task i of wave<W>_<kind>.runs runs line i:
 #   megareuse sweep --config EXP --out ROOT --dp {job_dp} --run RUN_ID
 # through scripts/slurm/sweep_array.sh: train runs under torchrun on {nodes} node(s) x {gpus_per_node} GPUs
-# (requeued before the time limit, resumed with --resume auto), growth as one process. A finished
-# run returns quickly and an interrupted one resumes, so submitting twice is harmless. Each array
-# waits (afterok) for exactly the array tasks its runs depend on; a failed dependency cancels it.
+# (requeued before the time limit, resumed with --resume auto), growth as one process. Each task asks
+#   train: {" ".join(train_resources(nodes, gpus_per_node, time, exclusive))}
+#   grow:  {" ".join(grow_sbatch_args)}
+# A finished run returns quickly and an interrupted one resumes, so submitting twice is harmless.
+# Each array waits (afterok) for exactly the array tasks its runs depend on; a failed dependency
+# cancels it.
 #
 # Variables (environment; [default]):
 #   DRY_RUN      1: print the sbatch commands with placeholder job ids (DRYRUN1, DRYRUN2, ...)
