@@ -141,7 +141,7 @@ def test_torchrun_command_parses_as_one_rank_per_gpu(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     args = get_args_parser().parse_args(cmd[3:])
     assert (args.nproc_per_node, args.standalone, args.max_restarts, args.module) == ("4", True, 0, True)
-    assert (args.training_script, args.training_script_args) == ("megareuse.sweep.local", [str(tmp_path / "r.spec.json")])
+    assert (args.training_script, args.training_script_args) == ("megareuse.sweep.rank", [str(tmp_path / "r.spec.json")])
 
 
 # ------------------------------------------------------------------ refusals before anything is written

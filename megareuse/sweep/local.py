@@ -12,7 +12,7 @@ torch starts CUDA in it (without this every run of every worker trained on cuda:
 are the parent's own CUDA_VISIBLE_DEVICES (what SLURM allocated) or all of them; ``runs_per_gpu``
 workers may share a device when the runs are small. A run of one GPU trains in the worker
 process; a run of several GPUs is a multi-rank run, launched by the worker under torchrun with
-one rank per GPU of its slot (``python -m megareuse.sweep.local SPEC`` is each rank's entry). On
+one rank per GPU of its slot (``python -m megareuse.sweep.rank SPEC`` is each rank's entry). On
 CPU there are no slots and the workers share out the cores (``worker_threads``).
 """
 from __future__ import annotations
@@ -194,7 +194,7 @@ def torchrun_command(gpus: int, spec: Path) -> list[str]:
     """The command of a multi-GPU run of a local sweep: one rank per GPU of the worker's slot, on a
     rendezvous of its own (``--standalone`` takes a free port, so concurrent runs never meet)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
-            "--max-restarts=0", "-m", "megareuse.sweep.local", str(spec)]
+            "--max-restarts=0", "-m", "megareuse.sweep.rank", str(spec)]
 
 
 def _execute_ranks(train: dict, root: str, run: RunSpec, log: Path, fh) -> str:
@@ -381,30 +381,3 @@ def run_planned(exp: Experiment, root: Path, dp: int = 1, only: Optional[str] = 
     return run_sweep(exp.train, runs, root, workers=workers, only=only, gpus_per_run=gpus_per_run,
                      runs_per_gpu=runs_per_gpu)
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Each rank's entry of a multi-GPU run of a local sweep (``torchrun_command``): ``python -m
-    megareuse.sweep.local SPEC``, the spec being the JSON of the train config, the sweep's root and
-    the run. The Trainer reads its rank from torchrun's environment."""
-    from megareuse.exits import guarded
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or not Path(args[0]).is_file():
-        print(f"megareuse sweep: sweep error: arguments {args!r}: accepted one run spec file "
-              "(written by a local sweep's worker)", file=sys.stderr)
-        return 2
-
-    def rank() -> int:
-        from megareuse.engine.ds import shutdown_distributed
-
-        spec = json.loads(Path(args[0]).read_text())
-        execute(spec["train"], spec["root"], RunSpec(**spec["run"]), emit=lambda s: print(s, flush=True))
-        shutdown_distributed()  # every rank finished the run: tear down before the interpreter does
-        return 0
-    return guarded("sweep", rank)
-
-
-if __name__ == "__main__":  # the package's module, not a second copy of it as __main__
-    from megareuse.sweep.local import main as _main
-
-    sys.exit(_main())
