@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 MODES = {"in-process": ("megareuse,hf,bare,torchtitan", "sync-every-step"), "isolated": ("megareuse,hf", "none")}
 
 
-@pytest.mark.parametrize("where", list(MODES))
+# the isolated mode (~30 s: a fresh interpreter per run) is under -m slow; gpu.sh runs in-process
+@pytest.mark.parametrize("where", [pytest.param(w, marks=pytest.mark.slow) if w == "isolated" else w for w in MODES])
 def test_train_throughput_smoke(tmp_path, prepared, where):
     pytest.importorskip("transformers")
     out = tmp_path / "tp.json"
