@@ -66,13 +66,14 @@ def precision(engine) -> str:
     """What the engine really holds, e.g. "bf16 parameters, fp32 master weights and moments":
     the model's parameters (a ZeRO-3 partition's own dtype) and the tensors the torch optimizer
     steps. For the start line, and the tests that a bf16 run is bf16 at every ZeRO stage."""
+    def short(t: Optional[torch.Tensor]) -> str:
+        return "none" if t is None else {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(t.dtype, str(t.dtype))
+
     param = next(engine.module.parameters())
     held = getattr(param, "ds_tensor", None)
-    low = str((held if held is not None else param).dtype).replace("torch.", "").replace("bfloat16", "bf16") \
-        .replace("float32", "fp32")
     stepped = [p for group in base_optimizer(engine).param_groups for p in group["params"]]
     stepped = stepped or list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO-3's
-    high = str(stepped[0].dtype).replace("torch.", "").replace("float32", "fp32") if stepped else "none"
+    low, high = short(param if held is None else held), short(stepped[0] if stepped else None)
     return f"{low} parameters, {high} master weights and moments" if low != high else f"{low} throughout"
 
 
@@ -212,9 +213,8 @@ def load_full(engine, model: nn.Module, cfg: ModelConfig, ps: ParallelState,
                     safe_set_full_optimizer_state(param, target, moment)
                 continue
             with torch.no_grad():
-                held = param if master is None else master
-                if moment is None:  # the fp32 master, and the model's low-precision copy of it
-                    held.copy_(shard)
+                if moment is None:  # ZeRO-0 bf16: the fp32 master, and the model's bf16 copy of it
+                    master.copy_(shard)
                     param.copy_(shard)
                 else:
-                    base.state[held][moment].copy_(shard)
+                    base.state[param if master is None else master][moment].copy_(shard)

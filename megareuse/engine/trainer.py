@@ -165,11 +165,11 @@ class Trainer:
                              f"least one step of {self.tokens_per_step} tokens at DP={self.pstate.dp_size}")
         self.total_steps = self.clock.step_of(budget)
         if self.total_steps is None:
-            raise self._batch_change_error(f"the {budget - self.clock.tokens_before(int(self.saved[0]['step'])):,} "
-                                           "tokens left of run.train_tokens")
+            left = budget - self.clock.segments[-1][1]  # tokens after the step this job resumes at
+            raise self._batch_change_error(f"the {left:,} tokens left of run.train_tokens")
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, budget // base)
         bad = [t for t in cfg.run.save_tokens if self.clock.step_of(t) is None]
-        if bad and self.saved is not None and len(self.clock.segments) > 1:
+        if bad and len(self.clock.segments) > 1:  # a resume at another batch
             raise self._batch_change_error(f"run.save_tokens = {bad}")
         if bad:
             raise ConfigError(f"config error: run.save_tokens = {bad}: accepted multiples of the "
@@ -311,7 +311,6 @@ class Trainer:
 
         cfg = self.cfg
         ds_config = deepspeed_config(cfg, self.pstate.dp_size)
-        saved = self.saved
         source_dir = self.resume_from if self.resume_from is not None else (self.init.path if self.init else None)
         torch.manual_seed(cfg.run.seed)
         source = None if source_dir is None else CheckpointWeights(
@@ -334,11 +333,11 @@ class Trainer:
             # one data-parallel rank: DeepSpeed would still copy every gradient into a flat buffer,
             # all-reduce it over a group of one and copy it back, each step
             engine.enable_backward_allreduce = False
-        if saved is not None:
-            self._restore(engine, *saved)
+        if self.saved is not None:
+            self._restore(engine, *self.saved)
         elif self.init is not None and cfg.run.keep_optimizer:
             self._keep_optimizer(engine)
-        if self.init is not None and saved is None:
+        if self.init is not None and self.saved is None:
             self.emit(f"stage 2 ({self.method}) from {self.init.path}: D1 = {self.init.D1:,} tokens; "
                       f"optimizer {'carried over' if cfg.run.keep_optimizer else 'fresh'}, "
                       f"lr re-warms to {cfg.optim.lr:g} over {cfg.schedule.warmup_steps} steps")
