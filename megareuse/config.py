@@ -60,10 +60,21 @@ class ModelConfig:
     loss: str = "auto"  # plain | chunked | fused | auto: how the head computes the training loss
     loss_chunk_tokens: int = 1024  # chunked / fused: tokens (rows of logits) formed at a time
     compile: bool = False  # torch.compile each block (inductor; CPU and CUDA), ZeRO 0-2
+    # features of the model families people reuse (docs/hf.md): all off for megareuse's own models
+    head_dim: Optional[int] = None  # None: d_model // n_heads (Qwen3 sets it explicitly)
+    qkv_bias: bool = False  # biases on the q, k, v projections, not on o (Qwen2 / Qwen2.5)
+    qk_norm: bool = False  # RMSNorm on each head's q and k before RoPE, one gain of size head_dim (Qwen3)
+    sliding_window: Optional[int] = None  # Mistral's window; accepted only when >= max_seq_len (full causal)
+    rope_scaling: str = "none"  # none | linear | llama3: RoPE frequencies stretched for long context
+    rope_factor: float = 1.0  # linear / llama3: the frequencies' divisor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / high are kept
+    rope_original_max_seq_len: int = 8192  # llama3: the context length the base was trained at
 
     ATTENTION_BACKENDS = ("sdpa", "eager", "triton", "auto")
     CHECKPOINTING = ("none", "full", "selective")
     LOSSES = ("plain", "chunked", "fused", "auto")
+    ROPE_SCALINGS = ("none", "linear", "llama3")
     # how the model runs, not what it is: a checkpoint saved with other values (or without these
     # keys) still resumes and serves as run.init_from (reuse/cpt.py model_diff skips them)
     RUNTIME_FIELDS = ("attention", "activation_checkpointing", "checkpoint_every", "loss", "loss_chunk_tokens",
@@ -74,17 +85,22 @@ class ModelConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """Each attention head's dimension: ``head_dim``, or d_model // n_heads when unset."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len",
                      "rope_theta", "norm_eps", "init_std", "checkpoint_every", "loss_chunk_tokens"):
             _positive(f"{prefix}.{name}", getattr(self, name))
-        if self.d_model % self.n_heads:
-            _fail(f"{prefix}.n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
-        if self.head_dim % 2:
-            _fail(f"{prefix}.n_heads", self.n_heads, "a value giving an even head_dim (RoPE)")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                _fail(f"{prefix}.n_heads", self.n_heads, f"a divisor of d_model={self.d_model} (or set model.head_dim)")
+            if self.head_size % 2:
+                _fail(f"{prefix}.n_heads", self.n_heads, "a value giving an even head_dim (RoPE)")
+        elif isinstance(self.head_dim, bool) or self.head_dim <= 0 or self.head_dim % 2:
+            _fail(f"{prefix}.head_dim", self.head_dim, "null (d_model / n_heads) or a positive even integer (RoPE)")
+        self._validate_features(prefix)
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             _fail(f"{prefix}.n_kv_heads", self.n_kv_heads, f"null or a divisor of n_heads={self.n_heads}")
         for name in ("vocab_size", "d_model", "n_heads", "ffn_hidden", "max_seq_len"):
@@ -92,7 +108,8 @@ class ModelConfig:
                 _fail(f"{prefix}.{name}", getattr(self, name), "at most 2147483647 (tensor sizes are int32-indexed)")
         if self.n_layers > 65536:
             _fail(f"{prefix}.n_layers", self.n_layers, "at most 65536")
-        size = 2 * self.vocab_size * self.d_model + self.n_layers * (4 * self.d_model ** 2 + 3 * self.d_model * self.ffn_hidden)
+        attn = 4 * self.d_model * self.n_heads * self.head_size
+        size = 2 * self.vocab_size * self.d_model + self.n_layers * (attn + 3 * self.d_model * self.ffn_hidden)
         if size > 10**14:  # an upper bound of megareuse.model.param_count (not imported: no cycle)
             raise ConfigError(f"config error: the model has about {size:.3g} parameters "
                               f"(model.d_model = {self.d_model}, model.n_layers = {self.n_layers}, "
@@ -100,6 +117,27 @@ class ModelConfig:
         _choice(f"{prefix}.attention", self.attention, self.ATTENTION_BACKENDS)
         _choice(f"{prefix}.activation_checkpointing", self.activation_checkpointing, self.CHECKPOINTING)
         _choice(f"{prefix}.loss", self.loss, self.LOSSES)
+
+    def _validate_features(self, prefix: str) -> None:
+        """The reused families' features (qkv_bias, qk_norm, sliding_window, RoPE scaling)."""
+        for name in ("qkv_bias", "qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"{prefix}.{name}", getattr(self, name), "true or false")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or self.sliding_window < self.max_seq_len):
+            _fail(f"{prefix}.sliding_window", self.sliding_window,
+                  f"null or at least max_seq_len={self.max_seq_len} (a window that wide is full causal "
+                  "attention; megareuse has no banded attention: lower model.max_seq_len)")
+        _choice(f"{prefix}.rope_scaling", self.rope_scaling, self.ROPE_SCALINGS)
+        if self.rope_scaling == "none":
+            return
+        if not self.rope_factor >= 1:
+            _fail(f"{prefix}.rope_factor", self.rope_factor, "a number >= 1 (frequencies are divided by it)")
+        if self.rope_scaling == "llama3":
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                _fail(f"{prefix}.rope_low_freq_factor", self.rope_low_freq_factor,
+                      f"a positive number below rope_high_freq_factor={self.rope_high_freq_factor}")
+            _positive(f"{prefix}.rope_original_max_seq_len", self.rope_original_max_seq_len)
 
 
 @dataclass

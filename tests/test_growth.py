@@ -89,7 +89,7 @@ def test_width_exact_fp32(variant, noise):
         wcfg, wsd = grow_width(cfg, base.state_dict(), k, noise=noise, seed=3)
         assert (wcfg.d_model, wcfg.n_heads, wcfg.kv_heads, wcfg.ffn_hidden) == \
             (k * cfg.d_model, k * cfg.n_heads, k * cfg.kv_heads, k * cfg.ffn_hidden)
-        assert wcfg.head_dim == cfg.head_dim and wcfg.tie_embeddings is False
+        assert wcfg.head_size == cfg.head_size and wcfg.tie_embeddings is False
         wide = build(wcfg, wsd)
         for T in SEQ_LENS:
             toks = tokens(T)

@@ -149,13 +149,13 @@ def plain_hf(tmp_path_factory, sp_model):
 
 
 @pytest.mark.parametrize("change,field", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters.rope_type"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling.rope_type"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"head_dim": 32}, "head_dim"),
+    ({"head_dim": 32}, "_proj.weight has shape"),  # an explicit head_dim is read; the weights disagree
     ({"model_type": "gpt2"}, "model_type"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"intermediate_size": 128}, "_proj.weight has shape"),
@@ -185,7 +185,7 @@ def test_config_mapping_reads_transformers4_fields():
            "rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 2048, "tie_word_embeddings": False}  # TinyLlama-1.1B's shape
     cfg = model_config_from_hf(raw)
-    assert (cfg.d_model, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.max_seq_len) == (2048, 4, 64, 1e4, 2048)
+    assert (cfg.d_model, cfg.n_kv_heads, cfg.head_size, cfg.rope_theta, cfg.max_seq_len) == (2048, 4, 64, 1e4, 2048)
     assert model_config_from_hf(dict(raw, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
                                 max_seq_len=512).rope_theta == 5e5
 

@@ -133,7 +133,7 @@ def reference_init(cfg: ModelConfig, seed: int) -> dict:
     """GPT(cfg)'s weights after torch.manual_seed(seed), replayed by hand: the default inits of
     nn.Embedding / nn.Linear at construction (they consume the RNG), then init_weights' normals
     in module order (residual output projections scaled), norms ones, a tied head shared."""
-    d, V, F, hd = cfg.d_model, cfg.vocab_size, cfg.ffn_hidden, cfg.head_dim
+    d, V, F, hd = cfg.d_model, cfg.vocab_size, cfg.ffn_hidden, cfg.head_size
     proj = {"attention.wq": (cfg.n_heads * hd, d), "attention.wk": (cfg.kv_heads * hd, d),
             "attention.wv": (cfg.kv_heads * hd, d), "attention.wo": (d, cfg.n_heads * hd),
             "feed_forward.w1": (F, d), "feed_forward.w3": (F, d), "feed_forward.w2": (d, F)}

@@ -39,7 +39,7 @@ def ref_forward(model, toks):
     cfg, P = model.cfg, {k: v.double() for k, v in model.state_dict().items()}
     norm = lambda x, w: x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps) * w
     B, T = toks.shape
-    H, Hkv, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    H, Hkv, hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
     h = P["tok_embeddings.weight"][toks]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(cfg.n_layers):

@@ -45,14 +45,36 @@ CASES = {
     "tp4_gqa_split_tied": (dict(d_model=64, n_heads=8, n_kv_heads=4, tie_embeddings=True), 4),
     "tp4_gqa_replicated_untied": (dict(d_model=64, n_heads=8, n_kv_heads=2, tie_embeddings=False), 4),
     "tp2xdp2_gqa_replicated_tied": (dict(n_heads=4, n_kv_heads=1, tie_embeddings=True), 2),
+    # the reused families' features: q/k/v biases (Qwen2), per-head q/k norms and an explicit
+    # head_dim != d_model / n_heads (Qwen3), llama3 RoPE scaling (Llama 3.1)
+    "tp2_features_split": (dict(n_heads=4, n_kv_heads=2, head_dim=16, qkv_bias=True, qk_norm=True,
+                                rope_scaling="llama3", rope_factor=8.0, rope_original_max_seq_len=8,
+                                tie_embeddings=True), 2),
+    "tp4_features_replicated": (dict(n_heads=4, n_kv_heads=2, head_dim=4, qkv_bias=True, qk_norm=True,
+                                     rope_scaling="linear", rope_factor=2.0, tie_embeddings=False), 4),
 }
-JOBS = {2: ["tp2_mha_tied", "tp2_gqa_split_untied", "tp2_gqa_replicated_tied"],
+JOBS = {2: ["tp2_mha_tied", "tp2_gqa_split_untied", "tp2_gqa_replicated_tied", "tp2_features_split"],
         4: ["tp4_mha_untied", "tp4_gqa_split_tied", "tp4_gqa_replicated_untied",
-            "tp2xdp2_gqa_replicated_tied"]}
+            "tp2xdp2_gqa_replicated_tied", "tp4_features_replicated"]}
 
 
 def cfg_of(name: str) -> ModelConfig:
     return ModelConfig(**{**BASE, **CASES[name][0]})
+
+
+def seeded_model(cfg: ModelConfig, seed: int) -> GPT:
+    """GPT(cfg) from ``seed``; biases and per-head norm gains drawn too (they start at 0 and 1,
+    which would hide a wrong cut of them). Models with those features run in float64: the
+    per-head norms make some gradients tiny, below fp32's reduction-order noise at 1e-5."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    if cfg.qk_norm or cfg.qkv_bias:
+        model.double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or name.endswith("q_norm.weight") or name.endswith("k_norm.weight"):
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
 
 
 def batch(cfg: ModelConfig, seed: int):
@@ -80,8 +102,7 @@ def assert_close(actual, expected, what):
 def rank_case(name: str, state: ParallelState, seed: int = 11) -> dict:
     """Build the full GPT from ``seed``, parallelize, one forward/backward; report everything."""
     cfg = cfg_of(name)
-    torch.manual_seed(seed)
-    model = GPT(cfg)
+    model = seeded_model(cfg, seed)
     full_sd = {k: v.clone() for k, v in model.state_dict().items()}
     parallelize_model(model, state)
     tokens, targets = batch(cfg, 100 + state.dp_rank)
@@ -206,8 +227,7 @@ def jobs(tmp_path_factory):
 # --------------------------------------------------------------------------- references
 def reference(name: str, dp_rank: int = 0, seed: int = 11) -> dict:
     cfg = cfg_of(name)
-    torch.manual_seed(seed)
-    model = GPT(cfg)
+    model = seeded_model(cfg, seed)
     tokens, targets = batch(cfg, 100 + dp_rank)
     logits = model(tokens)
     loss = cross_entropy(logits, targets)
@@ -239,7 +259,11 @@ def test_matches_single_device(jobs, name):
         assert got["tied"] == cfg_of(name).tie_embeddings
         cfg = cfg_of(name)
         assert got["local_shapes"]["output.weight"] == (cfg.vocab_size // tp, cfg.d_model)
-        assert got["local_shapes"]["layers.0.attention.wq.weight"] == (cfg.d_model // tp, cfg.d_model)
+        assert got["local_shapes"]["layers.0.attention.wq.weight"] == (cfg.n_heads * cfg.head_size // tp, cfg.d_model)
+        if cfg.qkv_bias:
+            assert got["local_shapes"]["layers.0.attention.wq.bias"] == (cfg.n_heads * cfg.head_size // tp,)
+        if cfg.qk_norm:
+            assert got["local_shapes"]["layers.0.attention.k_norm.weight"] == (cfg.head_size,)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -248,7 +272,8 @@ def test_replicated_norm_grads_identical_across_tp(jobs, name):
     results = jobs[2 if name in JOBS[2] else 4]
     for base in range(0, len(results), tp):
         first = results[base][name]["norm_grads"]
-        assert first and len(first) == 2 * cfg_of(name).n_layers + 1
+        per_layer = 4 if cfg_of(name).qk_norm else 2  # + q_norm, k_norm: summed over the TP group
+        assert first and len(first) == per_layer * cfg_of(name).n_layers + 1
         for res in results[base + 1: base + tp]:
             for key, grad in first.items():
                 assert torch.equal(res[name]["norm_grads"][key], grad), key
@@ -310,7 +335,7 @@ def test_shard_merge_round_trip(name, tp):
     if cfg.tie_embeddings:
         assert merged["output.weight"] is merged["tok_embeddings.weight"]
     # at tp > n_kv_heads, consecutive ranks hold the same KV head's rows
-    kv, hd = cfg.kv_heads, cfg.head_dim
+    kv, hd = cfg.kv_heads, cfg.head_size
     for r in range(tp):
         head = r // (tp // kv) if tp > kv else None
         if head is not None:

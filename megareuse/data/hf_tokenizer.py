@@ -7,14 +7,32 @@ Face ``tokenizers``), or the one held by a directory (tokenizer.model preferred)
 * megareuse's own sentencepiece models (no dummy prefix) -> ``megareuse.data.Tokenizer``;
 * foreign sentencepiece models (Llama-style, with a dummy prefix) -> ``WholeTextTokenizer``,
   which encodes each document in one sentencepiece call, as the model's own tokenizer does;
-* tokenizer.json -> ``JsonTokenizer`` (needs the ``tokenizers`` package); its end-of-text token
-  is tokenizer_config.json's ``eos_token`` next to it, else the first of ``EOS_NAMES`` in the
-  vocabulary.
+* tokenizer.json -> ``JsonTokenizer`` (needs the ``tokenizers`` package, >= 0.15), e.g. the
+  byte-level BPE tokenizers of Llama 3 and Qwen2/2.5/3 (a Split regex + ByteLevel pre-tokenizer,
+  ByteLevel decoder: ``decode(encode(text)) == text`` for any text; Qwen's NFC normalizer gives
+  composed characters back for decomposed ones, as the model's own tokenizer does).
 
-Every tokenizer has ``encode`` (no special tokens added), ``decode``, ``vocab_size``,
-``eos_id``/``bos_id``/``pad_id``, ``sha256`` (of the file) and ``path``. Errors are
-``TokenizerError`` (a ValueError; ``megareuse.interop.errors.HFError`` is a subclass), one line.
-``tokenizer_vocab_size`` reads the number of ids of either file without ``tokenizers``.
+The special tokens of a tokenizer.json come from tokenizer_config.json beside it, as transformers'
+``AutoTokenizer`` reads them (a string or an AddedToken object ``{"content": ...}``):
+
+* EOS, the id appended to every prepared document, is its ``eos_token``; without one, the first of
+  ``EOS_NAMES`` in the vocabulary. config.json / generation_config.json ``eos_token_id`` (an int,
+  or a list of generation stop ids: Llama 3.1 Instruct lists three) are not read: they say when
+  generation stops, while ``eos_token`` is what ``AutoTokenizer(...).eos_token_id`` and Megatron-LM's
+  ``preprocess_data.py --append-eod`` use. An instruct model names its end-of-turn token there
+  (``<|eot_id|>``, ``<|im_end|>``); to end documents with another, edit ``eos_token`` (prepare
+  copies tokenizer_config.json with the tokenizer, so the copy says which EOS the data has).
+* ``bos_token`` / ``pad_token``: their ids, -1 where there is none (Qwen: ``bos_token: null``).
+
+Every tokenizer has ``encode`` (no special tokens added: no BOS from a post-processor such as
+Llama 3's TemplateProcessing), ``decode``, ``vocab_size`` (ids of the model vocabulary and the
+added tokens), ``eos_id``/``bos_id``/``pad_id``, ``sha256`` (of the file) and ``path``.
+``JsonTokenizer.encode`` reads special tokens that occur literally in a text ("<|endoftext|>" in a
+web page) as text, never as their special id (``encode_special_tokens``, what transformers calls
+``split_special_tokens=True``), so a document cannot end early or carry a fake chat turn; added
+tokens that are not special (Qwen's ``<tool_call>``) are matched as the model's tokenizer does.
+Errors are ``TokenizerError`` (a ValueError; ``megareuse.interop.errors.HFError`` is a subclass),
+one line. ``tokenizer_vocab_size`` reads the number of ids of either file without ``tokenizers``.
 """
 from __future__ import annotations
 
@@ -72,7 +90,8 @@ def tokenizer_vocab_size(path: PathLike) -> int:
 
 class JsonTokenizer:
     """A Hugging Face ``tokenizer.json`` with megareuse's Tokenizer interface (encode without
-    special tokens, decode, vocab_size, eos/bos/pad ids, sha256, path)."""
+    special tokens, literal special-token text kept as text; decode, vocab_size, eos/bos/pad ids,
+    sha256, path)."""
 
     def __init__(self, path: PathLike):
         try:
@@ -86,31 +105,54 @@ class JsonTokenizer:
         except Exception as exc:  # the tokenizers library raises plain Exceptions for a bad file
             raise TokenizerError(f"{self.path} is not a tokenizer.json the tokenizers library reads "
                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if not hasattr(self._tok, "encode_special_tokens"):
+            import tokenizers
+
+            raise TokenizerError(f"{self.path}: tokenizers {tokenizers.__version__} cannot encode special-token "
+                                 "text as text; accepted tokenizers >= 0.15: pip install -U tokenizers")
+        self._tok.encode_special_tokens = True  # "<|endoftext|>" inside a document is text
         self.vocab_size = tokenizer_vocab_size(self.path)
         special = self._special_tokens()
-        eos = special.get("eos_token") or next((n for n in EOS_NAMES if self._tok.token_to_id(n) is not None), None)
-        if eos is None or self._tok.token_to_id(eos) is None:
-            raise TokenizerError(f"{self.path}: no end-of-text token (tokenizer_config.json field eos_token = {eos!r}); "
-                                 f"accepted a token of the vocabulary, e.g. {', '.join(EOS_NAMES)}")
-        self.eos_id = self._tok.token_to_id(eos)
-        self.bos_id = self._id(special.get("bos_token"))
-        self.pad_id = self._id(special.get("pad_token"))
+        self.eos_token = self._eos_token(special["eos_token"])
+        self.eos_id = self._tok.token_to_id(self.eos_token)
+        self.bos_id = self._id(special["bos_token"])
+        self.pad_id = self._id(special["pad_token"])
 
     def _special_tokens(self) -> dict[str, Optional[str]]:
+        """eos/bos/pad token strings of tokenizer_config.json beside the file (None: not set)."""
         config = self.path.with_name("tokenizer_config.json")
         raw = read_json_object(config, "a tokenizer_config.json") if config.is_file() else {}
         out = {}
         for key in ("eos_token", "bos_token", "pad_token"):
             value = raw.get(key)
-            out[key] = value.get("content") if isinstance(value, dict) else value
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise TokenizerError(f"{config}: field {key} = {value!r}; accepted a token string, an AddedToken "
+                                     "object {\"content\": \"...\"} or null")
+            out[key] = value
         return out
+
+    def _eos_token(self, named: Optional[str]) -> str:
+        """tokenizer_config.json's eos_token, else the first of EOS_NAMES in the vocabulary."""
+        accepted = f"accepted a token of the vocabulary, e.g. {', '.join(EOS_NAMES)}"
+        if named is not None:
+            if self._tok.token_to_id(named) is None:
+                raise TokenizerError(f"{self.path}: tokenizer_config.json field eos_token = {named!r} is not in "
+                                     f"the vocabulary; {accepted}")
+            return named
+        found = next((n for n in EOS_NAMES if self._tok.token_to_id(n) is not None), None)
+        if found is None:
+            raise TokenizerError(f"{self.path}: no end-of-text token (no tokenizer_config.json field eos_token, "
+                                 f"and none of {', '.join(EOS_NAMES)} in the vocabulary); accepted eos_token naming "
+                                 "a token of the vocabulary")
+        return found
 
     def _id(self, token: Optional[str]) -> int:
         found = self._tok.token_to_id(token) if token else None
         return -1 if found is None else found
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, no special tokens added."""
+        """Token ids of ``text``: no special tokens added, special-token strings in it encoded as text."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:

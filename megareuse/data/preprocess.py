@@ -244,6 +244,8 @@ def _tokenizer_info(stage: Path, resolved: dict[str, list[src.Source]], reused, 
             shutil.copyfile(config, stage / config.name)
         extra = {"tokenizer_trained": False, "tokenizer_source": str(Path(tok.path).resolve()),
                  "tokenizer_sample_bytes": 0}
+        log.info("prepare: reusing %s (vocab %d); each document ends with eos id %d%s", tok.path, tok.vocab_size,
+                 tok.eos_id, f" {tok.eos_token}" if getattr(tok, "eos_token", None) else "")
     return {"format": FORMAT, "vocab_size": tok.vocab_size, "tokenizer": name,
             "tokenizer_sha256": tok.sha256, **extra, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
             "pad_id": tok.pad_id, "dtype": best_dtype(tok.vocab_size).name}

@@ -29,7 +29,9 @@ from megareuse.parallel.tensor_parallel import parallelize_model, shard_state_di
 
 class WeightSource(Protocol):
     def full(self, key: str, shape: tuple[int, ...], std: Optional[float]) -> Optional[torch.Tensor]:
-        """The single-device tensor of state-dict ``key`` (None: keep the module's reset value)."""
+        """The single-device tensor of state-dict ``key`` (None: keep the module's reset value).
+        ``std`` is the init's N(0, std) for a drawn weight, 0 for a bias (zeros), None for a
+        tensor the module resets itself (norm gains)."""
 
 
 class SeededInit:
@@ -49,6 +51,8 @@ class SeededInit:
     def full(self, key: str, shape: tuple[int, ...], std: Optional[float]) -> Optional[torch.Tensor]:
         if std is None:
             return None
+        if std == 0:  # a bias: zeros, as GPT.init_weights sets them (no draw)
+            return torch.zeros(shape)
         return nn.init.normal_(torch.empty(shape), 0.0, std)
 
 
@@ -106,7 +110,7 @@ def build_model(cfg: ModelConfig, pstate: ParallelState, device: torch.device, s
         reset = False
         for leaf, ref_param in ref_module.named_parameters(recurse=False):
             key = f"{name}.{leaf}"
-            full = source.full(key, tuple(ref_param.shape), std if leaf == "weight" else None)
+            full = source.full(key, tuple(ref_param.shape), _std(leaf, std))
             if full is None:  # reset by the module itself (norm gains): a replicated tensor
                 value, reset = torch.empty(ref_param.shape, device=device), True
             else:
@@ -123,6 +127,13 @@ def build_model(cfg: ModelConfig, pstate: ParallelState, device: torch.device, s
     if leftover:
         raise RuntimeError(f"build_model left {leftover[:3]} unmaterialised")
     return model
+
+
+def _std(leaf: str, std: Optional[float]) -> Optional[float]:
+    """The init of one tensor of a planned module: its weight's std, 0 (zeros) for a linear's bias."""
+    if leaf == "bias" and std is not None:
+        return 0.0
+    return std if leaf == "weight" else None
 
 
 def _place(module: nn.Module, leaf: str, value: torch.Tensor, done: dict[int, nn.Parameter]) -> None:

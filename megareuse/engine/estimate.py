@@ -118,7 +118,7 @@ def rank_tensors(model: ModelConfig, tp: int) -> list[tuple[str, int, bool]]:
     if model.n_heads % tp or model.ffn_hidden % tp or model.vocab_size % tp:
         raise ConfigError(f"config error: parallel.tp = {tp}: accepted a divisor of n_heads, ffn_hidden "
                           f"and vocab_size")
-    kv, h, hd = model.kv_heads, model.d_model, model.head_dim
+    kv, h, hd = model.kv_heads, model.d_model, model.head_size
     if kv % tp == 0:
         kv_rows = kv * hd // tp
     elif tp % kv == 0:
@@ -135,6 +135,11 @@ def rank_tensors(model: ModelConfig, tp: int) -> list[tuple[str, int, bool]]:
                 (p + "attention.wo.weight", h * q_rows, True), (p + "ffn_norm.weight", h, False),
                 (p + "feed_forward.w1.weight", f_local * h, True), (p + "feed_forward.w3.weight", f_local * h, True),
                 (p + "feed_forward.w2.weight", h * f_local, True)]
+        if model.qkv_bias:  # cut with their rows
+            out += [(p + "attention.wq.bias", q_rows, False), (p + "attention.wk.bias", kv_rows, False),
+                    (p + "attention.wv.bias", kv_rows, False)]
+        if model.qk_norm:  # replicated gains of one head's size
+            out += [(p + "attention.q_norm.weight", hd, False), (p + "attention.k_norm.weight", hd, False)]
     out.append(("norm.weight", h, False))
     if not model.tie_embeddings:
         out.append(("output.weight", model.vocab_size // tp * h, True))
@@ -202,7 +207,7 @@ def _model_states(tensors, stage: int, dp: int, P: int, zero: dict,
 def activation_bytes(model: ModelConfig, tp: int, b: int, s: int, P: int) -> tuple[int, int, int]:
     """(per layer, outside the layers, one fp32 logits copy) bytes saved for backward on one rank
     for a micro-batch of b sequences of s tokens at activation width P bytes (module docstring)."""
-    h, hd, a_l = model.d_model, model.head_dim, model.n_heads // tp
+    h, hd, a_l = model.d_model, model.head_size, model.n_heads // tp
     kv = model.kv_heads
     kv_l = (kv // tp if kv % tp == 0 else 1) * hd
     q_l, f_l, sb = a_l * hd, model.ffn_hidden // tp, s * b
@@ -213,6 +218,8 @@ def activation_bytes(model: ModelConfig, tp: int, b: int, s: int, P: int) -> tup
     else:
         attn = P * sb * (2 * q_l + 2 * kv_l) + 4 * b * a_l * s
     ffn = (3 if fused else 4) * P * sb * f_l
+    if model.qk_norm:  # per-head q/k norms keep their inputs (and fp32 statistics unfused)
+        attn += (P if fused else 4 + P) * sb * (q_l + kv_l) + 4 * sb * (a_l + kv_l // hd)
     per_layer = 2 * norm + 2 * P * sb * h + attn + ffn
     outside = norm + P * sb * h  # final norm + the head's input
     return per_layer, outside, 4 * sb * (model.vocab_size // tp)

@@ -1,25 +1,29 @@
-"""Hugging Face Llama checkpoints <-> megareuse checkpoints, streamed one tensor at a time.
+"""Hugging Face checkpoints (Llama, Mistral, Qwen2, Qwen3) <-> megareuse checkpoints, streamed
+one tensor at a time.
 
 ``import_hf(src, out, d1=...)`` reads a local HF directory (config.json, model.safetensors or
 model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json) and writes the megareuse
 checkpoint directory ``out`` (model.safetensors in fp32, meta.json, manifest.json, config.yaml, and the
 tokenizer files), ready for ``megareuse train --init-from out``. ``export_hf(ckpt, out)`` writes
-config.json + safetensors shards (+ tokenizer files) that ``LlamaForCausalLM.from_pretrained``
-loads. megareuse checkpoints always hold the consolidated single-device weights (model.safetensors),
-whatever TP degree / ZeRO stage trained them and after growth, so export needs no resharding.
+config.json + safetensors shards (+ tokenizer files) that transformers' ``AutoModelForCausalLM``
+loads as the family the checkpoint came from (``hf_families.export_family``: a continually
+pretrained Qwen3 stays a Qwen3; megareuse's own models are Llamas). megareuse checkpoints
+always hold the consolidated single-device weights (model.safetensors), whatever TP degree /
+ZeRO stage trained them and after growth, so export needs no resharding.
 
-Weight names (no permutation is needed: megareuse's RoPE uses HF Llama's rotate-half layout)::
+Weight names (no permutation is needed: megareuse's RoPE uses HF's rotate-half layout)::
 
     model.embed_tokens.weight                  tok_embeddings.weight
     model.layers.N.input_layernorm.weight      layers.N.attention_norm.weight
-    model.layers.N.self_attn.{q,k,v,o}_proj    layers.N.attention.{wq,wk,wv,wo}
+    model.layers.N.self_attn.{q,k,v,o}_proj    layers.N.attention.{wq,wk,wv,wo}  (.weight, .bias)
+    model.layers.N.self_attn.{q,k}_norm        layers.N.attention.{q,k}_norm     (Qwen3)
     model.layers.N.post_attention_layernorm    layers.N.ffn_norm
     model.layers.N.mlp.{gate,up,down}_proj     layers.N.feed_forward.{w1,w3,w2}
     model.norm.weight / lm_head.weight         norm.weight / output.weight
 
-Only what ``megareuse.model.GPT`` computes is accepted: SiLU, no biases, head_dim =
-hidden_size / num_attention_heads, unscaled RoPE. Anything else raises ``HFError`` with one line
-naming the config.json field and the accepted values, before anything is written. Neither
+Which config.json fields map to which ``ModelConfig`` features, and what is refused, is in
+``hf_families``: anything ``megareuse.model.GPT`` does not compute exactly raises ``HFError``
+with one line naming the field and the accepted values, before anything is written. Neither
 direction imports ``transformers``; ``safetensors`` is needed (``pip install safetensors``).
 """
 from __future__ import annotations
@@ -41,13 +45,14 @@ from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
 from megareuse.interop.errors import HFError
 from megareuse.data.hf_tokenizer import JsonTokenizer
+from megareuse.interop.hf_families import FAMILIES, hf_config_from_model, model_config_from_hf  # noqa: F401
 from megareuse.interop.hf_data import file_sha256, hf_lineage, read_json_object, special_ids, tokenizer_entry
 from megareuse.model import non_embedding_param_count, param_count
 from megareuse.model.flops import weight_shapes
 from megareuse.paths import check_input, check_output_dir
 
 PathLike = Union[str, os.PathLike]
-MODEL_TYPES = ("llama", "mistral")
+MODEL_TYPES = tuple(FAMILIES)
 # tokenizer / generation files carried from an HF directory into the checkpoint and back out
 CARRIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "generation_config.json")
@@ -58,13 +63,14 @@ _LAYER_NAMES = (("input_layernorm", "attention_norm"), ("self_attn.q_proj", "att
                 ("self_attn.k_proj", "attention.wk"), ("self_attn.v_proj", "attention.wv"),
                 ("self_attn.o_proj", "attention.wo"), ("post_attention_layernorm", "ffn_norm"),
                 ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"),
-                ("mlp.down_proj", "feed_forward.w2"))
+                ("mlp.down_proj", "feed_forward.w2"), ("self_attn.q_norm", "attention.q_norm"),
+                ("self_attn.k_norm", "attention.k_norm"))
 _TO_OURS = dict(_LAYER_NAMES)
 _TO_HF = {ours: hf for hf, ours in _LAYER_NAMES}
 _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
            "lm_head.weight": "output.weight"}
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
 def _safetensors():
@@ -84,108 +90,24 @@ def _safetensors():
 
 # --------------------------------------------------------------------------- names and shapes
 def to_megareuse_name(name: str) -> Optional[str]:
-    """megareuse key of an HF Llama weight name; None for names we do not know."""
+    """megareuse key of an HF weight name (any supported family); None for names we do not know."""
     if name in _GLOBAL:
         return _GLOBAL[name]
     match = _HF_LAYER.match(name)
     if match and match.group(2) in _TO_OURS:
-        return f"layers.{match.group(1)}.{_TO_OURS[match.group(2)]}.weight"
+        return f"layers.{match.group(1)}.{_TO_OURS[match.group(2)]}.{match.group(3)}"
     return None
 
 
 def to_hf_name(key: str) -> str:
-    """HF Llama weight name of a megareuse state-dict key (KeyError for unknown keys)."""
+    """HF weight name of a megareuse state-dict key (KeyError for unknown keys)."""
     reverse = {v: k for k, v in _GLOBAL.items()}
     if key in reverse:
         return reverse[key]
     match = _OUR_LAYER.match(key)
     if match and match.group(2) in _TO_HF:
-        return f"model.layers.{match.group(1)}.{_TO_HF[match.group(2)]}.weight"
+        return f"model.layers.{match.group(1)}.{_TO_HF[match.group(2)]}.{match.group(3)}"
     raise KeyError(key)
-
-
-# --------------------------------------------------------------------------- config mapping
-def _field(raw: dict, name: str, accepted: str, value: Any = None) -> HFError:
-    value = raw.get(name) if value is None else value
-    return HFError(f"config.json field {name} = {value!r}: accepted {accepted}")
-
-
-def _rope_theta(raw: dict) -> float:
-    """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling``
-    (transformers 4); any scaling other than the default is refused, naming the field."""
-    params, scaling = raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}
-    for where, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if not isinstance(spec, dict):
-            raise _field(raw, where, "null or a mapping with rope_type 'default'")
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":
-            raise HFError(f"config.json field {where}.rope_type = {kind!r}: accepted null or 'default' "
-                          "(megareuse's ModelConfig has no RoPE scaling fields yet; the lead can add them)")
-        if spec.get("partial_rotary_factor", 1.0) != 1.0:
-            raise HFError(f"config.json field {where}.partial_rotary_factor = "
-                          f"{spec['partial_rotary_factor']!r}: accepted 1.0 (rotary on the whole head)")
-    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-
-
-def model_config_from_hf(raw: dict, max_seq_len: Optional[int] = None) -> ModelConfig:
-    """The megareuse ModelConfig of an HF Llama config.json dict (``max_seq_len`` overrides
-    max_position_embeddings, e.g. to keep RoPE tables small). Raises HFError naming the field."""
-    model_type = raw.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise _field(raw, "model_type", "one of " + ", ".join(repr(t) for t in MODEL_TYPES))
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if isinstance(raw.get(name), bool) or not isinstance(raw.get(name), int) or raw[name] <= 0:
-            raise _field(raw, name, "a positive integer")
-    if raw.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise _field(raw, "hidden_act", "'silu' (SwiGLU; megareuse has no other activation)")
-    for name in ("attention_bias", "mlp_bias"):
-        if raw.get(name, False):
-            raise _field(raw, name, "false (megareuse layers have no biases)")
-    if raw.get("sliding_window") is not None and raw.get("use_sliding_window", True):
-        raise _field(raw, "sliding_window", "null (megareuse attention is full causal)")
-    d, heads = raw["hidden_size"], raw["num_attention_heads"]
-    if d % heads:
-        raise _field(raw, "num_attention_heads", f"a divisor of hidden_size={d}")
-    if raw.get("head_dim") not in (None, d // heads):
-        raise _field(raw, "head_dim", f"null or hidden_size / num_attention_heads = {d // heads}")
-    kv = raw.get("num_key_value_heads") or heads
-    if not isinstance(kv, int) or heads % kv:
-        raise _field(raw, "num_key_value_heads", f"null or a divisor of num_attention_heads={heads}")
-    seq = raw.get("max_position_embeddings", 2048) if max_seq_len is None else max_seq_len
-    cfg = ModelConfig(
-        vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_hidden_layers"], n_heads=heads,
-        n_kv_heads=None if kv == heads else kv, ffn_hidden=raw["intermediate_size"], max_seq_len=int(seq),
-        rope_theta=_rope_theta(raw), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        init_std=float(raw.get("initializer_range", 0.02)))
-    try:
-        cfg.validate()
-    except ConfigError as exc:
-        raise HFError(f"config.json maps to an invalid megareuse model: {exc}") from None
-    return cfg
-
-
-def hf_config_from_model(cfg: ModelConfig, dtype: str = "float32", source: Optional[dict] = None,
-                         special_ids: Optional[dict] = None) -> dict[str, Any]:
-    """The config.json of ``LlamaForCausalLM`` for ``cfg``, readable by transformers 4.40+ and 5
-    (``rope_theta`` and ``rope_parameters`` both written). bos/eos/pad ids come from ``source``
-    (the imported config.json) when given, else from ``special_ids`` (the tokenizer's)."""
-    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, **(special_ids or {})}
-    if source:
-        ids = {key: source.get(key) for key in ids}
-    source = source or {}
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": max(cfg.max_seq_len, int(source.get("max_position_embeddings") or 0)),
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
-        **ids, "dtype": dtype, "torch_dtype": dtype,
-    }
 
 
 # --------------------------------------------------------------------------- helpers
@@ -276,14 +198,14 @@ def import_hf(src: PathLike, out: PathLike, *, d1: int, max_seq_len: Optional[in
                 if key is None:
                     if name.endswith("rotary_emb.inv_freq"):
                         continue  # a buffer older transformers saved; recomputed from rope_theta
-                    raise HFError(f"{path.name}: tensor {name} is not a Llama weight megareuse knows; "
-                                  "accepted model.embed_tokens, model.layers.N.{self_attn,mlp,*_layernorm}, "
-                                  "model.norm, lm_head")
+                    raise HFError(f"{path.name}: tensor {name} is not a weight megareuse knows for "
+                                  f"model_type {raw.get('model_type')!r}; accepted model.embed_tokens, "
+                                  "model.layers.N.{self_attn,mlp,*_layernorm}, model.norm, lm_head")
                 if key == "output.weight" and cfg.tie_embeddings:
                     continue  # tied: the head is the embedding
                 if key not in want:
-                    raise HFError(f"{path.name}: tensor {name} does not fit config.json "
-                                  f"(num_hidden_layers={cfg.n_layers})")
+                    raise HFError(f"{path.name}: tensor {name} does not fit config.json (num_hidden_layers="
+                                  f"{cfg.n_layers}, model_type {raw.get('model_type')!r})")
                 info = fh.get_slice(name)
                 shape, dtype = tuple(info.get_shape()), info.get_dtype()
                 if shape != want[key]:
@@ -351,7 +273,8 @@ def _stream_import(path: Path, located: dict[str, tuple[Path, str]], order: list
 # --------------------------------------------------------------------------- export
 def export_hf(src: PathLike, out: PathLike, *, dtype: str = "float32",
               max_shard_size: Union[str, int] = "2GB") -> Path:
-    """Write the megareuse checkpoint ``src`` as an HF Llama directory ``out`` (new or empty).
+    """Write the megareuse checkpoint ``src`` as an HF directory ``out`` (new or empty) of its
+    export family (``hf_families.export_family``).
 
     model.safetensors is memory-mapped and tensors are cast one shard at a time (``max_shard_size``,
     e.g. "2GB"; more than one shard adds model.safetensors.index.json). ``dtype`` is float32,

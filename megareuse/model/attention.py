@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megareuse.config import ModelConfig
+from megareuse.model.norm import RMSNorm
 from megareuse.model.rope import apply_rope
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -110,15 +111,17 @@ class Attention(nn.Module):
     """Causal self-attention with RoPE and grouped-query heads.
 
     wq: d_model -> n_heads*head_dim, wk/wv: d_model -> n_kv_heads*head_dim,
-    wo: n_heads*head_dim -> d_model, all bias-free. Head counts are read from the projection
-    outputs at run time, so a tensor-parallel wrapper can swap wq/wk/wv for column-parallel and
-    wo for row-parallel layers (each rank then holds a slice of the heads) without touching
-    this code.
+    wo: n_heads*head_dim -> d_model. Bias-free unless ``cfg.qkv_bias`` (biases on q, k, v, never
+    on o: Qwen2's layout). With ``cfg.qk_norm`` each head's q and k are RMS-normalised over the
+    head dimension before RoPE, one gain of size head_dim per projection shared by all heads
+    (Qwen3's ``q_norm`` / ``k_norm``). Head counts are read from the projection outputs at run
+    time, so a tensor-parallel wrapper can swap wq/wk/wv for column-parallel and wo for
+    row-parallel layers (each rank then holds a slice of the heads) without touching this code.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim = cfg.head_dim
+        self.head_dim = cfg.head_size
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
         self.backend = cfg.attention
         get_attention_backend(self.backend)  # fail at construction, not first forward
@@ -127,17 +130,25 @@ class Attention(nn.Module):
             from megareuse_kernels.select import require_triton
 
             require_triton("model.attention='triton'")
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, d_model], cos/sin [T, head_dim] -> [B, T, d_model]."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # [B, T, H, D]
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rope(q, cos, sin, self.kernels), apply_rope(k, cos, sin, self.kernels)
         out = get_attention_backend(self.backend)(q, k, v, causal=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))

@@ -9,32 +9,43 @@ Conventions (used by the scaling-law code):
 """
 from __future__ import annotations
 
+import math
+
 from megareuse.config import ModelConfig
 
 
 LAYER_WEIGHTS = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
                  "attention.wo.weight", "ffn_norm.weight", "feed_forward.w1.weight", "feed_forward.w3.weight",
                  "feed_forward.w2.weight")  # one block's weights, in HF's file order
+QKV_BIASES = ("attention.wq.bias", "attention.wk.bias", "attention.wv.bias")  # model.qkv_bias
+QK_NORMS = ("attention.q_norm.weight", "attention.k_norm.weight")  # model.qk_norm
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name (inside ``layers.N.``) -> shape of one block's tensors, the optional ones included
+    when the config has them."""
+    d, f, q, kv = cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    layer = dict(zip(LAYER_WEIGHTS, [(d,), (q, d), (kv, d), (kv, d), (d, q), (d,), (f, d), (f, d), (d, f)]))
+    if cfg.qkv_bias:
+        layer.update(zip(QKV_BIASES, [(q,), (kv,), (kv,)]))
+    if cfg.qk_norm:
+        layer.update({name: (cfg.head_size,) for name in QK_NORMS})
+    return layer
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of every weight of ``GPT(cfg).state_dict()`` (closed form; a tied head is
+    """Key -> shape of every tensor of ``GPT(cfg).state_dict()`` (closed form; a tied head is
     listed too: it is the embedding)."""
-    d, f, q, kv = cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    layer = dict(zip(LAYER_WEIGHTS, [(d,), (q, d), (kv, d), (kv, d), (d, q), (d,), (f, d), (f, d), (d, f)]))
-    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d)}
+    layer = layer_shapes(cfg)
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, cfg.d_model)}
     for i in range(cfg.n_layers):
         shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
-    shapes.update({"norm.weight": (d,), "output.weight": (cfg.vocab_size, d)})
+    shapes.update({"norm.weight": (cfg.d_model,), "output.weight": (cfg.vocab_size, cfg.d_model)})
     return shapes
 
 
 def _layer_params(cfg: ModelConfig) -> int:
-    d, hd = cfg.d_model, cfg.head_dim
-    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo; wk, wv
-    ffn = 3 * d * cfg.ffn_hidden  # w1, w3, w2
-    norms = 2 * d
-    return attn + ffn + norms
+    return sum(math.prod(shape) for shape in layer_shapes(cfg).values())
 
 
 def layer_param_count(cfg: ModelConfig) -> int:
@@ -75,7 +86,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """
     T = cfg.max_seq_len if seq_len is None else seq_len
     n = non_embedding_param_count(cfg) + cfg.vocab_size * cfg.d_model
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * T
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:

@@ -1,4 +1,6 @@
-"""A LLaMA-like decoder-only transformer: RMSNorm, RoPE, GQA attention, SwiGLU, no biases.
+"""A LLaMA-like decoder-only transformer: RMSNorm, RoPE, GQA attention, SwiGLU; optionally the
+features of the families people reuse (q/k/v biases, per-head q/k norms, an explicit head_dim,
+scaled RoPE: ``ModelConfig``, docs/hf.md).
 
 The model knows nothing about parallelism: tensor parallelism swaps the named projections
 (attention.wq/wk/wv/wo, feed_forward.w1/w3/w2, tok_embeddings, output) for sharded layers.
@@ -24,7 +26,7 @@ from megareuse.model.attention import Attention
 from megareuse.model.head import LMHead, cross_entropy  # noqa: F401 (cross_entropy re-exported)
 from megareuse.model.mlp import FeedForward
 from megareuse.model.norm import RMSNorm
-from megareuse.model.rope import RotaryEmbedding
+from megareuse.model.rope import RopeScaling, RotaryEmbedding
 
 # Linear layers whose output is added to the residual stream get the scaled init.
 OUTPUT_PROJECTIONS = ("wo", "w2")
@@ -59,7 +61,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, RopeScaling.of(cfg))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # an nn.Linear subclass: constructed and initialised exactly as the former nn.Linear head
@@ -119,7 +121,7 @@ class GPT(nn.Module):
             if std is None:
                 module.reset_parameters()
                 continue
-            nn.init.normal_(module.weight, 0.0, std)
+            nn.init.normal_(module.weight, 0.0, std)  # biases (q/k/v) start at zero
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megareuse.model.norm import RMSNorm, rms_norm
 from megareuse.parallel.mappings import copy_to_tp, gather_from_tp_last_dim, group_size, reduce_from_tp, \
     scatter_to_tp_last_dim
 from megareuse.parallel.random import get_rng_tracker
@@ -240,3 +241,40 @@ class VocabParallelEmbedding(nn.Module):
         start, stop = self.vocab_range
         return (f"{self.num_embeddings}, {self.embedding_dim}, rows=[{start}, {stop}), "
                 f"tp={self.state.tp_size}")
+
+
+class HeadNorm(RMSNorm):
+    """A per-head RMSNorm (Qwen3's q_norm / k_norm) under tensor parallelism: the gain is
+    replicated, but each rank applies it to its own heads only, so its gradient is partial. The
+    forward reads the gain through ``copy_to_tp`` (identity forward, all-reduce of the gradient
+    over the TP group). Under replicated KV heads the ranks sharing a KV head contribute the uses
+    of their own query heads, so the plain sum over the group is still the full gradient. The
+    gain is marked replicated (its norm counts on TP rank 0 only)."""
+
+    def __init__(self, dim: int, eps: float, state: ParallelState, kernels: str = "torch", device=None, dtype=None):
+        super().__init__(dim, eps, kernels)
+        self.state = state
+        if device is not None or dtype is not None:
+            self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        set_tp_attributes(self.weight, False, partition_dim=-1)
+
+    @classmethod
+    def from_norm(cls, norm: RMSNorm, state: ParallelState) -> "HeadNorm":
+        """The same gain (values copied) with the TP-summed gradient."""
+        w = norm.weight
+        layer = cls(norm.dim, norm.eps, state, norm.kernels, device=w.device, dtype=w.dtype)
+        if not w.is_meta:
+            with torch.no_grad():
+                layer.weight.copy_(w)
+        set_tp_attributes(layer.weight, False, partition_dim=-1)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tp(self.weight, self.state)
+        if self.kernels != "torch":
+            from megareuse_kernels import select
+
+            out = select.rms_norm(x, weight, self.eps, self.kernels)
+            if out is not None:
+                return out
+        return rms_norm(x, weight, self.eps)

@@ -7,7 +7,10 @@ row-parallel (partial sums all-reduced), tok_embeddings is vocab-parallel, and t
 is column-parallel over the vocabulary with ``gather_output=False``: the model returns logits
 sharded on the vocabulary, to be fed to ``loss_fn`` (vocab-parallel cross-entropy). When the
 embeddings are tied the head's weight stays the same Parameter as the embedding shard (both cut
-the vocabulary the same way). RMSNorm weights stay replicated.
+the vocabulary the same way). RMSNorm weights stay replicated. q/k/v biases (``qkv_bias``) are
+cut with their weights' rows. The per-head q/k norms (``qk_norm``: one gain of size head_dim
+shared by every head) are replicated, but each rank normalises only its own heads, so their
+gradient is summed over the TP group (``HeadNorm``).
 
 Heads: rank r holds query heads [r*H/tp, (r+1)*H/tp). Query head h reads KV head
 h // (H / Hkv) (attention.py's repeat_interleave convention), so:
@@ -50,7 +53,7 @@ from megareuse.config import ModelConfig
 from megareuse.model.gpt import GPT, cross_entropy
 from megareuse.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megareuse.parallel.head import VocabParallelHead
-from megareuse.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, \
+from megareuse.parallel.layers import ColumnParallelLinear, HeadNorm, RowParallelLinear, VocabParallelEmbedding, \
     is_tp_sharded, shard_range
 from megareuse.parallel.mappings import copy_to_tp
 from megareuse.parallel.state import ParallelState
@@ -91,7 +94,7 @@ def _tp_of(tp: TPSpec) -> tuple[int, int]:
 
 def kv_rows(cfg: ModelConfig, tp_size: int, tp_rank: int) -> tuple[int, int]:
     """[start, stop) rows of the full wk / wv weight held by TP rank ``tp_rank``."""
-    hd, kv = cfg.head_dim, cfg.kv_heads
+    hd, kv = cfg.head_size, cfg.kv_heads
     if check_tp_compatible(cfg, tp_size) == "split":
         return shard_range(kv * hd, tp_size, tp_rank, "KV projection rows")
     head = tp_rank // (tp_size // kv)
@@ -157,6 +160,9 @@ def parallelize_model(model: GPT, state: ParallelState) -> GPT:
         ffn.w1 = ColumnParallelLinear.from_linear(ffn.w1, state, copy_input=False)
         ffn.w3 = ColumnParallelLinear.from_linear(ffn.w3, state, copy_input=False)
         ffn.w2 = RowParallelLinear.from_linear(ffn.w2, state)
+        if attn.q_norm is not None:
+            attn.q_norm = HeadNorm.from_norm(attn.q_norm, state)
+            attn.k_norm = HeadNorm.from_norm(attn.k_norm, state)
         if state.tp_size > 1:
             share_input_copy(attn, state)
             share_input_copy(ffn, state)
@@ -205,17 +211,19 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float,
 
 # --------------------------------------------------------------------------- state dicts
 def _kind(key: str) -> str:
-    """How a GPT state-dict entry is cut: "rows", "cols", "kv" (rows by the KV rule) or "replicated"."""
+    """How a GPT state-dict entry is cut: "rows", "cols", "kv" (rows by the KV rule) or
+    "replicated". A q/k/v bias is cut with its weight's rows; per-head q/k norm gains (shared by
+    all heads) are replicated."""
     parts = key.split(".")
     if parts[-2:] in (["tok_embeddings", "weight"], ["output", "weight"]):
         return "rows"
-    if len(parts) >= 3 and parts[-1] == "weight":
+    if len(parts) >= 3 and parts[-1] in ("weight", "bias"):
         module = parts[-3:-1]
         if module in (["attention", "wq"], ["feed_forward", "w1"], ["feed_forward", "w3"]):
             return "rows"
         if module in (["attention", "wk"], ["attention", "wv"]):
             return "kv"
-        if module in (["attention", "wo"], ["feed_forward", "w2"]):
+        if module in (["attention", "wo"], ["feed_forward", "w2"]) and parts[-1] == "weight":
             return "cols"
     return "replicated"
 

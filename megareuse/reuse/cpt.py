@@ -8,6 +8,8 @@ the base run's training blend next to the new domain.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,13 @@ def model_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Fields where a checkpoint's model config differs from the run's, one string each.
 
     ``ModelConfig.RUNTIME_FIELDS`` (attention backend, activation checkpointing, loss
-    implementation) are not part of the model's shape and are ignored.
+    implementation) are not part of the model's shape and are ignored. A field the checkpoint
+    does not record (saved before the field existed) has its default value.
     """
-    return [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
-            for k, v in current.items() if k not in ModelConfig.RUNTIME_FIELDS and saved.get(k) != v]
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return [f"model.{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs config {v!r}"
+            for k, v in current.items()
+            if k not in ModelConfig.RUNTIME_FIELDS and saved.get(k, defaults.get(k)) != v]
 
 
 def open_init_source(path: str | Path, cfg: Config, tokenizer_sha256: str) -> InitSource:
