@@ -84,6 +84,18 @@ def test_hand_counted_model_states():
     assert estimate(make_cfg(HAND, parallel={"tp": 1, "zero_stage": 2, "backend": "nccl"}, **fp32), 3).comm_transient == 0
 
 
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_rank_tensors_match_the_shards_with_features(tp):
+    from megareuse.model import GPT
+    from megareuse.parallel.tensor_parallel import shard_state_dict
+
+    model = {**SMALL, **FEATURES, "n_heads": 4, "n_kv_heads": 2, "tie_embeddings": False}
+    cfg = make_cfg(model).model
+    full = GPT(cfg).state_dict()
+    shard = shard_state_dict(full, cfg, (tp, tp - 1))
+    assert {name: numel for name, numel, _ in rank_tensors(cfg, tp)} == {k: v.numel() for k, v in shard.items()}
+
+
 def test_zero3_reads_ds_config_and_tables(tmp_path):
     ds = tmp_path / "z3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000,
@@ -130,12 +142,17 @@ def saved_bytes(fn, exclude):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("dtype,attention", [("fp32", "sdpa"), ("bf16", "sdpa"), ("bf16", "eager")])
-def test_activations_match_saved_tensors(dtype, attention):
+# the reused families' features: q/k/v biases, per-head q/k norms, an explicit head_dim, RoPE scaling
+FEATURES = {"qkv_bias": True, "qk_norm": True, "head_dim": 16, "rope_scaling": "linear", "rope_factor": 2.0}
+
+
+@pytest.mark.parametrize("dtype,attention,features", [("fp32", "sdpa", {}), ("bf16", "sdpa", {}), ("bf16", "eager", {}),
+                                                      ("fp32", "sdpa", FEATURES), ("bf16", "eager", FEATURES)])
+def test_activations_match_saved_tensors(dtype, attention, features):
     from torch.utils.checkpoint import checkpoint
 
     from megareuse.model.gpt import GPT, cross_entropy
-    cfg = make_cfg({**SMALL, "attention": attention}, run={"dtype": dtype, "micro_batch_size": 3})
+    cfg = make_cfg({**SMALL, "attention": attention, **features}, run={"dtype": dtype, "micro_batch_size": 3})
     est = estimate(cfg, 1)
     torch.manual_seed(0)
     model = GPT(cfg.model).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
