@@ -3,28 +3,43 @@
 Operators (see docs/growth.md and the design notes on growth for the derivations):
 
 - ``grow_width`` (factor k): d_model, n_heads, n_kv_heads and ffn_hidden all times k, head dim
-  unchanged. Every hidden unit is duplicated in blocks, so the wide residual stream is [h; h; ...]:
-  embedding [E, E], norm gains [g; g] (same eps: mean([h; h]^2) = mean(h^2)), every projection
-  tiled k x k and divided by k. Heads are duplicated as blocks of the projection rows and KV heads
-  are multiplied by k too, so query-head copy ``c * H + h`` reads KV copy ``c * Hkv + h // G``: the
+  unchanged (an explicit ``head_dim`` stays explicit, None stays None: d/h = kd/kh). Every hidden
+  unit is duplicated in blocks, so the wide residual stream is [h; h; ...]: embedding [E, E], norm
+  gains [g; g] (same eps: mean([h; h]^2) = mean(h^2)), every projection tiled k x k and divided
+  by k. Heads are duplicated as blocks of the projection rows and KV heads are multiplied by k too,
+  so query-head copy ``c * H + h`` reads KV copy ``c * Hkv + h // G``: the
   same group size G and the right KV head (attention.py's repeat_interleave convention).
   Function-preserving. A tied head is untied: output = [E, E] / k (the grown config has
   ``tie_embeddings = False``). Optional symmetry-breaking noise (HyperCloning): each tiled
   matrix gets noise N_1..N_k on its k column blocks with N_1 + ... + N_k = 0, which cancels on
   duplicated inputs; its std is ``noise`` times the rms of the tiled block W / k (SNR in dB is
   -20 log10(noise)).
+  The reused families' features stay exact: q/k/v biases (``qkv_bias``) are per output row, so
+  they are copied with their rows ([b; b], never divided, never noised: twin rows must produce
+  equal outputs); the noise cancels within each row whatever its bias. The per-head q/k norm
+  gains (``qk_norm``, size head_dim, shared by all heads) are kept as they are: every head copy
+  normalises the same q and k. RoPE scaling and ``sliding_window`` (>= max_seq_len) depend on
+  head dim and positions only and are carried over unchanged. A tensor without a width rule
+  (a feature added to the model but not to growth) is refused, never tiled blindly.
 - ``stack_depth`` (G_stack): new layer i is a copy of base layer ``layer_map[i]``; the default map
   for factor g is the whole stack repeated g times. Not function-preserving.
 - ``insert_identity``: new layers copy a base layer with its attention output projection (wo) and
   MLP down projection (w2) zeroed, so the block adds 0 to the residual stream; its inner weights
   are non-zero, so wo and w2 get gradient on the first step. The first occurrence of each base
   layer in the map keeps its weights; later occurrences are the identity blocks. Default map for
-  factor g: each layer followed by g - 1 identity copies of itself (0,0,1,1,...). Exact.
+  factor g: each layer followed by g - 1 identity copies of itself (0,0,1,1,...). Exact also
+  with ``qkv_bias`` / ``qk_norm``: those sit before wo (which has no bias), so the block still adds
+  0. Both depth operators move every tensor of a block (biases and q/k norm gains included).
 - ``grow``: depth first, then width (each layer then draws its own noise).
 
 Factors are positive integers; a non-integer request (e.g. a sqrt(2) aspect-ratio step) is
-rejected with one line. ``grow_checkpoint`` reads a checkpoint, grows it, and writes a new
-checkpoint directory atomically (weights, metadata, tokenizer; no optimizer state).
+rejected with one line. The base config is validated first (``ModelConfig.validate``, one line
+naming the field), and every grown config carries the base's features (qkv_bias, qk_norm,
+head_dim, rope_*, sliding_window). Head and KV-head counts always grow by the same k, so the GQA
+group size and the head dim never change; nothing that the features allow needs refusing.
+``grow_checkpoint`` reads a checkpoint, grows it, checks the grown weights against the grown config
+(``weights_problem``) and writes a new checkpoint directory atomically (weights, metadata,
+tokenizer; no optimizer state).
 """
 from __future__ import annotations
 
@@ -43,13 +58,21 @@ from megareuse.engine import checkpoint as ckpt
 from megareuse.atomic import publish_dir
 from megareuse.engine import weights
 from megareuse.model import non_embedding_param_count, param_count
-from megareuse.model.flops import LAYER_WEIGHTS
+from megareuse.model.flops import LAYER_WEIGHTS, QK_NORMS, QKV_BIASES, layer_shapes
 from megareuse.paths import check_output_dir, naming
 
 StateDict = dict[str, torch.Tensor]
 LayerMap = Union[str, Sequence[int], None]
 DEPTH_METHODS = ("stack", "identity")
-ZEROED = ("attention.wo.weight", "feed_forward.w2.weight")  # an identity block's output side
+ZEROED = ("attention.wo.", "feed_forward.w2.")  # an identity block's output side (any tensor of it)
+# width growth, per tensor name (inside ``layers.N.`` for block tensors): "columns" repeats the
+# columns k times (embedding), "head" tiles 1 x k / k (output head), "rows" repeats a per-unit
+# vector k times (norm gains over d_model, q/k/v biases), "same" keeps it (q/k norm gains over
+# head_dim), "tile" tiles k x k / k with the symmetry-breaking noise (every block matrix)
+WIDTH_RULES = {"tok_embeddings.weight": "columns", "output.weight": "head", "norm.weight": "rows",
+               "attention_norm.weight": "rows", "ffn_norm.weight": "rows",
+               **{name: "tile" for name in LAYER_WEIGHTS if not name.endswith("norm.weight")},
+               **dict.fromkeys(QKV_BIASES, "rows"), **dict.fromkeys(QK_NORMS, "same")}
 
 
 # --------------------------------------------------------------------------- checking inputs
@@ -89,10 +112,12 @@ def parse_layer_map(layer_map: LayerMap) -> Optional[list[int]]:
 
 
 def check_state_dict(cfg: ModelConfig, sd: StateDict) -> StateDict:
-    """``sd`` as a plain dict after checking its keys and shapes against ``cfg`` (a tied head may
-    be left out: it is the embedding). Raises ValueError naming the first mismatch."""
+    """``sd`` as a plain dict after validating ``cfg`` and checking the keys and shapes of ``sd``
+    against it (a tied head may be left out: it is the embedding). Raises ValueError naming the
+    first problem."""
     from megareuse.engine.weights import weights_problem
 
+    cfg.validate()  # ConfigError (a ValueError): one line naming the field
     sd = dict(sd)
     problem = weights_problem(sd, cfg, tied=cfg.tie_embeddings)
     if problem is not None:
@@ -149,24 +174,48 @@ def tile(w: torch.Tensor, k_out: int, k_in: int, noise: float = 0.0,
     return out
 
 
+def widened_config(cfg: ModelConfig, k: int) -> ModelConfig:
+    """``cfg`` widened by k: d_model, n_heads, n_kv_heads (when set), ffn_hidden times k, the head
+    untied when k > 1; every other field (head_dim, qkv_bias, qk_norm, rope_*, sliding_window, ...)
+    kept. Raises ValueError if the head dim would change (it cannot for a valid config)."""
+    new_cfg = dataclasses.replace(
+        cfg, d_model=k * cfg.d_model, n_heads=k * cfg.n_heads, ffn_hidden=k * cfg.ffn_hidden,
+        n_kv_heads=None if cfg.n_kv_heads is None else k * cfg.n_kv_heads,
+        tie_embeddings=cfg.tie_embeddings and k == 1)
+    if new_cfg.head_size != cfg.head_size:  # RoPE, the 1/sqrt(hd) scale and q/k norms need it fixed
+        raise ValueError(f"growth: width={k} would change the head dim from {cfg.head_size} to "
+                         f"{new_cfg.head_size} (model.head_dim={cfg.head_dim!r}); accepted a base whose "
+                         f"d_model is a multiple of n_heads, or an explicit model.head_dim")
+    return new_cfg
+
+
+def _width_rule(key: str) -> str:
+    name = key.split(".", 2)[2] if key.startswith("layers.") else key
+    rule = WIDTH_RULES.get(name)
+    if rule is None:
+        raise ValueError(f"growth: tensor {key!r} has no width-growth rule (a model feature growth does "
+                         f"not know); accepted the tensors of {', '.join(sorted(WIDTH_RULES))}")
+    return rule
+
+
 def grow_width(cfg: ModelConfig, sd: StateDict, factor: Any, noise: float = 0.0,
                seed: int = 0) -> tuple[ModelConfig, StateDict]:
     """Widen by ``factor`` (see the module docstring); ``noise`` is the relative std of the
     symmetry-breaking noise (0 = exact copies, which never diverge in training)."""
     k, noise = _factor("width", factor), _noise(noise)
     sd = check_state_dict(cfg, sd)
-    new_cfg = dataclasses.replace(
-        cfg, d_model=k * cfg.d_model, n_heads=k * cfg.n_heads, ffn_hidden=k * cfg.ffn_hidden,
-        n_kv_heads=None if cfg.n_kv_heads is None else k * cfg.n_kv_heads,
-        tie_embeddings=cfg.tie_embeddings and k == 1)
+    new_cfg = widened_config(cfg, k)
+    rules = {key: _width_rule(key) for key in sd}  # refuse before any tensor is built
     out: StateDict = {}
     for key, w in sd.items():
-        w = w.detach()
-        if key == "tok_embeddings.weight":
+        w, rule = w.detach(), rules[key]
+        if rule == "columns":
             out[key] = w.repeat(1, k)
-        elif key.endswith("norm.weight"):
+        elif rule == "rows":  # a per-unit vector: each copy of a unit (or of a q/k/v row) gets its value
             out[key] = w.repeat(k)
-        elif key == "output.weight":
+        elif rule == "same":
+            out[key] = w.clone()
+        elif rule == "head":
             out[key] = tile(w, 1, k, noise, _generator(seed, key))
         else:
             out[key] = tile(w, k, k, noise, _generator(seed, key))
@@ -182,12 +231,13 @@ def _remap_layers(cfg: ModelConfig, sd: StateDict, mapping: list[int],
     out = {k: v.detach().clone() for k, v in sd.items() if not k.startswith("layers.")}
     if cfg.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
+    names = list(layer_shapes(cfg))  # every tensor of a block, the features' biases and norms included
     for i, src in enumerate(mapping):
         repeat = src in mapping[:i]
-        for name in LAYER_WEIGHTS:
+        for name in names:
             w = sd[f"layers.{src}.{name}"].detach()
-            out[f"layers.{i}.{name}"] = torch.zeros_like(w) if zero_repeats and repeat and name in ZEROED \
-                else w.clone()
+            zero = zero_repeats and repeat and name.startswith(ZEROED)
+            out[f"layers.{i}.{name}"] = torch.zeros_like(w) if zero else w.clone()
     return dataclasses.replace(cfg, n_layers=len(mapping)), out
 
 
@@ -256,9 +306,7 @@ def grow(cfg: ModelConfig, sd: StateDict, width: Any = 1, depth: Any = 1, depth_
 def _check_fits_in_memory(cfg: ModelConfig, info: dict[str, Any]) -> None:
     """Growth holds the base and the grown fp32 weights in memory: refuse a request that cannot."""
     k = info["width_factor"]
-    grown = dataclasses.replace(cfg, d_model=k * cfg.d_model, n_heads=k * cfg.n_heads, ffn_hidden=k * cfg.ffn_hidden,
-                                n_kv_heads=None if cfg.n_kv_heads is None else k * cfg.n_kv_heads,
-                                n_layers=len(info["layer_map"]), tie_embeddings=cfg.tie_embeddings and k == 1)
+    grown = dataclasses.replace(widened_config(cfg, k), n_layers=len(info["layer_map"]))
     need = 4 * (param_count(cfg) + 2 * param_count(grown))  # base, grown, one copy in flight
     have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > have:
@@ -298,6 +346,9 @@ def grow_checkpoint(src: Union[str, Path], out: Union[str, Path], *, width: Any 
     base_sd = weights.load_state_dict(src, base_cfg.tie_embeddings, model=base_cfg)
     new_cfg, new_sd = grow(base_cfg, base_sd, width, depth, depth_method, layer_map, noise, seed)
     new_cfg.validate()
+    problem = weights.weights_problem(new_sd, new_cfg, tied=new_cfg.tie_embeddings)
+    if problem is not None:  # a growth defect: never write weights the grown config cannot load
+        raise ValueError(f"growth: the grown weights do not fit the grown config: {problem}")
     # tokens the base saw: D1 plus any stage-2 tokens (D2) when the base was itself a stage-2 run
     d1 = meta["D1"] + (meta.get("D2") or 0) if meta.get("D1") is not None else meta.get("tokens_seen")
     growth = {"base": str(src.resolve()), "base_stage": meta.get("stage"), "base_D1": meta.get("D1"),
