@@ -39,7 +39,7 @@ from typing import Any, Optional, Union
 import torch
 import yaml
 
-from megareuse.config import Config, ConfigError, ModelConfig
+from megareuse.config import Config, ConfigError
 from megareuse.atomic import publish_dir
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
