@@ -36,79 +36,27 @@ budget D resumes the trunk's checkpoint at the step where D's own WSD schedule s
 (the last ``decay_frac`` of its steps) and decays to the end. ``schedule: cosine`` trains one
 independent run per budget. Stage-2 series start from the base run at their D1
 (``run.init_from``); growth series first grow that checkpoint (`megareuse grow`).
+
+A base series may instead list checkpoints that exist (published intermediate checkpoints of one
+pretraining run, or earlier megareuse runs): ``checkpoints: [{path: DIR, D1: TOKENS}, ...]`` in
+place of ``D1`` (paths relative to this file; an optional ``domains`` says what the base was
+trained on, which replay needs). Each is imported (or linked) where a trained base's final
+checkpoint would be and evaluated at D2 = 0 into a base run record; stage-2 series select among
+the listed D1 values as usual. The rules and checks are in megareuse/sweep/bases.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 from megareuse.config import Config, ConfigError, ModelConfig, apply_overrides, read_yaml, read_yaml_mapping
+from megareuse.sweep.spec import (_NAME, METHODS, SCHEDULES, Experiment, RunSpec, Series,  # noqa: F401
+                                  _fail, _series_overrides, ckpt_path)
 from megareuse.model import flops_per_token, non_embedding_param_count
-
-SCHEDULES = ("wsd", "cosine")
-METHODS = ("cpt", "stack", "identity", "width", "width+stack", "width+identity")
-
-
-@dataclass
-class Series:
-    """One family of runs sharing a starting point: budgets ``budgets`` on ``domains``."""
-    name: str
-    method: str  # base, scratch, cpt, or a growth operator
-    domains: dict[str, float]
-    budgets: list[int]
-    schedule: str = "wsd"
-    replay: float = 0.0
-    growth: dict[str, Any] = field(default_factory=dict)
-    D1: Optional[list[int]] = None  # stage 2: which base budgets to start from (None: all)
-    model: dict[str, Any] = field(default_factory=dict)  # base / scratch: model fields that differ
-    bases: Optional[list[str]] = None  # stage 2: which base series to start from (None: the first)
-    overrides: list[str] = field(default_factory=list)  # this series' own training-config overrides
-
-
-@dataclass
-class Experiment:
-    name: str
-    path: Path
-    train: dict[str, Any]  # the raw training config (train_config + overrides)
-    base: Series
-    stage2: list[Series]
-    scratch: list[Series]
-    decay_frac: float = 0.2
-    bases: list[Series] = field(default_factory=list)  # every base series, ``base`` first
-
-    def __post_init__(self) -> None:
-        if not self.bases:
-            self.bases = [self.base]
-
-
-@dataclass
-class RunSpec:
-    """One unit of work: train (with overrides and an optional resume point) or grow."""
-    run_id: str  # also its directory below the sweep's output root
-    kind: str  # train | grow
-    series: str
-    method: str
-    overrides: list[str]
-    depends_on: list[str]
-    tokens: int  # new training tokens this run computes
-    flops: float  # training FLOPs of those tokens
-    resume_from: Optional[str] = None  # relative checkpoint path (a trunk's) to branch from
-    grow: Optional[dict[str, Any]] = None  # kind grow: {"from": ckpt, **operator args}
-    data_point: bool = False  # a finished run whose record is a point of the law
-
-
-def _fail(where: str, value: Any, accepted: str) -> None:
-    raise ConfigError(f"experiment error: {where} = {value!r}: accepted {accepted}")
-
-
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
@@ -171,22 +119,6 @@ def _series(raw: Any, where: str, budget_key: str, method: str, extra: tuple = (
     return series
 
 
-PLANNED_KEYS = ("data.train", "data.replay", "run.series", "run.train_tokens", "run.save_tokens",
-                "run.init_from", "run.keep_last", "run.write_record", "schedule.kind", "schedule.decay_frac")
-
-
-def _series_overrides(raw: Any, where: str) -> list[str]:
-    """A series' own overrides: section.field=value strings, none of a key the planner sets."""
-    if not isinstance(raw, list) or not all(isinstance(o, str) and "=" in o for o in raw):
-        _fail(where, raw, "a list of section.field=value strings")
-    for item in raw:
-        key = item.split("=", 1)[0].strip()
-        if key in PLANNED_KEYS or key.startswith("model."):
-            _fail(where, item, "overrides of keys the planner does not set (not " + ", ".join(PLANNED_KEYS)
-                  + " or model.*: use the series' model / growth)")
-    return list(raw)
-
-
 def _check_overrides(train: dict, s: Series, where: str) -> None:
     if not s.overrides:
         return
@@ -218,7 +150,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
     train = apply_overrides(read_yaml(path.parent / raw["train_config"]),
                             list(raw.get("overrides", [])) + list(overrides))
     Config.from_dict(train).validate()
-    bases = _bases(raw, train)
+    bases = _bases(raw, train, path.parent)
     stage2 = [_series(s, f"stage2[{i}]", "D2", "cpt", ("bases",)) for i, s in enumerate(raw.get("stage2") or [])]
     for i, s in enumerate(stage2):
         if s.method not in METHODS:
@@ -242,10 +174,16 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
     return Experiment(str(raw.get("name", path.stem)), path, train, bases[0], stage2, scratch, decay, bases)
 
 
-def _bases(raw: dict, train: dict) -> list[Series]:
-    """``base`` and the further ``bases``, each checked (distinct names, a valid model)."""
-    bases = [_series(raw.get("base"), "base", "D1", "base", ("model",))]
-    bases += [_series(b, f"bases[{i}]", "D1", "base", ("model",)) for i, b in enumerate(raw.get("bases") or [])]
+def _bases(raw: dict, train: dict, exp_dir: Path) -> list[Series]:
+    """``base`` and the further ``bases``, each checked (distinct names, a valid model); a series
+    with ``checkpoints`` lists checkpoints that exist (bases.py)."""
+    from megareuse.sweep.bases import checkpoint_series
+
+    def one(b: Any, where: str) -> Series:
+        if isinstance(b, dict) and "checkpoints" in b:
+            return checkpoint_series(b, where, exp_dir)
+        return _series(b, where, "D1", "base", ("model",))
+    bases = [one(raw.get("base"), "base")] + [one(b, f"bases[{i}]") for i, b in enumerate(raw.get("bases") or [])]
     for i, b in enumerate(bases):
         where = "base" if i == 0 else f"bases[{i - 1}]"
         b.method = "base"
@@ -265,10 +203,13 @@ def _check_model(train: dict, model: dict, where: str) -> None:
 
 
 def _check_stage2_bases(s: Series, where: str, bases: list[Series]) -> None:
+    from megareuse.sweep.bases import check_replay
+
     known = {b.name: b for b in bases}
     if s.bases is not None and not set(s.bases) <= set(known):
         _fail(f"{where}.bases", s.bases, "a non-empty list of names from " + ", ".join(known))
     for name in s.bases or [bases[0].name]:
+        check_replay(s, where, known[name])
         budgets = known[name].budgets
         if s.D1 is not None and not set(s.D1) <= set(budgets):
             label = "base.D1" if name == bases[0].name and s.bases is None else f"the D1 of base {name}"
@@ -301,29 +242,28 @@ def branch_step(total_steps: int, decay_frac: float, warmup: int) -> int:
     return max(min(warmup, total_steps - 1), total_steps - max(1, round(decay_frac * total_steps)))
 
 
-def ckpt_path(run_id: str, step: int) -> str:
-    return f"{run_id}/checkpoints/step_{step:08d}"
-
-
 class Planner:
     def __init__(self, exp: Experiment, dp: int = 1):
         self.exp, self.dp = exp, dp
         self.runs: list[RunSpec] = []
+        self.producer: dict[str, str] = {}  # a checkpoint base's checkpoint -> the run making it
 
     def _cfg(self, overrides: list[str]) -> Config:
         return Config.from_dict(apply_overrides(self.exp.train, overrides))
 
     def _series_runs(self, series: Series, prefix: str, common: list[str], after: list[str],
-                     model: dict[str, Any]) -> dict[int, str]:
-        """Plan one series; returns budget -> final checkpoint path of its run."""
+                     model: dict[str, Any], blend: Optional[dict[str, float]] = None) -> dict[int, str]:
+        """Plan one series; returns budget -> final checkpoint path of its run. ``blend``: the
+        training blend written out (replay from a checkpoint base, bases.stage2_blend)."""
         common = list(common) + series.overrides
         cfg = self._cfg(common)
         cfg.run.micro_batch_size *= self.dp  # global batch for token accounting
         tps = cfg.tokens_per_step
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
         finals = {}
-        data = [f"data.train={yaml.safe_dump(series.domains, default_flow_style=True).strip()}",
-                f"run.series={series.name}"]
+        train = (yaml.safe_dump(series.domains, default_flow_style=True) if blend is None
+                 else yaml.safe_dump(blend, default_flow_style=True, sort_keys=False)).strip()
+        data = [f"data.train={train}", f"run.series={series.name}"]
         for budget in series.budgets:
             _steps(cfg, budget, f"{series.name}: budget")
         if series.schedule == "cosine":
@@ -356,31 +296,43 @@ class Planner:
 
     def plan(self) -> list[RunSpec]:
         exp = self.exp
+        from megareuse.sweep.bases import plan_checkpoints, stage2_blend
+
         model = exp.train.get("model", {})
-        base_finals = {b.name: self._series_runs(b, b.name, _model_overrides(model, {**model, **b.model}), [],
-                                                 model) for b in exp.bases}
-        base_models = {b.name: {**model, **b.model} for b in exp.bases}
+        base_finals = {}
+        for b in exp.bases:
+            if b.checkpoints is not None:  # checkpoints that exist: import + evaluate steps
+                base_finals[b.name] = plan_checkpoints(self, b, [])
+                self.producer.update({path: path for path in base_finals[b.name].values()})
+            else:
+                base_finals[b.name] = self._series_runs(b, b.name, _model_overrides(model, {**model, **b.model}),
+                                                        [], model)
+        bases = {b.name: b for b in exp.bases}
         for s in exp.stage2:
             for base_name in s.bases or [exp.base.name]:
                 where = s.name if s.bases is None else f"{s.name}/{base_name}"
-                finals, base_model = base_finals[base_name], base_models[base_name]
+                finals, base = base_finals[base_name], bases[base_name]
                 for d1 in (s.D1 or sorted(finals)):
-                    self._stage2_runs(s, f"{where}/D1={d1}", finals[d1], model, base_model)
+                    self._stage2_runs(s, f"{where}/D1={d1}", finals[d1], model, {**model, **base.model},
+                                      stage2_blend(s, base))
         for s in exp.scratch:
             self._series_runs(s, s.name, _model_overrides(model, {**model, **s.model}), [], model)
         return self.runs
 
-    def _stage2_runs(self, s: Series, prefix: str, start: str, model: dict, base_model: dict) -> None:
-        """One stage-2 series from one base checkpoint: grow it first unless the method is cpt."""
-        base_run = start.split("/checkpoints/")[0]
-        common, after, target = [f"data.replay={s.replay}"], [base_run], base_model
+    def _stage2_runs(self, s: Series, prefix: str, start: str, model: dict, base_model: dict,
+                     blend: Optional[dict[str, float]] = None) -> None:
+        """One stage-2 series from one base checkpoint: grow it first unless the method is cpt.
+        ``blend``: replay written out as the training blend (then data.replay is 0)."""
+        base_run = self.producer.get(start, start.split("/checkpoints/")[0])
+        replay = s.replay if blend is None else 0.0
+        common, after, target = [f"data.replay={replay}"], [base_run], base_model
         if s.method != "cpt":
             grown = f"{prefix}/grown"
             self.runs.append(RunSpec(grown, "grow", s.name, s.method, [], [base_run], 0, 0.0,
                                      grow={"from": start, **s.growth}))
             start, after, target = grown, [grown], grown_model(base_model, s.growth)
         common += _model_overrides(model, target)
-        self._series_runs(s, prefix, common + [f"run.init_from={{root}}/{start}"], after, model)
+        self._series_runs(s, prefix, common + [f"run.init_from={{root}}/{start}"], after, model, blend)
 
 
 def _model_overrides(model: dict[str, Any], target: dict[str, Any]) -> list[str]:
@@ -398,9 +350,10 @@ def totals(runs: list[RunSpec]) -> tuple[int, float]:
 
 
 def format_plan(runs: list[RunSpec]) -> str:
-    lines = [f"{'run':48s} {'kind':5s} {'tokens':>12s} {'FLOPs':>10s}  after"]
+    lines = [f"{'run':48s} {'kind':8s} {'tokens':>12s} {'FLOPs':>10s}  after"]
     for r in runs:
-        lines.append(f"{r.run_id:48s} {r.kind:5s} {r.tokens:>12,d} {r.flops:>10.2e}  {', '.join(r.depends_on)}")
+        after = f"<- {r.source['path']}" if r.kind == "import" else ", ".join(r.depends_on)
+        lines.append(f"{r.run_id:48s} {r.kind:8s} {r.tokens:>12,d} {r.flops:>10.2e}  {after}")
     tokens, flops = totals(runs)
     lines.append(f"{len(runs)} runs, {tokens:,} training tokens, {flops:.3e} FLOPs "
                  f"({sum(r.data_point for r in runs)} data points)")

@@ -1,7 +1,9 @@
 """Run a planned sweep locally: skip what is done, resume what was interrupted, run the rest.
 
-A run is done when its ``record.json`` exists (train runs with a data point), its
-``summary.json`` says finished (trunks), or its grown checkpoint verifies (grow). An interrupted
+A run is done when its ``summary.json`` says finished (train runs), its grown or imported
+checkpoint verifies (grow, import), or its ``record.json`` exists (evaluate: a checkpoint base's
+record at D2 = 0, megareuse/sweep/bases.py). Before a whole sweep starts, every checkpoint still
+to import is checked (``bases.check_sources``), so a bad path or another model stops it at once. An interrupted
 run resumes from its own latest checkpoint; a branch that never started starts from its trunk's
 checkpoint. Runs execute in dependency order, one at a time in this process, or ``workers`` at a
 time in worker processes (a run starts when its dependencies are done).
@@ -31,23 +33,11 @@ from typing import Callable, Optional, Sequence
 
 from megareuse.paths import check_output_dir
 from megareuse.sweep.grid import Experiment, RunSpec, plan_experiment
+from megareuse.sweep.spec import is_done, run_dir  # noqa: F401 (is_done: part of this module's API)
 
 
 class SweepError(RuntimeError):
     """A sweep cannot proceed (unknown run, unmet dependency): one line."""
-
-
-def run_dir(root: Path, run: RunSpec) -> Path:
-    return Path(root) / run.run_id
-
-
-def is_done(root: Path, run: RunSpec) -> bool:
-    out = run_dir(root, run)
-    if run.kind == "grow":
-        from megareuse.engine.checkpoint import verify_checkpoint
-        return out.is_dir() and verify_checkpoint(out, checksums=False) is None
-    summary = out / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("finished", False)
 
 
 def _overrides(root: Path, run: RunSpec) -> list[str]:
@@ -71,6 +61,11 @@ def execute(train: dict, root: str, run: RunSpec, emit: Callable[[str], None] = 
         if not out.exists():
             grow_checkpoint(source, out, **args)
         return run.run_id
+    if run.kind in ("import", "evaluate"):  # a checkpoint base (bases.py)
+        from megareuse.sweep import bases
+        if run.kind == "import":
+            return bases.import_checkpoint(train, root_path, run)
+        return bases.evaluate_base(train, root_path, run, emit)
     cfg = Config.from_dict(apply_overrides(train, _overrides(root_path, run))).validate()
     if ckpt.latest_checkpoint(Path(cfg.run.out_dir) / "checkpoints") is not None:
         resume: Optional[str] = "auto"
@@ -278,6 +273,9 @@ def run_sweep(train: dict, runs: list[RunSpec], root: Path, workers: int = 1,
         raise SweepError(f"sweep error: --run {only!r} is not in the plan; accepted one of " + ", ".join(by_id))
     slots = device_slots(train, workers, gpus_per_run, runs_per_gpu) if only is None else []
     check_output_dir(root, "sweep error: --out", SweepError)
+    if only is None:  # checkpoints still to import: there, and of the config's model
+        from megareuse.sweep.bases import check_sources
+        check_sources(train, runs, root)
     root.mkdir(parents=True, exist_ok=True)
     if only is not None:
         missing = [d for d in by_id[only].depends_on if not is_done(root, by_id[d])]

@@ -19,15 +19,21 @@ one rank per GPU, and by default whole nodes (``--exclusive --mem=0``: every CPU
 with ``exclusive=False`` (``sweep --share-nodes``) only its GPUs, so SLURM packs several runs of
 few GPUs onto one node, their CPUs and memory being the cluster's defaults or what SBATCH_ARGS
 asks (e.g. ``--mem-per-gpu=64G --cpus-per-gpu=8``). A growth run (``kind grow``) is one process
-on one node with one GPU, 8 CPUs and 128G (``GROW_SBATCH_ARGS``). Two array tasks never share a
+on one node with one GPU, 8 CPUs and 128G (``GROW_SBATCH_ARGS``), and so are the steps of a base
+series of checkpoints that exist (megareuse/sweep/bases.py): ``kind import`` (a Hugging Face
+checkpoint converted, or a megareuse one linked, where a trained base's final checkpoint would be;
+every stage-2 array task that starts from it waits for it) and ``kind evaluate`` (its base run
+record at D2 = 0). ``write_slurm`` checks every checkpoint still to import before it writes
+anything (``bases.check_sources``: there, and of the training config's model). Two array tasks never share a
 GPU: SLURM allocates GPUs whole (unless the cluster configures MPS or shards); to put several
 small runs on one GPU, run a local sweep inside one allocation (``megareuse sweep --workers N
 --runs-per-gpu K``, which takes its devices from the CUDA_VISIBLE_DEVICES SLURM sets).
 
 Each task runs ``megareuse sweep --config EXP --out ROOT --dp DP --run RUN_ID`` (through the
 ``task`` helper below), which is idempotent: a finished run returns quickly, an interrupted one
-resumes from its latest checkpoint, a grown checkpoint that exists is kept. Re-running ``write_slurm`` (by default) leaves out runs that are already done, so a
-partly finished sweep can be re-submitted. DP is the jobs' data-parallel size, nodes x
+resumes from its latest checkpoint, a grown or imported checkpoint that exists is kept.
+Re-running ``write_slurm`` (by default) leaves out runs that are already done, so a partly
+finished sweep can be re-submitted. DP is the jobs' data-parallel size, nodes x
 gpus_per_node / parallel.tp: branch steps and pinned checkpoints depend on it, so every
 ``--run`` plans with it.
 
@@ -54,7 +60,9 @@ from megareuse.sweep.local import SweepError
 
 REPO = Path(__file__).resolve().parents[2]
 ARRAY_SCRIPT = "scripts/slurm/sweep_array.sh"
-# growth is one CPU process that holds the base and the grown weights in memory
+KINDS = ("train", "grow", "import", "evaluate")
+# growth is one CPU process that holds the base and the grown weights in memory (so is an import;
+# an evaluation is one process on one GPU)
 GROW_SBATCH_ARGS = ("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=8",
                     "--mem=128G", "--time=02:00:00")
 
@@ -109,7 +117,7 @@ submit() {
 class ArrayJob:
     """One sbatch job array: the runs of one kind in one wave."""
     wave: int
-    kind: str  # train | grow
+    kind: str  # train | grow | import | evaluate
     runs: list[RunSpec]
 
     @property
@@ -154,13 +162,13 @@ def array_jobs(runs: Sequence[RunSpec], done: Iterable[str] = ()) -> list[ArrayJ
     """One array per (wave, kind), in submission order (plan order inside an array)."""
     jobs = []
     for w, members in enumerate(waves(runs, done)):
-        for kind in ("train", "grow"):
+        for kind in KINDS:
             chosen = [r for r in members if r.kind == kind]
             if chosen:
                 jobs.append(ArrayJob(w, kind, chosen))
-    unknown = {r.kind for r in runs} - {"train", "grow"}
+    unknown = {r.kind for r in runs} - set(KINDS)
     if unknown:
-        raise SweepError(f"sweep error: run kinds {sorted(unknown)}: accepted train, grow")
+        raise SweepError(f"sweep error: run kinds {sorted(unknown)}: accepted {', '.join(KINDS)}")
     return jobs
 
 
@@ -257,6 +265,9 @@ def write_slurm(runs: list[RunSpec], experiment_path: Path, out_root: Path, scri
     if dp is not None and dp != job_dp:
         raise SweepError(f"sweep error: the runs were planned for DP = {dp} but the jobs run DP = "
                          f"{job_dp} (nodes x gpus_per_node / parallel.tp): plan with --dp {job_dp}")
+    from megareuse.sweep.bases import check_sources
+    from megareuse.sweep.grid import load_experiment
+    check_sources(load_experiment(experiment_path, list(extra_overrides)).train, runs, out_root)
     done: set[str] = set()
     if skip_done:
         from megareuse.sweep.local import is_done
@@ -293,7 +304,7 @@ def write_slurm(runs: list[RunSpec], experiment_path: Path, out_root: Path, scri
         else:
             resources = list(grow_sbatch_args)
         export = ",".join(["ALL", *(f"{k}={v}" for k, v in env.items()), f"RUNS_FILE={runs_file}"])
-        if job.kind == "grow":
+        if job.kind != "train":
             export += ",LAUNCHER=python"
         args = [f"--job-name={name}-w{job.wave}-{job.kind}", f"--array={size}", *resources, *common,
                 f"--export={export}"]
@@ -317,9 +328,10 @@ def write_slurm(runs: list[RunSpec], experiment_path: Path, out_root: Path, scri
 # Array task i of wave<W>_<kind>.runs runs line i:
 #   megareuse sweep --config EXP --out ROOT --dp {job_dp} --run RUN_ID
 # through scripts/slurm/sweep_array.sh: train runs under torchrun on {nodes} node(s) x {gpus_per_node} GPUs
-# (requeued before the time limit, resumed with --resume auto), growth as one process. Each task asks
+# (requeued before the time limit, resumed with --resume auto); grow, import and evaluate
+# as one process. Each task asks
 #   train: {" ".join(train_resources(nodes, gpus_per_node, time, exclusive))}
-#   grow:  {" ".join(grow_sbatch_args)}
+#   grow, import, evaluate:  {" ".join(grow_sbatch_args)}
 # A finished run returns quickly and an interrupted one resumes, so submitting twice is harmless.
 # Each array waits (afterok) for exactly the array tasks its runs depend on; a failed dependency
 # cancels it.

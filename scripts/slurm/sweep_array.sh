@@ -21,7 +21,7 @@
 #   megareuse sweep --config EXP --out ROOT --dp DP --run RUN_ID [overrides]
 # as `$PYTHON -m megareuse.sweep.slurm task ... --run-id RUN_ID` (the same, spelt for torchrun),
 # train runs under the launcher on every GPU of the job (the Trainer inside becomes multi-rank),
-# grow runs as one process on the first node. `--run` is idempotent: a finished run returns
+# grow, import and evaluate runs (KIND other than train) as one process on the first node. `--run` is idempotent: a finished run returns
 # quickly, an interrupted one resumes from its latest checkpoint (requeue as in base_1b.sh).
 #
 # Variables (environment; [default]):
@@ -34,7 +34,7 @@
 #   OVERRIDES_FILE file of extra overrides for every run, one per line [none]
 #   OVERRIDES      further whitespace-separated overrides [none]; script arguments are appended
 #   DRY_RUN        1: print the exact commands instead of running them
-# Launch and network variables: as in base_1b.sh (LAUNCHER [torchrun; grow runs: python], PYTHON,
+# Launch and network variables: as in base_1b.sh (LAUNCHER [torchrun; grow, import, evaluate: python], PYTHON,
 #   NNODES, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_BACKEND, FANOUT, NCCL_*, ...; see common.sh).
 set -euo pipefail
 
@@ -61,8 +61,8 @@ fi
 RUN_ID="${lines[TASK_ID]%%$'\t'*}"
 KIND=train
 if [[ ${lines[TASK_ID]} == *$'\t'* ]]; then KIND="${lines[TASK_ID]#*$'\t'}"; fi
-# growth is one process: no launcher, and only on the first node
-if [[ $KIND == grow ]]; then LAUNCHER=python; fi
+# growth, an import and an evaluation are one process: no launcher, and only on the first node
+if [[ $KIND != train ]]; then LAUNCHER=python; fi
 
 mr_setup sweep_array.sh
 DP="${DP:-$((NNODES * GPUS_PER_NODE))}"
@@ -79,8 +79,12 @@ args=(-m megareuse.sweep.slurm task --config "$EXP" --out "$ROOT" --dp "$DP" --r
     ${overrides[@]+"${overrides[@]}"} ${MR_OVERRIDES[@]+"${MR_OVERRIDES[@]}"})
 
 if mr_dry; then printf '# task %s of %s: run %s (%s)\n' "$TASK_ID" "$RUNS_FILE" "$RUN_ID" "$KIND"; fi
-if [[ $KIND == grow && $NODE_RANK != 0 ]]; then
-    mr_log "growth runs on the first node only; node $NODE_RANK has nothing to do"
+if [[ $KIND != train && $NODE_RANK != 0 ]]; then
+    mr_log "$KIND runs on the first node only; node $NODE_RANK has nothing to do"
     exit 0
 fi
-mr_launch "$ROOT/$RUN_ID" "${args[@]}"
+# a train run's directory holds its preemption marker; the other kinds write none (an import's
+# directory may be a link to a checkpoint that is an input: nothing is written or removed there)
+run_dir=""
+if [[ $KIND == train ]]; then run_dir="$ROOT/$RUN_ID"; fi
+mr_launch "$run_dir" "${args[@]}"
