@@ -6,7 +6,9 @@
    4 values of D1, continual pretraining on code at 4 values of D2 per D1, stacking growth on
    prose, from-scratch runs on code — WSD trunks with cooldown branches;
 3. collect the run records, fit the law on the CPT runs (forms compared, largest runs held out,
-   bootstrap intervals, per-D1 analysis), fit a from-scratch law, run the planner;
+   bootstrap intervals, per-D1 analysis), fit a from-scratch law, run the planner; where a
+   scratch series trains a stage-2 series' model on its blend, the two are fitted with one
+   shared E (compared with separate E's on held-out runs) and the planner weighs that pair;
 4. write a report (markdown + figures) into ``<out>/report`` and print where it is.
 
 ``--preset workstation`` runs a larger grid (longer base training, the over-trained regime the
@@ -192,21 +194,54 @@ def scratch_for(exp, s):
 
 
 def _plan(csv_path: Path, law, report_dir: Path, N: int, N_base: int, d1s: list[int], d2s: list[int],
-          scratch_series: str, loss_col: str, subdir: str) -> dict:
-    from megareuse.law import fit_form, load_table, make_plan
+          scratch_series: str, loss_col: str, subdir: str, shared: Optional[dict] = None) -> dict:
+    """The planner's answer; with a shared-E study (``shared``) it weighs the pair fitted with one E,
+    and the verdict of the separately fitted laws on the same budget is kept beside it."""
+    from megareuse.law import best_split, budget_saving, fit_form, load_table, make_plan
     from megareuse.law.commands import finite_json, write_outputs
     from megareuse.law.plots import figure_plan
     from megareuse.law.report import plan_report
-    scratch_table = load_table(csv_path, loss_col=loss_col, where={"series": scratch_series},
-                               rename={"D": "D1"})
-    scratch = fit_form(scratch_table, "power")
-    plan = make_plan(law, scratch, D1=d1s, D2=d2s, budget_tokens=float(max(d1s) + max(d2s)),
-                     N=float(N), N_base=float(N_base))
+    budget = float(max(d1s) + max(d2s))
+    separate = None
+    if shared and "skipped" not in shared:
+        scratch = shared["separate"]["scratch"]
+        split = best_split(law, budget_tokens=budget)
+        b = budget_saving(law, scratch, split, float(N))
+        separate = {"D1": split["D1"], "D2": split["D2"], "loss": split["loss"], "saving": b["saving"],
+                    "saving_interval": b["saving_interval"], "verdict": b["verdict"]}
+        law, scratch = shared["shared"].reuse, shared["shared"].scratch
+    else:
+        scratch_table = load_table(csv_path, loss_col=loss_col, where={"series": scratch_series},
+                                   rename={"D": "D1"})
+        scratch = fit_form(scratch_table, "power")
+    plan = make_plan(law, scratch, D1=d1s, D2=d2s, budget_tokens=budget, N=float(N), N_base=float(N_base))
     files, note = figure_plan(plan, law, scratch)
     text = plan_report(plan, "plan.png" if files else None, [note] if note else [])
     write_outputs(report_dir / subdir, {"plan.md": text, "plan.json": json.dumps(finite_json(plan), indent=1),
                                         **files})
-    return {"plan": plan, "scratch": scratch, "scratch_name": scratch_series, "text": text, "dir": subdir}
+    return {"plan": plan, "scratch": scratch, "scratch_name": scratch_series, "text": text, "dir": subdir,
+            "shared_E": separate is not None, "separate": separate}
+
+
+def _shared_series(csv_path: Path, report_dir: Path, s, scratch_series: str, law, N: Optional[int]) -> dict:
+    """One E for stage-2 series ``s`` and its scratch series (the same model on the same blend):
+    the shared-E study beside the separate fits, written to ``<s>_shared/``, or {"skipped": why}.
+    ``law`` is the series' `reuse` law already fitted on the same rows (``N``: of that size alone)."""
+    from megareuse.law import LawError, load_table, merge_duplicates
+    from megareuse.law.commands import write_outputs
+    from megareuse.law.sharedstudy import shared_files, shared_study
+    loss_col = _loss_col(s)
+    try:
+        reuse, _ = merge_duplicates(load_table(csv_path, loss_col=loss_col,
+                                               where={"series": s.name, **({"N": N} if N else {})}))
+        scratch, _ = merge_duplicates(load_table(csv_path, loss_col=loss_col, where={"series": scratch_series},
+                                                 rename={"D": "D1"}))
+        study = shared_study(reuse, scratch, n_boot=200, seed=0, reuse_law=law)
+    except LawError as exc:
+        return {"skipped": str(exc)}
+    write_outputs(report_dir / f"{s.name}_shared", shared_files(study, (s.name, scratch_series)))
+    study.update(dir=f"{s.name}_shared", names=(s.name, scratch_series))
+    return study
 
 
 def _plan_series(exp, s, fit: Optional[dict], csv_path: Path, report_dir: Path) -> dict:
@@ -225,8 +260,10 @@ def _plan_series(exp, s, fit: Optional[dict], csv_path: Path, report_dir: Path) 
         if own is None:
             return {"skipped": f"the `reuse` law of the N = {N:,} runs alone: {why}"}
         law = own["law"]
+    shared = _shared_series(csv_path, report_dir, s, scratch.name, law, N if law is not fit["law"] else None)
     plan = _plan(csv_path, law, report_dir, N, N_base, list(d1s), list(s.budgets), scratch.name,
-                 _loss_col(s), "plan" if s.name == "cpt" else f"plan_{s.name}")
+                 _loss_col(s), "plan" if s.name == "cpt" else f"plan_{s.name}", shared)
+    plan["shared"] = shared
     if law is not fit["law"]:
         plan["N"] = N  # the size whose own law was planned
     return plan
@@ -293,15 +330,35 @@ def _plan_lines(name: str, plan: dict) -> list[str]:
         return [f"Planner: not run ({plan['skipped']}).", ""]
     d = plan["dir"]
     law = f"the `{name}` law" + (f" of the N = {plan['N']:,} runs" if "N" in plan else "")
-    lines = [f"Planner ({law} vs a `power` law fitted to the `{plan['scratch_name']}` runs): "
-             f"[{d}/plan.md]({d}/plan.md).", ""]
+    lines = [f"Planner ({law} vs a `power` law fitted to the `{plan['scratch_name']}` runs"
+             + (", the two fitted together with one shared E" if plan.get("shared_E") else "")
+             + f"): [{d}/plan.md]({d}/plan.md).", ""]
     split = plan["plan"].get("split")
     if split and "decision" in split:
         lines.append(f"For a budget of {split['budget_tokens']:.4g} tokens the law's best split is D1 = "
                      f"{split['D1']:.4g}, D2 = {split['D2']:.4g} (loss {split['loss']:.4g}); from scratch: "
                      f"{split['scratch_loss']:.4g}. Decision: **{split['decision']}**"
                      + (f" (bootstrap verdict: {split['verdict']})." if split.get("verdict") else "."))
+    sep = plan.get("separate")
+    if sep:
+        iv = sep["saving_interval"]
+        lines.append(f"With separate E's (the two laws fitted apart) the same budget's best split is D1 = "
+                     f"{sep['D1']:.4g}, D2 = {sep['D2']:.4g}, saving {_g(sep['saving'])}"
+                     + (f" [{_g(iv[0])}, {_g(iv[1])}]" if iv else "") + f" tokens: verdict {sep['verdict']}.")
     return lines + ["", f"![plan]({d}/plan.png)", ""]
+
+
+def _shared_section(plan: dict) -> list[str]:
+    """The shared-E study's lines for the report (nothing when the series was not planned)."""
+    from megareuse.law.sharedstudy import shared_lines
+    study = plan.get("shared")
+    if not study:
+        return []
+    if "skipped" in study:
+        return ["### One floor for reuse and scratch?", "", f"One shared E: not fitted ({study['skipped']}).", ""]
+    d = study["dir"]
+    return ["### One floor for reuse and scratch?", "", *shared_lines(study, study["names"]),
+            f"Details: [{d}/shared_E.md]({d}/shared_E.md).", ""]
 
 
 def _study_report(exp, rows, fits, plans, times, tokens, n_runs, n_points, workers, info) -> str:
@@ -324,7 +381,7 @@ def _study_report(exp, rows, fits, plans, times, tokens, n_runs, n_points, worke
         fit, why = fits[s.name]
         lines += ["", f"## The law on the `{s.name}` runs", ""]
         lines += _law_lines(s.name, fit) if fit else [f"{why.capitalize()}.", ""]
-        lines += ["### Reuse or from scratch?", "", *_plan_lines(s.name, plans[s.name])]
+        lines += [*_shared_section(plans[s.name]), "### Reuse or from scratch?", "", *_plan_lines(s.name, plans[s.name])]
     top = max(b["tokens_per_param"][-1] for b in base_scale(exp))
     regime = ("reaching the over-trained regime (tens to hundreds) where the paper finds saturation" if top >= 100
               else "far from the over-trained regime (tens to hundreds) where the paper finds saturation; "
@@ -406,6 +463,11 @@ def run_demo(out: str | Path = DEFAULT_OUT, fresh: bool = False, overrides: Sequ
     for name, plan in plans.items():
         if "skipped" in plan:
             print(f"{name}: planner not run: {plan['skipped']}")
+        elif "skipped" in (plan.get("shared") or {}):
+            print(f"{name}: no shared-E fit: {plan['shared']['skipped']}")
+        elif plan.get("shared"):
+            from megareuse.law.sharedstudy import summary_line
+            print(f"{name} with {plan['scratch_name']}: {summary_line(plan['shared'])}")
     times["plan"] = time.perf_counter() - t0
 
     rows = [json.loads(line) for line in (sweep_dir / "runs.jsonl").read_text().splitlines()]

@@ -5,6 +5,8 @@
                   [--where method=cpt] [--rename D=D2] --out DIR
     megareuse plan --law DIR/law.json [--scratch-law S/law.json] [--D1 1M,4M] [--D2 0.5M,1M]
                    [--budget-tokens 8M | --budget-flops 1e15] [--N 3.3e5] [--N-base ...] --out DIR
+    megareuse plan --runs runs.csv --where series=cpt --scratch-where series=scratch_code
+                   --loss-col valid_loss_code [...] --out DIR      (both laws fitted with one shared E)
 
 A user error prints one line on stderr ("megareuse fit: ...") and returns 2; everything is
 computed and checked before the first file is written, and each file is written atomically.
@@ -13,14 +15,13 @@ computed and checked before the first file is written, and each file is written 
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from megareuse.law.data import LawError, RunTable, load_table, merge_duplicates, parse_count
 from megareuse.law.forms import available_forms, get_form
+from megareuse.law.jsonout import finite_json, write_outputs  # noqa: F401 (imported from here by demo and design)
 from megareuse.paths import check_output_dir
 
 CHECKS = ("rollout", "loo")
@@ -150,32 +151,6 @@ def law_json(result: dict) -> dict:
     return out
 
 
-def finite_json(value):
-    """JSON-safe copy: non-finite floats (a loss never reached, an undefined ratio) become null."""
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_outputs(out_dir, files: dict) -> list[str]:
-    """Write {name: bytes or str} into out_dir, each file atomically (temp file + rename)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        data = content.encode() if isinstance(content, str) else content
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / name)
-    return [str(out / n) for n in files]
-
-
 def write_fit(result: dict, out_dir) -> list[str]:
     from megareuse.law.report import fit_report
     files = {"law.json": json.dumps(finite_json(law_json(result)), indent=1) + "\n",
@@ -252,13 +227,48 @@ def _count(name: str, text: Optional[str]) -> Optional[float]:
     return values[0] if values else None
 
 
+_TABLE_OPTIONS = ("where", "scratch_where", "scratch_tokens", "loss_col", "loss_unit", "bootstrap", "seed", "level")
+
+
+def _shared_laws(args) -> tuple:
+    """`plan --runs`: the stage-2 and scratch laws fitted on one table with one shared E
+    (megareuse.law.shared), the study beside them, and its files."""
+    from megareuse.law.sharedstudy import load_pair, shared_files, shared_study
+    if args.law or args.scratch_law:
+        raise LawError("--runs fits both laws from one table (one shared E): accepted --runs or --law/--scratch-law, "
+                       "not both")
+    level = float(args.level or 0.9)
+    if not 0 < level < 1:
+        raise LawError(f"--level = {args.level!r}: accepted a number between 0 and 1, e.g. 0.9")
+    n_boot = _int("--bootstrap", args.bootstrap or 200, 0)
+    if n_boot == 1:
+        raise LawError("--bootstrap = 1: accepted 0 (no intervals) or an integer >= 2")
+    reuse, scratch, notes = load_pair(args.runs, _pairs("--where", args.where), _pairs("--scratch-where", args.scratch_where),
+                                      args.loss_col or "loss", args.loss_unit or "nats", args.scratch_tokens)
+    study = shared_study(reuse, scratch, n_boot, seed=_int("--seed", args.seed or 0, 0), level=level)
+    study["notes"] = notes
+    names = (", ".join(f"{k}={v}" for k, v in _pairs("--where", args.where).items()),
+             ", ".join(f"{k}={v}" for k, v in _pairs("--scratch-where", args.scratch_where).items()))
+    return study["shared"].reuse, study["shared"].scratch, study, shared_files(study, names)
+
+
 def cmd_plan(args) -> int:
     from megareuse.law.law import Law
     from megareuse.law.plan import make_plan
     try:
         out = _out_dir(args.out)
-        law = Law.load(args.law)
-        scratch = Law.load(args.scratch_law) if args.scratch_law else None
+        study, extra = None, {}
+        if args.runs:
+            law, scratch, study, extra = _shared_laws(args)
+        else:
+            given = [f"--{k.replace('_', '-')}" for k in _TABLE_OPTIONS if getattr(args, k, None)]
+            if given:
+                raise LawError(f"{given[0]}: only with --runs TABLE (both laws fitted from one table)")
+            if not args.law:
+                raise LawError("accepted --law LAW.json (a law over D1 and D2), or --runs TABLE with --where and "
+                               "--scratch-where (both laws fitted with one shared E)")
+            law = Law.load(args.law)
+            scratch = Law.load(args.scratch_law) if args.scratch_law else None
         plan = make_plan(law, scratch, D1=_counts("--D1", args.D1), D2=_counts("--D2", args.D2),
                          budget_tokens=_count("--budget-tokens", args.budget_tokens),
                          budget_flops=_count("--budget-flops", args.budget_flops),
@@ -267,10 +277,14 @@ def cmd_plan(args) -> int:
         from megareuse.law.report import plan_report
         files, note = figure_plan(plan, law, scratch)
         text = plan_report(plan, "plan.png" if files else None, [note] if note else [])
-        paths = write_outputs(out, {"plan.json": json.dumps(finite_json(plan), indent=1) + "\n", "plan.md": text, **files})
+        paths = write_outputs(out, {"plan.json": json.dumps(finite_json(plan), indent=1) + "\n", "plan.md": text, **files,
+                                    **extra})
     except ValueError as exc:
         print(f"megareuse plan: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
+    if study is not None:
+        from megareuse.law.sharedstudy import summary_line
+        print(summary_line(study))
     for line in plan_lines(plan):
         print(line)
     print("wrote " + ", ".join(paths))
@@ -324,8 +338,22 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("plan", allow_abbrev=False,
                               help="reuse or from scratch? answers from fitted laws")
-    p.add_argument("--law", required=True, help="law.json of a law over D1 and D2")
+    p.add_argument("--law", default=None, help="law.json of a law over D1 and D2 (or --runs)")
     p.add_argument("--scratch-law", default=None, help="law.json of a from-scratch law (power or chinchilla)")
+    p.add_argument("--runs", default=None, help="instead of --law/--scratch-law: a run table holding a stage-2 series "
+                                                "(--where) and the scratch series of its model on its target domain "
+                                                "(--scratch-where), fitted together with one shared E")
+    p.add_argument("--where", action="append", default=[], help="with --runs: the stage-2 rows, COLUMN=VALUE "
+                                                                "(repeatable), e.g. series=cpt")
+    p.add_argument("--scratch-where", action="append", default=[], help="with --runs: the scratch rows, COLUMN=VALUE "
+                                                                        "(repeatable), e.g. series=scratch_code")
+    p.add_argument("--scratch-tokens", default=None, help="with --runs: the scratch rows' token column (default D, "
+                                                          "else tokens)")
+    p.add_argument("--loss-col", default=None, help="with --runs: the loss column of both series (default loss)")
+    p.add_argument("--loss-unit", default=None, help="with --runs: nats (default) or bits")
+    p.add_argument("--bootstrap", default=None, help="with --runs: joint resamples (default 200; 0 = no intervals)")
+    p.add_argument("--seed", default=None, help="with --runs: bootstrap seed (default 0)")
+    p.add_argument("--level", default=None, help="with --runs: interval level (default 0.9)")
     p.add_argument("--D1", default=None, help="base tokens, comma list (e.g. 1M,4M); default: the data's range")
     p.add_argument("--D2", default=None, help="stage-2 tokens, comma list; default: the data's range and beyond")
     p.add_argument("--budget-tokens", default=None, help="total tokens D1 + D2 to split")
