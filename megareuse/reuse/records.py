@@ -1,9 +1,18 @@
 """Run records: the one interface between training and the law.
 
 Every finished run writes ``<out_dir>/record.json``; ``megareuse collect RUNS_DIR`` gathers them
-into a table (CSV and JSONL) whose columns the fitter reads: run_id, stage, method, N (non-
-embedding parameters), N_total, series, D1, D2, tokens, valid_loss_<domain>, best_valid_loss_<domain>,
-tokens_<domain>, wall_s, tokens_per_s, flops, flops_6ND, out_dir, checkpoint.
+into a table (CSV and JSONL) whose columns the fitter reads: run_id, group, seed, stage, method,
+N (non-embedding parameters), N_total, series, D1, D2, tokens, valid_loss_<domain>,
+best_valid_loss_<domain>, tokens_<domain>, wall_s, tokens_per_s, flops, flops_6ND, out_dir, checkpoint.
+
+Repeats. A sweep may run a cell again with other data-order seeds (an experiment series'
+``seeds``, megareuse/sweep/grid.py): repeat r of the run ``RUN`` is the run ``RUN/seed=r``
+(r = 2, 3, ...; its ``data.seed`` is the original's + r - 1). ``seed`` is the run's ``data.seed``
+(written by ``build_record``; read from the record's config for older records); ``group`` is the
+run id without a trailing ``/seed=r`` (``group_of``), so the original and its repeats share it and
+every other run is a group of its own (group = run_id). Like run_id it is set by ``collect``
+from the run's directory below RUNS_DIR. The fitter resamples whole groups and measures
+run-to-run noise within them (megareuse/law/calibrate.py).
 """
 from __future__ import annotations
 
@@ -11,8 +20,9 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from megareuse.atomic import write_text_atomic
 from megareuse.paths import check_input, check_output_dir
@@ -22,6 +32,24 @@ SCHEMA = "megareuse-run-record/1"
 REQUIRED = {"stage": str, "method": str, "N": int, "N_total": int, "D1": int, "D2": int, "tokens": int,
             "valid_loss": dict, "best_valid_loss": dict, "tokens_per_domain": dict}
 LOSSES = ("valid_loss", "best_valid_loss")
+REPEAT = re.compile(r"/seed=([1-9][0-9]*)$")  # the last path part of a repeat's run id
+
+
+def repeat_run_id(run_id: str, repeat: int) -> str:
+    """The run id of repeat ``repeat`` (2, 3, ...) of the run ``run_id``: ``RUN/seed=r``."""
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 2:
+        raise ValueError(f"repeat = {repeat!r}: accepted an integer >= 2 (1 is the original run)")
+    return f"{run_id}/seed={repeat}"
+
+
+def group_of(run_id: str) -> str:
+    """The cell of a run: its run id without a trailing ``/seed=r`` (the original's run id)."""
+    return REPEAT.sub("", run_id)
+
+
+def _data_seed(record: dict[str, Any]) -> Optional[int]:
+    seed = record.get("seed", ((record.get("config") or {}).get("data") or {}).get("seed"))
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 class RecordError(ValueError):
@@ -46,7 +74,7 @@ def build_record(*, run_id: str, series: str, stage: str, method: str, n_params:
         "wall_s": wall_s, "tokens_per_s": tokens / wall_s if wall_s > 0 else None,
         "flops": flops_per_token * tokens, "flops_6ND": 6 * n_params * tokens,
         "config": config, "out_dir": str(out_dir), "checkpoint": str(checkpoint),
-        "init_from": init_from,
+        "init_from": init_from, "seed": _data_seed({"config": config}),
     }
 
 
@@ -64,6 +92,7 @@ def read_records(runs_dir: Path) -> list[dict[str, Any]]:
     for path in sorted(runs_dir.rglob(RECORD)):
         record = read_record(path)
         record["run_id"] = path.parent.relative_to(runs_dir).as_posix()  # unique in the table
+        record["group"], record["seed"] = group_of(record["run_id"]), _data_seed(record)
         records.append(record)
     return sorted(records, key=lambda r: r["run_id"])
 
@@ -100,8 +129,10 @@ def _finite_number(value: Any) -> bool:
 
 def flatten(record: dict[str, Any]) -> dict[str, Any]:
     """One table row: scalar fields plus per-domain columns."""
-    row = {k: record[k] for k in ("run_id", "series", "stage", "method", "N", "N_total", "D1", "D2", "tokens",
-                                  "wall_s", "tokens_per_s", "flops", "flops_6ND", "out_dir", "checkpoint")}
+    row = {"run_id": record["run_id"], "group": record.get("group", group_of(record["run_id"])),
+           "seed": _data_seed(record)}
+    row.update({k: record[k] for k in ("series", "stage", "method", "N", "N_total", "D1", "D2", "tokens",
+                                       "wall_s", "tokens_per_s", "flops", "flops_6ND", "out_dir", "checkpoint")})
     for domain, value in record["valid_loss"].items():
         row[f"valid_loss_{domain}"] = value
     for domain, value in record["best_valid_loss"].items():

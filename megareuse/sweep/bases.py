@@ -11,8 +11,8 @@ Several model families publish checkpoints along one pretraining run (TinyLlama 
 
 Paths are relative to the experiment file; D1 values are distinct positive token counts (any
 order) and are the series' budgets, so a stage-2 series' ``D1:`` selects among them as usual.
-``name`` and ``overrides`` are accepted; ``D1``, ``schedule``, ``model``, ``replay``, ``growth``
-and ``method`` are refused (the checkpoints are trained already; their model is what it is).
+``name`` and ``overrides`` are accepted; ``D1``, ``schedule``, ``model``, ``replay``, ``growth``,
+``method`` and ``seeds`` are refused (the checkpoints are trained already; their model is what it is).
 
 The planner turns each checkpoint into two steps (``plan_checkpoints``):
 
@@ -72,7 +72,9 @@ REFUSED = {"D1": "one of base D1 budgets (trained here) and checkpoints (that ex
                     "config to it)",
            "replay": "no replay on a base series (stage-2 series replay)",
            "growth": "no growth on a base series (stage-2 series grow)",
-           "method": "no method on a base series"}
+           "method": "no method on a base series",
+           "seeds": "no seeds on a checkpoint base (its checkpoints are trained already; repeat the "
+                    "stage-2 cells that start from them instead)"}
 ACCEPTED_PATH = ("a Hugging Face model directory (config.json + *.safetensors) or a megareuse checkpoint "
                  "directory (manifest.json + meta.json)")
 

@@ -30,12 +30,26 @@ peak LR of its own (``overrides: [optim.lr=1e-3]``); the keys the planner sets (
 schedule, token budgets, init_from, replay) and model fields (use ``model`` or ``growth``) are
 refused there.
 
-With ``schedule: wsd`` (warmup-stable-decay) a series of token budgets costs one constant-LR
-"trunk" run to the last branch point plus a short cooldown branch per budget: the branch for
-budget D resumes the trunk's checkpoint at the step where D's own WSD schedule starts to decay
-(the last ``decay_frac`` of its steps) and decays to the end. ``schedule: cosine`` trains one
-independent run per budget. Stage-2 series start from the base run at their D1
-(``run.init_from``); growth series first grow that checkpoint (`megareuse grow`).
+With ``schedule: wsd`` (warmup-stable-decay, the default of every series) a series of token
+budgets costs one constant-LR "trunk" run to the last branch point plus a short cooldown branch
+per budget: the branch for budget D resumes the trunk's checkpoint at the step where D's own WSD
+schedule starts to decay (the last ``decay_frac`` f of its steps) and decays to the end, the same
+computation as an independent WSD run of D. ``schedule: cosine`` trains one independent run per
+budget. Stage-2 series start from the base run at their D1 (``run.init_from``); growth series
+first grow that checkpoint (`megareuse grow`). A wsd stage-2 series has one trunk per (series,
+base, D1), from that checkpoint with the stage-2 re-warmup, and a branch per D2, each a data point
+at (D1, D2): a D2 axis costs (1 - f) max(D2) + f sum(D2) per D1, against sum(D2) with cosine
+(D2 doubling over 32x: 1.19x the longest run, against 1.97x).
+
+Seed repeats (run-to-run noise): any trained series may run chosen cells again with other
+data-order seeds, ``seeds: {count: 3, D1: [1048576], D2: [524288]}`` (stage 2; a base chooses by
+``D1``, a scratch series by ``D``; an axis left out: all its values; ``seeds: 3``: every cell).
+Repeat r = 2..count of run RUN is ``RUN/seed=r`` with ``data.seed`` + r - 1 (the series' own
+data.seed): only the order of the training samples changes; the model's init (run.seed), the
+validation data and a stage-2 run's starting checkpoint are the original's. A repeat follows its
+series' protocol: wsd, a trunk of its own per (D1, r) (``.../trunk/seed=r``) to the last chosen
+branch point with cooldowns at the chosen budgets (each an independent WSD run of its cell);
+cosine, one run per chosen cell. `collect` adds ``seed`` and ``group`` (records.py).
 
 A base series may instead list checkpoints that exist (published intermediate checkpoints of one
 pretraining run, or earlier megareuse runs): ``checkpoints: [{path: DIR, D1: TOKENS}, ...]`` in
@@ -55,8 +69,9 @@ import yaml
 
 from megareuse.config import Config, ConfigError, ModelConfig, apply_overrides, read_yaml, read_yaml_mapping
 from megareuse.sweep.spec import (_NAME, METHODS, SCHEDULES, Experiment, RunSpec, Series,  # noqa: F401
-                                  _fail, _series_overrides, ckpt_path)
+                                  _fail, _series_overrides, check_seed_d1, ckpt_path, parse_seeds)
 from megareuse.model import flops_per_token, non_embedding_param_count
+from megareuse.reuse.records import group_of, repeat_run_id
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
@@ -73,7 +88,8 @@ def _model(raw: Any, where: str) -> dict[str, Any]:
 def _series(raw: Any, where: str, budget_key: str, method: str, extra: tuple = ()) -> Series:
     if not isinstance(raw, dict):
         _fail(where, raw, "a mapping")
-    known = {"name", "method", "domains", budget_key, "schedule", "replay", "growth", "D1", "overrides", *extra}
+    known = {"name", "method", "domains", budget_key, "schedule", "replay", "growth", "D1", "overrides", "seeds",
+             *extra}
     for key in raw:
         if key not in known:
             _fail(f"{where}.{key}", raw[key], "one of the keys " + ", ".join(sorted(known)))
@@ -116,6 +132,8 @@ def _series(raw: Any, where: str, budget_key: str, method: str, extra: tuple = (
     if series.schedule not in SCHEDULES:
         _fail(f"{where}.schedule", series.schedule, "one of " + ", ".join(SCHEDULES))
     series.overrides = _series_overrides(raw.get("overrides", []), f"{where}.overrides")
+    if raw.get("seeds") is not None:
+        series.seeds = parse_seeds(raw["seeds"], f"{where}.seeds", budget_key, series.budgets, budget_key == "D2")
     return series
 
 
@@ -214,6 +232,8 @@ def _check_stage2_bases(s: Series, where: str, bases: list[Series]) -> None:
         if s.D1 is not None and not set(s.D1) <= set(budgets):
             label = "base.D1" if name == bases[0].name and s.bases is None else f"the D1 of base {name}"
             _fail(f"{where}.D1", s.D1, f"a subset of {label} {budgets}")
+    starts = [set(s.D1 or known[name].budgets) for name in s.bases or [bases[0].name]]
+    check_seed_d1(s.seeds, where, sorted(set.intersection(*starts)))
 
 
 def grown_model(model: dict[str, Any], growth: dict[str, Any]) -> dict[str, Any]:
@@ -252,44 +272,56 @@ class Planner:
         return Config.from_dict(apply_overrides(self.exp.train, overrides))
 
     def _series_runs(self, series: Series, prefix: str, common: list[str], after: list[str],
-                     model: dict[str, Any], blend: Optional[dict[str, float]] = None) -> dict[int, str]:
-        """Plan one series; returns budget -> final checkpoint path of its run. ``blend``: the
-        training blend written out (replay from a checkpoint base, bases.stage2_blend)."""
+                     model: dict[str, Any], blend: Optional[dict[str, float]] = None,
+                     d1: Optional[int] = None) -> dict[int, str]:
+        """Plan one series (a stage-2 one: from the base at ``d1``), then its seed repeats;
+        returns budget -> final checkpoint path of its run. ``blend``: the training blend written
+        out (replay from a checkpoint base, bases.stage2_blend)."""
         common = list(common) + series.overrides
         cfg = self._cfg(common)
         cfg.run.micro_batch_size *= self.dp  # global batch for token accounting
-        tps = cfg.tokens_per_step
-        fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-        finals = {}
         train = (yaml.safe_dump(series.domains, default_flow_style=True) if blend is None
                  else yaml.safe_dump(blend, default_flow_style=True, sort_keys=False)).strip()
         data = [f"data.train={train}", f"run.series={series.name}"]
         for budget in series.budgets:
             _steps(cfg, budget, f"{series.name}: budget")
+        finals = self._budget_runs(series, prefix, common + data, after, series.budgets, cfg)
+        chosen = [b for b in series.budgets if series.seeds and series.seeds.chosen(b, d1)]
+        for r in range(2, series.seeds.count + 1) if chosen else ():  # its own trunk, its own seed
+            self._budget_runs(series, prefix, common + data + [f"data.seed={cfg.data.seed + r - 1}"], after,
+                              chosen, cfg, repeat=r)
+        return finals
+
+    def _budget_runs(self, series: Series, prefix: str, overrides: list[str], after: list[str],
+                     budgets: list[int], cfg: Config, repeat: int = 1) -> dict[int, str]:
+        """The runs of ``budgets``: one per budget (cosine), or a constant-LR trunk to the last
+        branch point and a cooldown branch per budget (wsd). ``repeat`` r > 1 names them
+        ``.../seed=r`` (records.repeat_run_id)."""
+        tps, fpt = cfg.tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len)
+        name = (lambda run_id: run_id) if repeat == 1 else (lambda run_id: repeat_run_id(run_id, repeat))
+        finals = {}
         if series.schedule == "cosine":
-            for b in series.budgets:
-                run_id = f"{prefix}/D={b}"
+            for b in budgets:
+                run_id = name(f"{prefix}/D={b}")
                 self.runs.append(RunSpec(run_id, "train", series.name, series.method,
-                                         common + data + ["schedule.kind=cosine", f"run.train_tokens={b}"],
+                                         overrides + ["schedule.kind=cosine", f"run.train_tokens={b}"],
                                          after, b, fpt * b, data_point=True))
                 finals[b] = ckpt_path(run_id, b // tps)
             return finals
-        warmup = cfg.schedule.warmup_steps
-        points = {b: branch_step(b // tps, self.exp.decay_frac, warmup) for b in series.budgets}
-        trunk = f"{prefix}/trunk"
+        points = {b: branch_step(b // tps, self.exp.decay_frac, cfg.schedule.warmup_steps) for b in budgets}
+        trunk = name(f"{prefix}/trunk")
         last = max(points.values())
         self.runs.append(RunSpec(
             trunk, "train", series.name, series.method,
-            common + data + ["schedule.kind=constant", f"run.train_tokens={last * tps}",
-                             f"run.save_tokens=[{', '.join(str(p * tps) for p in sorted(set(points.values())))}]",
-                             "run.keep_last=1", "run.write_record=false"], after, last * tps,
-            fpt * last * tps))
-        for b in series.budgets:
-            run_id = f"{prefix}/D={b}"
+            overrides + ["schedule.kind=constant", f"run.train_tokens={last * tps}",
+                         f"run.save_tokens=[{', '.join(str(p * tps) for p in sorted(set(points.values())))}]",
+                         "run.keep_last=1", "run.write_record=false"], after, last * tps, fpt * last * tps))
+        for b in budgets:
+            run_id = name(f"{prefix}/D={b}")
             self.runs.append(RunSpec(
                 run_id, "train", series.name, series.method,
-                common + data + ["schedule.kind=wsd", f"schedule.decay_frac={self.exp.decay_frac}",
-                                 f"run.train_tokens={b}"], [trunk], b - points[b] * tps,
+                overrides + ["schedule.kind=wsd", f"schedule.decay_frac={self.exp.decay_frac}",
+                             f"run.train_tokens={b}"], [trunk], b - points[b] * tps,
                 fpt * (b - points[b] * tps), resume_from=ckpt_path(trunk, points[b]), data_point=True))
             finals[b] = ckpt_path(run_id, b // tps)
         return finals
@@ -314,15 +346,15 @@ class Planner:
                 finals, base = base_finals[base_name], bases[base_name]
                 for d1 in (s.D1 or sorted(finals)):
                     self._stage2_runs(s, f"{where}/D1={d1}", finals[d1], model, {**model, **base.model},
-                                      stage2_blend(s, base))
+                                      stage2_blend(s, base), d1)
         for s in exp.scratch:
             self._series_runs(s, s.name, _model_overrides(model, {**model, **s.model}), [], model)
         return self.runs
 
     def _stage2_runs(self, s: Series, prefix: str, start: str, model: dict, base_model: dict,
-                     blend: Optional[dict[str, float]] = None) -> None:
-        """One stage-2 series from one base checkpoint: grow it first unless the method is cpt.
-        ``blend``: replay written out as the training blend (then data.replay is 0)."""
+                     blend: Optional[dict[str, float]] = None, d1: Optional[int] = None) -> None:
+        """One stage-2 series from one base checkpoint (of ``d1`` tokens): grow it first unless the
+        method is cpt. ``blend``: replay written out as the training blend (then data.replay is 0)."""
         base_run = self.producer.get(start, start.split("/checkpoints/")[0])
         replay = s.replay if blend is None else 0.0
         common, after, target = [f"data.replay={replay}"], [base_run], base_model
@@ -332,7 +364,7 @@ class Planner:
                                      grow={"from": start, **s.growth}))
             start, after, target = grown, [grown], grown_model(base_model, s.growth)
         common += _model_overrides(model, target)
-        self._series_runs(s, prefix, common + [f"run.init_from={{root}}/{start}"], after, model, blend)
+        self._series_runs(s, prefix, common + [f"run.init_from={{root}}/{start}"], after, model, blend, d1)
 
 
 def _model_overrides(model: dict[str, Any], target: dict[str, Any]) -> list[str]:
@@ -355,8 +387,10 @@ def format_plan(runs: list[RunSpec]) -> str:
         after = f"<- {r.source['path']}" if r.kind == "import" else ", ".join(r.depends_on)
         lines.append(f"{r.run_id:48s} {r.kind:8s} {r.tokens:>12,d} {r.flops:>10.2e}  {after}")
     tokens, flops = totals(runs)
+    repeats = sum(r.data_point and group_of(r.run_id) != r.run_id for r in runs)
     lines.append(f"{len(runs)} runs, {tokens:,} training tokens, {flops:.3e} FLOPs "
-                 f"({sum(r.data_point for r in runs)} data points)")
+                 f"({sum(r.data_point for r in runs)} data points"
+                 + (f", {repeats} of them seed repeats" if repeats else "") + ")")
     return "\n".join(lines)
 
 

@@ -14,6 +14,59 @@ SCHEDULES = ("wsd", "cosine")
 METHODS = ("cpt", "stack", "identity", "width", "width+stack", "width+identity")
 
 
+@dataclass(frozen=True)
+class Seeds:
+    """Cells of a series run ``count`` times in all, each repeat with another data-order seed
+    (``data.seed`` + r - 1 for repeat r = 2..count). ``budgets``: the chosen values of the series'
+    own budget axis (D1, D2 or D); ``D1``: a stage-2 series' chosen D1 values; None: every value."""
+    count: int
+    budgets: Optional[tuple[int, ...]] = None
+    D1: Optional[tuple[int, ...]] = None
+
+    def chosen(self, budget: int, d1: Optional[int] = None) -> bool:
+        return ((self.budgets is None or budget in self.budgets)
+                and (self.D1 is None or d1 is None or d1 in self.D1))
+
+
+SEEDS_ACCEPTED = ("a count K >= 2 (every cell of the series run K times in all) or a mapping {count: K"
+                  ", %s} (the chosen cells; an axis left out: all its values)")
+
+
+def parse_seeds(raw: Any, where: str, budget_key: str, budgets: list[int], stage2: bool) -> Seeds:
+    """A series' ``seeds``: K, or {count: K, <budget axis>: [...], D1: [...] (stage 2)}. The D1
+    values of a stage-2 series are checked against its bases later (``check_seed_d1``)."""
+    axes = [budget_key] + (["D1"] if stage2 else [])
+    accepted = SEEDS_ACCEPTED % ", ".join(f"{a}: [...]" for a in axes)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = {"count": raw}
+    if not isinstance(raw, dict):
+        _fail(where, raw, accepted)
+    for key in raw:
+        if key not in ("count", *axes):
+            _fail(f"{where}.{key}", raw[key], "one of the keys " + ", ".join(("count", *axes)))
+    count = raw.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        _fail(f"{where}.count", count, "an integer >= 2 (runs per chosen cell, the original included)")
+    chosen = {}
+    for axis in axes:
+        values = raw.get(axis)
+        if values is None:
+            continue
+        if not isinstance(values, list) or not values or any(
+                isinstance(v, bool) or not isinstance(v, int) for v in values) or len(set(values)) != len(values):
+            _fail(f"{where}.{axis}", values, "a non-empty list of distinct token counts")
+        if axis == budget_key and not set(values) <= set(budgets):
+            _fail(f"{where}.{axis}", values, f"values of the series' {budget_key} {budgets}")
+        chosen[axis] = tuple(sorted(values))
+    return Seeds(count, chosen.get(budget_key), chosen.get("D1") if stage2 else None)
+
+
+def check_seed_d1(seeds: Optional[Seeds], where: str, d1s: list[int]) -> None:
+    """A stage-2 series' chosen D1 values must be D1 values it starts from (``d1s``)."""
+    if seeds is not None and seeds.D1 is not None and not set(seeds.D1) <= set(d1s):
+        _fail(f"{where}.seeds.D1", list(seeds.D1), f"values of the D1 this series starts from {d1s}")
+
+
 @dataclass
 class Series:
     """One family of runs sharing a starting point: budgets ``budgets`` on ``domains``."""
@@ -29,6 +82,7 @@ class Series:
     bases: Optional[list[str]] = None  # stage 2: which base series to start from (None: the first)
     overrides: list[str] = field(default_factory=list)  # this series' own training-config overrides
     checkpoints: Optional[list[Any]] = None  # base: checkpoints that exist (bases.CheckpointSpec)
+    seeds: Optional[Seeds] = None  # cells repeated with other data-order seeds
 
 
 @dataclass
