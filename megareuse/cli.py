@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     from megareuse.interop.hf_cli import register as register_hf
 
     register_law(sub)  # fit, plan
+    from megareuse.law.design_cli import register as register_design
+    register_design(sub)  # design
     register_estimate(sub)
     register_hf(sub)  # import-hf, export-hf, prepare-hf
 
