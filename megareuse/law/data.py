@@ -2,10 +2,12 @@
 
 A table has one row per run. Column names the law knows: D1, D2 (tokens of stage 1 and 2),
 N (parameters), D (tokens of a single-stage run), the loss (column `loss` unless told
-otherwise), and optionally weight, group (bootstrap and leave-one-out resample whole groups)
-and run_id. Run records from `megareuse collect` are JSONL or CSV with at least run_id, method,
-D1, D2, N and loss columns; nested JSON objects are flattened with "_" (valid_loss.code ->
-valid_loss_code). Every problem is reported as one line naming the column and what is accepted.
+otherwise), and optionally weight, group (bootstrap and leave-one-out resample whole groups;
+repeats of one cell with other seeds share a group, and their scatter measures run-to-run noise,
+see calibrate.py; a row without a group is a group of its own) and run_id. Run records from
+`megareuse collect` are JSONL or CSV with at least run_id, method, D1, D2, N and loss columns;
+nested JSON objects are flattened with "_" (valid_loss.code -> valid_loss_code). Every problem
+is reported as one line naming the column and what is accepted.
 """
 from __future__ import annotations
 
@@ -201,6 +203,16 @@ def _matches(row: dict, key: str, wanted: str) -> bool:
         return str(value) == wanted
 
 
+def _groups(numbered: list, run_id: list) -> Optional[list]:
+    """The optional group column (seeds of one cell share a group): a row with no group, an empty
+    one or null (a cell run once) is a group of its own (its run id); no group anywhere: None."""
+    values = [r.get("group") for _, r in numbered]
+    given = [v is not None and str(v).strip() != "" for v in values]
+    if not any(given):
+        return None
+    return [str(v).strip() if g else rid for v, g, rid in zip(values, given, run_id)]
+
+
 def load_table(path, loss_col: str = "loss", where: Optional[Mapping[str, str]] = None,
                rename: Optional[Mapping[str, str]] = None, loss_unit: str = "nats") -> RunTable:
     """Read a CSV/TSV/JSONL run table. `where` keeps rows whose column equals the value;
@@ -245,8 +257,8 @@ def load_table(path, loss_col: str = "loss", where: Optional[Mapping[str, str]] 
                if any(table_col in r for _, r in numbered)}
     loss = np.array(numbers(loss_key))
     weight = numbers("weight") if all("weight" in r for _, r in numbered) else None
-    group = [str(r["group"]) for _, r in numbered] if all("group" in r for _, r in numbered) else None
     run_id = [str(r.get("run_id", f"row{i}")) for i, r in numbered]
+    group = _groups(numbered, run_id)
     table = table_from_arrays(loss, source=str(path), weight=weight, group=group, run_id=run_id,
                               loss_col=loss_col, loss_unit=loss_unit, **columns)
     table.sha256 = hashlib.sha256(raw).hexdigest()

@@ -23,9 +23,27 @@ def _finite_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
 
 
+def _calibration(cal, inputs, where: str) -> Optional[dict]:
+    """law.json's optional 'calibration' (files written before it existed have none): checked
+    for the fields the calibrated interval reads (calibrate.calibrated_interval)."""
+    if cal is None:
+        return None
+    ok = (isinstance(cal, Mapping) and _finite_number(cal.get("level")) and 0 < cal["level"] < 1
+          and _finite_number(cal.get("scale")) and cal["scale"] >= 0
+          and isinstance(cal.get("noise"), Mapping) and _finite_number(cal["noise"].get("sigma"))
+          and isinstance(cal.get("residuals"), list)
+          and all(isinstance(r, Mapping) and all(_finite_number(r.get(k)) for k in ("residual", *inputs))
+                  for r in cal["residuals"]))
+    if not ok:
+        raise LawError(f"{where}: 'calibration' is damaged (needs level in (0, 1), scale >= 0, noise.sigma and "
+                       f"residuals with finite inputs and residual); accepted law.json written by `megareuse fit`")
+    return dict(cal)
+
+
 class Law:
     def __init__(self, form: Union[str, Form], theta, units: Mapping, diagnostics: Optional[dict] = None,
-                 data: Optional[dict] = None, bootstrap: Optional[dict] = None) -> None:
+                 data: Optional[dict] = None, bootstrap: Optional[dict] = None,
+                 calibration: Optional[dict] = None) -> None:
         self.form = get_form(form)
         self.theta = np.asarray(theta, dtype=float)
         if self.theta.shape != (self.form.n_params,):
@@ -35,6 +53,7 @@ class Law:
         self.diagnostics = dict(diagnostics or {})
         self.data = dict(data or {})
         self.bootstrap = bootstrap
+        self.calibration = calibration  # calibrate.calibrate: noise, misfit scale, out-of-sample errors
 
     @classmethod
     def from_params(cls, form, params: Mapping[str, float], tokens_unit: float = 1.0,
@@ -155,6 +174,8 @@ class Law:
         if self.bootstrap:
             out["bootstrap"] = {k: (np.asarray(v).tolist() if k in ("theta", "residuals") else v)
                                 for k, v in self.bootstrap.items()}
+        if self.calibration:
+            out["calibration"] = self.calibration
         return out
 
     @classmethod
@@ -182,7 +203,8 @@ class Law:
                 boot["residuals"] = np.asarray(boot["residuals"], dtype=float)
         except (KeyError, TypeError, ValueError):
             raise LawError(f"{where}: 'bootstrap' is damaged; accepted law.json written by `megareuse fit`") from None
-        law = cls(d["form"], theta, units, d.get("diagnostics"), d.get("data"), boot)
+        law = cls(d["form"], theta, units, d.get("diagnostics"), d.get("data"), boot,
+                  _calibration(d.get("calibration"), get_form(d["form"]).inputs, where))
         stored = d.get("params")
         if stored is not None:  # derived from theta when written: a disagreement means a hand edit
             derived = law.params

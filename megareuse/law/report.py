@@ -47,6 +47,9 @@ def _law_section(law) -> list[str]:
                          + ("the data show an interaction (saturation if a3 > 0)." if boot["a3_excludes_zero"]
                             else "these data do not establish an interaction between D1 and D2."))
         lines.append("")
+    if law.calibration:
+        lines += [f"Prediction intervals for new runs ({int(round(100 * law.calibration['level']))}%). "
+                  + calibration_text(law.calibration)] + [f"- {n}" for n in law.calibration.get("notes", [])] + [""]
     conv = "converged" if d["converged"] else "**did NOT converge**"
     lines += ["### Fit diagnostics", "",
               f"- Optimiser: L-BFGS-B on Huber (delta {d['delta']:g}) of log loss, {d['n_starts']} starts "
@@ -90,26 +93,65 @@ def _comparison_section(comp: dict, source: str) -> list[str]:
     return lines
 
 
+def calibration_text(cal: dict) -> str:
+    """One paragraph: the calibrated interval's residual scale, the noise and the misfit behind it."""
+    if "skipped" in cal:
+        return f"No calibrated interval: {cal['skipped']}."
+    noise = cal["noise"]
+    if noise["source"] == "repeats":
+        lof = noise.get("lack_of_fit")
+        noise_text = (f"run-to-run noise sigma = {noise['sigma']:.3g} in ln loss from {noise['n_cells']} repeated "
+                      f"cells ({noise['dof']} degrees of freedom), misfit tau = {cal['misfit']:.3g}"
+                      + (f"; lack-of-fit F = {lof['F']:.3g} on {lof['dof'][0]} and {lof['dof'][1]} degrees of "
+                         f"freedom, p = {lof['p_value']:.3g}" if lof else ""))
+    else:
+        noise_text = (f"run-to-run noise **not measured** (no repeated runs): the fit's residual RMS "
+                      f"{noise['sigma']:.3g} in ln loss (noise and misfit together) is the floor of the scale")
+    rank = (f"the conformal quantile (rank {cal['rank']} of {cal['n_scores']})" if cal["rank_exact"]
+            else "too few for a conformal rank: the larger of the largest and a Student-t bound from their RMS")
+    return (f"Calibrated interval: the bootstrap (parameter) interval combined in quadrature with a residual term "
+            f"of scale s = {cal['scale']:.3g} in ln loss, set from {cal['n_scores']} one-level-ahead out-of-sample "
+            f"errors (refits on the runs below each level of {', '.join(cal['axes'])}: {cal['n_folds']} folds"
+            + (f", {cal['n_folds_skipped']} too small" if cal["n_folds_skipped"] else "")
+            + (f", {cal['n_folds_unconverged']} unconverged" if cal["n_folds_unconverged"] else "")
+            + f"; each beyond its refit's bootstrap interval), {rank}; {noise_text}.")
+
+
 def _holdout_section(check: dict, source: str) -> list[str]:
     law = check["law"]
     inputs = list(law.form.inputs)
     has_pi = "lo" in check["rows"][0]
+    two = "lo_bootstrap" in check["rows"][0]
     lines = [f"## Held-out check: `{check['form']}`, fitted on {check['n_train']} runs, predicting "
              f"`{check['rule']}` ({check['n_test']} runs; data {source})", ""]
     header = ["run"] + inputs + ["observed", "predicted", "rel. error"]
-    header += [f"{int(round(100 * check['level']))}% PI", "inside"] if has_pi else []
+    pct = f"{int(round(100 * check['level']))}%" if has_pi else ""
+    if has_pi:
+        header += [f"{pct} PI ({check.get('interval', 'bootstrap')})", "inside"]
+        header += [f"{pct} PI (bootstrap)", "inside"] if two else []
     rows = []
     for r in check["rows"]:
         row = [r["run_id"]] + [r[c] for c in inputs] + [r["observed"], r["predicted"], _pct(r["rel_err"])]
         if has_pi:
             row += [f"[{r['lo']:.4g}, {r['hi']:.4g}]", r["inside"]]
+            row += [f"[{r['lo_bootstrap']:.4g}, {r['hi_bootstrap']:.4g}]", r["inside_bootstrap"]] if two else []
         rows.append(row)
     lines += _table(header, rows)
     boot = law.bootstrap
     lines.append(f"Mean absolute relative error {_pct(check['mare'])}, max {_pct(check['max_abs_rel'])}"
-                 + (f"; {_pct(check['coverage'])} of held-out runs inside the interval" if has_pi else "")
-                 + (f" (intervals from {boot['n_converged']} of {boot['n_resamples']} bootstrap resamples of "
-                    f"the training runs)." if has_pi and boot else "."))
+                 + (f" (bootstrap intervals from {boot['n_converged']} of {boot['n_resamples']} resamples of the "
+                    f"training runs)." if has_pi and boot else "."))
+    if has_pi:
+        inside = sum(r["inside"] for r in check["rows"])
+        text = (f"Coverage of the held-out runs, nominal **{pct}**: {check.get('interval', 'bootstrap')} interval "
+                f"**{_pct(check['coverage'])}** ({inside} of {check['n_test']})")
+        if two:
+            text += (f", bootstrap interval as before (parameter resamples times a resampled in-sample residual) "
+                     f"{_pct(check['coverage_bootstrap'])}")
+        lines.append(text + ".")
+    if check.get("calibration"):
+        lines.append(calibration_text(check["calibration"]))
+        lines += [f"- {n}" for n in check["calibration"].get("notes", [])]
     lines.append(f"Law fitted on the training runs ({law.unit_text}): "
                  + ", ".join(f"{k} {_g(v)}" for k, v in law.params.items()) + ".")
     return lines + [""]

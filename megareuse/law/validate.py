@@ -56,40 +56,74 @@ def holdout_mask(table: RunTable, rule: str, inputs: Sequence[str]) -> np.ndarra
     return mask
 
 
-def _rows(law, test: RunTable, interval=None) -> list[dict]:
+def _rows(law, test: RunTable, interval=None, bootstrap_interval=None) -> list[dict]:
+    """Per run: observed, predicted, relative error; lo, hi, inside for `interval`, and
+    lo_bootstrap, hi_bootstrap, inside_bootstrap for the bootstrap interval when both are given."""
     rows = law.residuals(test)
     for i, row in enumerate(rows):
-        if interval is not None:
-            lo, hi = float(interval[0][i]), float(interval[1][i])
-            row.update({"lo": lo, "hi": hi, "inside": bool(lo <= row["observed"] <= hi)})
+        for suffix, iv in (("", interval), ("_bootstrap", bootstrap_interval)):
+            if iv is not None:
+                lo, hi = float(iv[0][i]), float(iv[1][i])
+                row.update({"lo" + suffix: lo, "hi" + suffix: hi, "inside" + suffix: bool(lo <= row["observed"] <= hi)})
     return rows
 
 
 def _summary(rows: list[dict]) -> dict:
     err = np.abs([r["rel_err"] for r in rows])
     out = {"n_test": len(rows), "mare": float(err.mean()), "max_abs_rel": float(err.max())}
-    if rows and "inside" in rows[0]:
-        out["coverage"] = float(np.mean([r["inside"] for r in rows]))
+    for suffix in ("", "_bootstrap"):
+        if rows and "inside" + suffix in rows[0]:
+            out["coverage" + suffix] = float(np.mean([r["inside" + suffix] for r in rows]))
     return out
 
 
+CALIBRATION_KEYS = ("method", "level", "scale", "scale_conformal", "rank", "rank_exact", "n_scores", "noise",
+                    "misfit", "axes", "n_folds", "n_folds_skipped", "n_folds_unconverged", "notes")
+
+
+def _calibrated(train: RunTable, law, test: RunTable, level: float):
+    """Calibrate the training law on its own runs (calibrate.py) and give the held-out runs'
+    calibrated intervals; (None, {"skipped": why}) when the training runs cannot calibrate it."""
+    from megareuse.law.calibrate import calibrate, calibrated_interval
+    try:
+        cal = calibrate(train, law, level=level)
+    except LawError as exc:
+        return None, {"skipped": str(exc)}
+    return calibrated_interval(law, test, level), {k: cal[k] for k in CALIBRATION_KEYS}
+
+
 def holdout_check(table: RunTable, form, rule: str = "largest", n_boot: int = 200, seed: int = 0,
-                  workers: int = 1, level: float = 0.9) -> dict:
-    """Fit on the runs the rule keeps, predict the held-out ones (with bootstrap intervals when
-    n_boot >= 2): per run predicted, observed, relative error, inside the interval or not."""
+                  workers: int = 1, level: float = 0.9, calibrated: bool = True) -> dict:
+    """Fit on the runs the rule keeps, predict the held-out ones: per run predicted, observed,
+    relative error and, when n_boot >= 2, whether it falls inside each prediction interval.
+
+    Two intervals: the bootstrap one as before (parameter resamples times a resampled in-sample
+    residual: `lo_bootstrap`, `hi_bootstrap`, `coverage_bootstrap`) and, with calibrated=True,
+    the calibrated one (calibrate.py: noise and misfit from leave-one-level-out errors of the
+    training runs), which is then `lo`, `hi`, `inside`, `coverage`; `interval` names which one
+    `lo`/`hi` are (the bootstrap one when the training runs cannot calibrate, with `calibration`
+    saying why)."""
     form = get_form(form)
     table.require(form.inputs, f"form {form.name}")
     mask = holdout_mask(table, rule, form.inputs)
     train, test = table.subset(~mask), table.subset(mask)
+    boot_iv = cal_iv = calibration = None
     with blas_single_thread():
         law = fit_form(train, form)
-        interval = None
         if n_boot:
             bootstrap(train, law, n_boot, seed=seed, workers=workers, level=level)
-            interval = law.interval(test, level=level, noise=True)
-    rows = _rows(law, test, interval)
-    return {"rule": rule, "form": form.name, "n_train": len(train), "law": law, "rows": rows,
-            "level": level if n_boot else None, **_summary(rows)}
+            boot_iv = law.interval(test, level=level, noise=True)
+            if calibrated:
+                cal_iv, calibration = _calibrated(train, law, test, level)
+    rows = _rows(law, test, cal_iv, boot_iv) if cal_iv is not None else _rows(law, test, boot_iv)
+    out = {"rule": rule, "form": form.name, "n_train": len(train), "law": law, "rows": rows,
+           "level": level if n_boot else None, **_summary(rows)}
+    if n_boot:
+        out["interval"] = "calibrated" if cal_iv is not None else "bootstrap"
+        out["coverage_bootstrap"] = out.get("coverage_bootstrap", out["coverage"])
+        if calibration is not None:
+            out["calibration"] = calibration
+    return out
 
 
 def _select(results: list[dict]) -> tuple[Optional[str], str]:
