@@ -77,16 +77,16 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
-CALIBRATION_KEYS = ("method", "level", "scale", "scale_conformal", "rank", "rank_exact", "n_scores", "noise",
-                    "misfit", "axes", "n_folds", "n_folds_skipped", "n_folds_unconverged", "notes")
+CALIBRATION_KEYS = ("method", "level", "scale", "scale_conformal", "rank", "rank_exact", "n_scores", "n_resamples",
+                    "noise", "misfit", "axes", "n_folds", "n_folds_skipped", "n_folds_unconverged", "notes")
 
 
-def _calibrated(train: RunTable, law, test: RunTable, level: float):
+def _calibrated(train: RunTable, law, test: RunTable, level: float, seed: int):
     """Calibrate the training law on its own runs (calibrate.py) and give the held-out runs'
     calibrated intervals; (None, {"skipped": why}) when the training runs cannot calibrate it."""
     from megareuse.law.calibrate import calibrate, calibrated_interval
     try:
-        cal = calibrate(train, law, level=level)
+        cal = calibrate(train, law, level=level, seed=seed)
     except LawError as exc:
         return None, {"skipped": str(exc)}
     return calibrated_interval(law, test, level), {k: cal[k] for k in CALIBRATION_KEYS}
@@ -99,8 +99,8 @@ def holdout_check(table: RunTable, form, rule: str = "largest", n_boot: int = 20
 
     Two intervals: the bootstrap one as before (parameter resamples times a resampled in-sample
     residual: `lo_bootstrap`, `hi_bootstrap`, `coverage_bootstrap`) and, with calibrated=True,
-    the calibrated one (calibrate.py: noise and misfit from leave-one-level-out errors of the
-    training runs), which is then `lo`, `hi`, `inside`, `coverage`; `interval` names which one
+    the calibrated one (calibrate.py: noise and misfit from one-level-ahead errors of refits on
+    the training runs, a rolling origin), which is then `lo`, `hi`, `inside`, `coverage`; `interval` names which one
     `lo`/`hi` are (the bootstrap one when the training runs cannot calibrate, with `calibration`
     saying why)."""
     form = get_form(form)
@@ -114,7 +114,7 @@ def holdout_check(table: RunTable, form, rule: str = "largest", n_boot: int = 20
             bootstrap(train, law, n_boot, seed=seed, workers=workers, level=level)
             boot_iv = law.interval(test, level=level, noise=True)
             if calibrated:
-                cal_iv, calibration = _calibrated(train, law, test, level)
+                cal_iv, calibration = _calibrated(train, law, test, level, seed)
     rows = _rows(law, test, cal_iv, boot_iv) if cal_iv is not None else _rows(law, test, boot_iv)
     out = {"rule": rule, "form": form.name, "n_train": len(train), "law": law, "rows": rows,
            "level": level if n_boot else None, **_summary(rows)}
