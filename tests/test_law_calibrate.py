@@ -283,3 +283,42 @@ def test_heldout_report_gives_both_coverages_beside_the_nominal_level():
     uncal = holdout_check(t, "reuse", "largest", n_boot=20, seed=0, level=0.9, calibrated=False)
     assert uncal["interval"] == "bootstrap" and "calibration" not in uncal
     assert [r["lo"] for r in uncal["rows"]] == [r["lo_bootstrap"] for r in check["rows"]]
+
+
+def test_fit_command_writes_calibration_and_plan_gives_a_new_run_interval(tmp_path):
+    """`megareuse fit` calibrates the law it writes; law.json's held-out check names its interval
+    and both coverages; the planner's one-run interval is exp(c +- hypot(h, z s)) around the
+    parameter-only one, s the stored scale (computed here from the closed form, not the helper)."""
+    from scipy.special import ndtri
+
+    from megareuse.law.commands import analyse, law_json, write_fit
+    from megareuse.law.plan import make_plan
+    from megareuse.law.report import plan_report
+
+    d1, d2 = grid(5, 5)
+    t = table_from_arrays(reuse_loss(d1, d2, 0.2) * np.exp(0.01 * np.random.default_rng(4).standard_normal(25)),
+                          D1=d1, D2=d2)
+    result = analyse(t, "reuse", compare=None, n_boot=20, seed=0, figures=False)
+    law = result["law"]
+    assert law.calibration and law.calibration["level"] == 0.9 and law.calibration["scale"] > 0
+    out = law_json(result)
+    assert out["calibration"]["scale"] == law.calibration["scale"]
+    assert out["holdout"]["interval"] == "calibrated"
+    assert out["holdout"]["coverage_bootstrap"] == result["holdout"]["coverage_bootstrap"]
+    assert out["holdout"]["calibration"]["n_scores"] >= 1
+    write_fit(result, tmp_path / "fit")
+    back = Law.load(tmp_path / "fit" / "law.json")
+    assert back.calibration["scale"] == law.calibration["scale"]
+
+    plan = make_plan(back, None, D1=[2e6, 64e6], D2=[1e6, 32e6])
+    z, s = float(ndtri(0.95)), back.calibration["scale"]
+    for r in plan["rows"]:
+        c = math.log(r["loss"])
+        h_lo, h_hi = c - math.log(r["loss_lo"]), math.log(r["loss_hi"]) - c
+        assert r["run_lo"] == pytest.approx(math.exp(c - math.hypot(max(h_lo, 0), z * s)), rel=1e-9)
+        assert r["run_hi"] == pytest.approx(math.exp(c + math.hypot(max(h_hi, 0), z * s)), rel=1e-9)
+    assert "one run's interval" in plan_report(plan)
+
+    few = table_from_arrays(reuse_loss(d1[:6], d2[:6]), D1=d1[:6], D2=d2[:6])
+    res = analyse(few, "reuse", compare=None, holdout=None, n_boot=5, seed=0, figures=False)
+    assert res["law"].calibration is None and any("no calibrated interval" in n for n in res["notes"])

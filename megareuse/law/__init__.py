@@ -4,10 +4,13 @@
     table = load_table("runs.csv", where={"method": "cpt"})
     law = fit_form(table, "reuse")            # Huber on log loss, L-BFGS + variable projection
     bootstrap(table, law, 1000, workers=2)    # percentile intervals -> law.bootstrap
+    calibrate(table, law)                     # intervals for new runs: noise and misfit -> law.calibration
     compare_forms(table, ["reuse", "reuse_no_interaction", "additive"], rule="largest")
     make_plan(law, scratch_law, D1=[1e6], D2=[5e5, 1e6], budget_tokens=8e6)
 
-`analyse` + `write_fit` run the whole `megareuse fit` pipeline in-process; see docs/fitting.md.
+`analyse` + `write_fit` run the whole `megareuse fit` pipeline in-process; `shared_study` fits a
+stage-2 series and its scratch series with one E; `simulate_grids` is `megareuse design`. See
+docs/fitting.md.
 Names are imported on first use, so `megareuse.law.commands.register` (called for every
 `megareuse` command line) does not pay for scipy.
 """
@@ -16,6 +19,10 @@ from megareuse._lazy import lazy_exports
 
 _WHERE = {
     "resampling": ["bootstrap"],
+    "calibrate": ["calibrate", "calibrated_interval"],
+    "shared": ["bootstrap_shared", "fit_shared", "profile_shared_E"],
+    "sharedstudy": ["holdout_compare", "load_pair", "shared_study"],
+    "design": ["prior_from_file", "prior_from_params", "simulate_grids"],
     "commands": ["analyse", "register", "write_fit", "write_outputs"],
     "data": ["LawError", "RunTable", "load_table", "merge_duplicates", "table_from_arrays"],
     "fit": ["fit_form"],

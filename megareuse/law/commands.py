@@ -47,6 +47,7 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
 
     compare: "auto" (every registered form the columns allow), a list of names, or None.
     checks: also "rollout" (expanding window over D2, or D) and/or "loo" (leave one run out)."""
+    from megareuse.law.calibrate import calibrate
     from megareuse.law.resampling import bootstrap
     from megareuse.law.fit import fit_form
     from megareuse.law.identify import profile_E
@@ -84,6 +85,10 @@ def analyse(table: RunTable, form: Optional[str] = None, compare="auto", holdout
                          f"are unreliable (runs over a wider range of D2 pin E down)")
     if n_boot:
         bootstrap(table, law, n_boot, seed=seed, workers=workers, level=level)
+        try:  # intervals for new runs: noise and misfit beside the parameters' spread (calibrate.py)
+            calibrate(table, law, level=level, seed=seed)
+        except LawError as exc:
+            notes.append(f"no calibrated interval for new runs: {exc}")
     result = {"table": table, "law": law, "comparison": None, "holdout": None, "per_d1": None,
               "rollout": None, "loo": None, "notes": notes, "files": {}, "figures": []}
     if "rollout" in checks:
@@ -137,7 +142,8 @@ def law_json(result: dict) -> dict:
                                        for r in comp["results"]]}
     if check:
         out["holdout"] = {k: check[k] for k in ("rule", "n_train", "n_test", "mare", "max_abs_rel", "coverage",
-                                                 "level", "rows") if k in check}
+                                                 "level", "interval", "coverage_bootstrap", "calibration", "rows")
+                          if k in check}
         out["holdout"].update(held_out_law(check["law"]))
     if an:
         out["per_d1"] = {k: an[k] for k in ("E_mode", "E", "alpha_fit", "scale_fit", "notes")}

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
+from megareuse.law.calibrate import calibrated_interval
 from megareuse.law.data import LawError
 from megareuse.law.law import Law
 
@@ -186,6 +187,9 @@ def make_plan(law: Law, scratch: Optional[Law] = None, D1: Sequence[float] = (),
             if law.bootstrap:
                 lo, hi = law.interval({"D1": [d1], "D2": [d2]}, noise=False)
                 row.update({"loss_lo": float(lo[0]), "loss_hi": float(hi[0])})
+            if law.calibration:  # where one new run's loss should fall: noise and misfit included
+                lo, hi = calibrated_interval(law, {"D1": [d1], "D2": [d2]})
+                row.update({"run_lo": float(lo[0]), "run_hi": float(hi[0])})
             if N:
                 row.update({"gain_per_flop": gain / (6 * N), "flops_D2": 6 * N * d2,
                             "flops_with_base": 6 * N_base_eff * d1 + 6 * N * d2})

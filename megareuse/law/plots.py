@@ -103,7 +103,8 @@ def figure_heldout(check: dict, source: str = "") -> tuple[dict[str, bytes], Opt
     if "lo" in rows[0]:
         err = np.array([pred - [r["lo"] for r in rows], [r["hi"] for r in rows] - pred])
         ax.errorbar(obs, pred, yerr=np.maximum(err, 0), fmt="o", ms=4, capsize=2,
-                    label=f"{int(100 * check['level'])}% prediction interval")
+                    label=f"{int(100 * check['level'])}% prediction interval"
+                    + (" (calibrated)" if check.get("interval") == "calibrated" else ""))
     else:
         ax.plot(obs, pred, "o", ms=4)
     lo, hi = min(obs.min(), pred.min()), max(obs.max(), pred.max())

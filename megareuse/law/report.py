@@ -247,7 +247,9 @@ def plan_report(plan: dict, figure: Optional[str] = None, notes: Optional[list] 
         lines.append(f"- FLOPs as 6 N D with N = {plan['N']:.4g} (stage 2) and {plan['N_base']:.4g} (base)")
     lines += ["", f"## Loss after D2 tokens on a base trained for D1 (law: {plan['law']})", ""]
     has_ci, has_s, has_n = "loss_lo" in plan["rows"][0], bool(plan["scratch_law"]), bool(plan["N"])
-    header = ["D1", "D2", "loss"] + (["loss interval"] if has_ci else []) + ["gain per token"]
+    has_run = "run_lo" in plan["rows"][0]
+    header = ["D1", "D2", "loss"] + (["loss interval (law)"] if has_ci else [])
+    header += (["one run's interval"] if has_run else []) + ["gain per token"]
     header += ["gain per FLOP", "FLOPs (D2)", "FLOPs (D1 + D2)"] if has_n else []
     header += ["D_scratch", "saving (tokens, base free)", "verdict", "saving incl. base", "verdict"] if has_s else []
     header += ["saving (FLOPs incl. base)", "verdict"] if has_s and has_n else []
@@ -255,6 +257,7 @@ def plan_report(plan: dict, figure: Optional[str] = None, notes: Optional[list] 
     rows = []
     for r in plan["rows"]:
         row = [r["D1"], r["D2"], r["loss"]] + ([f"[{r['loss_lo']:.4g}, {r['loss_hi']:.4g}]"] if has_ci else [])
+        row += [f"[{r['run_lo']:.4g}, {r['run_hi']:.4g}]"] if has_run else []
         row += [r["gain_per_token"]]
         row += [r["gain_per_flop"], r["flops_D2"], r["flops_with_base"]] if has_n else []
         if has_s:
@@ -265,6 +268,10 @@ def plan_report(plan: dict, figure: Optional[str] = None, notes: Optional[list] 
                     r["verdict_flops_with_base"]]
         rows.append(row + [r["extrapolated"]])
     lines += _table(header, rows)
+    if has_run:
+        lines += ["Loss interval (law): where the law's mean loss lies (its parameters' spread alone); one run's "
+                  "interval: where the loss of a single new run should fall, run-to-run noise and misfit included "
+                  "(the calibration in the law's report, docs/fitting.md).", ""]
     if plan.get("samples"):
         lines += [f"Savings: what reuse saves against training from scratch to the same loss ({'; '.join(VIEWS.values())}); "
                   f"verdict: reuse when the saving's interval lies above 0, scratch below, else undecided. "
