@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from megareuse.atomic import write_text_atomic  # noqa: E402
 from megareuse.config import Config, load_config  # noqa: E402
 from megareuse.model import flops_per_token, non_embedding_param_count, param_count  # noqa: E402
 
@@ -437,10 +438,8 @@ def main(argv=None) -> None:
 
 def write_json(path: str, points: list[dict], complete: bool) -> None:
     """The results so far, replaced atomically; ``complete`` is false until every run has ended."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "argv": sys.argv[1:],
-                               "complete": complete, "points": points}, indent=2))
-    tmp.replace(path)
+    write_text_atomic(Path(path), json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                                              "argv": sys.argv[1:], "complete": complete, "points": points}, indent=2))
 
 
 if __name__ == "__main__":

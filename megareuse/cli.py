@@ -18,6 +18,18 @@ from megareuse.config import ConfigError
 from megareuse.exits import guarded
 
 
+def _domain_list(value: Optional[str], error: type[Exception], prefix: str) -> Optional[list[str]]:
+    """The names of a comma-separated ``--domains``; None when the flag was not given (the
+    command's default). An empty value or entry is refused as ``error``, its message after ``prefix``."""
+    if value is None:
+        return None
+    names = value.split(",")
+    if not all(name.strip() for name in names):
+        raise error(f"{prefix}--domains = {value!r}: accepted a comma-separated list of domain names, "
+                    "e.g. prose,code")
+    return names
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from megareuse.data.preprocess import PrepareError, prepare, prepare_default
     if args.input and args.domains is not None:
@@ -25,6 +37,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                            "accepted one of them")
     if args.valid_docs is not None and args.valid_fraction is not None:
         raise PrepareError("prepare: --valid-docs and --valid-fraction were both given; accepted one of them")
+    domains = _domain_list(args.domains, PrepareError, "prepare: ")
     valid = args.valid_docs if args.valid_docs is not None else (
         0.05 if args.valid_fraction is None else args.valid_fraction)
     common = dict(vocab_size=args.vocab_size, workers=args.workers, seed=args.seed, force=args.force,
@@ -38,7 +51,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         info = prepare(args.out, inputs, fmt=args.format, split=args.split, text_key=args.text_key,
                        skip_bad=args.skip_bad, **common)
     else:
-        info = prepare_default(args.out, domains=(args.domains or "prose,code").split(","), **common)
+        if domains is not None:
+            common["domains"] = domains
+        info = prepare_default(args.out, **common)
     for name, d in info["domains"].items():
         skipped = d["empty_documents_skipped"] + d["bad_records_skipped"]
         print(f"{name}: {d['train']['documents']:,} train documents ({d['train']['tokens']:,} tokens), "
@@ -145,8 +160,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from megareuse.engine.evaluate import evaluate_checkpoint
     if args.tokens is not None and args.tokens <= 0:
         raise ConfigError(f"config error: --tokens = {args.tokens}: accepted a positive integer")
-    losses = evaluate_checkpoint(args.checkpoint, data_dir=args.data,
-                                 domains=args.domains.split(",") if args.domains else None,
+    domains = _domain_list(args.domains, ConfigError, "config error: ")
+    losses = evaluate_checkpoint(args.checkpoint, data_dir=args.data, domains=domains,
                                  max_tokens=args.tokens, device=args.device)
     print(json.dumps(losses))
     return 0
@@ -256,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="validation loss per domain of a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default=None, help="prepared data directory (default: the run's)")
-    p.add_argument("--domains", default=None, help="comma-separated domains (default: the run's)")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated domains (or path prefixes) to evaluate (default: the run's data.valid)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per domain")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
@@ -318,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole study at laptop scale: prepare, sweep, fit, plan, report")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--fresh", action="store_true", help="discard the earlier demo runs in --out")
-    p.add_argument("--preset", default="laptop", help="laptop (default, ~10 min on 2 cores), workstation or overtrained (configs/experiments/)")
+    p.add_argument("--preset", default="laptop", help="laptop (default, ~10 min on 2 cores), workstation, overtrained or settle "
+                   "(configs/experiments/)")
     p.add_argument("--workers", type=int, default=1, help="runs at a time")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run's training config")
     p.set_defaults(func=cmd_demo)

@@ -8,6 +8,13 @@ if os.environ.get("MEGAREUSE_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reader_cache(tmp_path_factory):
+    """Readers cache what they scan under MEGAREUSE_CACHE_DIR: a test session's own, never ~/.cache
+    (spawned ranks inherit it)."""
+    os.environ["MEGAREUSE_CACHE_DIR"] = str(tmp_path_factory.mktemp("reader-cache"))
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """The two default local domains, prepared once per session with a small vocabulary."""

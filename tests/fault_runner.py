@@ -73,7 +73,7 @@ def install_kill(point: str, on_save: int) -> None:
                 die()
         weights.TensorWriter.write = write
     elif point == "manifest":
-        original_bytes = ckpt._write_bytes_synced
+        original_bytes = ckpt.write_synced
 
         def write_bytes_synced(path, write):
             if not (armed() and Path(path).name == ckpt.MANIFEST):
@@ -82,7 +82,7 @@ def install_kill(point: str, on_save: int) -> None:
             write(buf)
             Path(path).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
             die()
-        ckpt._write_bytes_synced = write_bytes_synced
+        ckpt.write_synced = write_bytes_synced
     elif point == "rename":
         original_rename = os.rename
 

@@ -47,6 +47,16 @@ def emit(kind: str, **fields) -> None:
         fh.write(json.dumps({"kind": kind, "rank": rank, **fields}) + "\n")
 
 
+def local_param_bytes(model) -> int:
+    """Bytes of parameter storage this rank holds (a ZeRO-3 parameter counts its partition)."""
+    total = 0
+    for p in model.parameters():  # each shared (tied) parameter once
+        held = getattr(p, "ds_tensor", None)
+        tensor = held if held is not None else p.data
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def check_weights(model, cfg, pstate, seed: int) -> None:
     import deepspeed
     import torch
@@ -82,7 +92,6 @@ def warm_up() -> None:
 
 def install() -> None:
     import megareuse.engine.trainer as trainer
-    from megareuse.engine.build import local_param_bytes
 
     build = trainer.build_model
 

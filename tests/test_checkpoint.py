@@ -55,7 +55,7 @@ def test_truncated_and_flipped_files_detected(tmp_path):
 def test_keep_last_retention(tmp_path):
     for step in range(1, 6):
         save(tmp_path, step, keep_last=2)
-    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
+    assert [p.name for p in ckpt.step_dirs(tmp_path) if ckpt.verify_checkpoint(p) is None] == ["step_00000004", "step_00000005"]
 
 
 def test_resave_same_step_replaces(tmp_path):

@@ -19,15 +19,17 @@ raises ``CorruptDatasetError`` (one line naming the file) instead of ever readin
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Iterable, Union
 
 import numpy as np
 
-from megareuse.atomic import fsync_dir
+from megareuse.atomic import fsync_dir, write_text_atomic
 from megareuse.paths import input_problem
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -59,8 +61,27 @@ def index_path(prefix: PathLike) -> Path:
 
 def ids_path(prefix: PathLike) -> Path:
     """``<prefix>.ids.json``: the token id range of the pair, keyed by the files' sizes and
-    mtimes (written by the builder and by the first scan; a stale or missing one is rescanned)."""
+    mtimes, written by the builder beside its output (a stale or missing one is rescanned)."""
     return Path(f"{os.fspath(prefix)}.ids.json")
+
+
+def cache_dir() -> Path:
+    """The per-user cache of what readers compute from their inputs (which they never write to):
+    ``$MEGAREUSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/megareuse``, else ``~/.cache/megareuse``."""
+    if os.environ.get("MEGAREUSE_CACHE_DIR"):
+        return Path(os.environ["MEGAREUSE_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "megareuse"
+    try:
+        return Path.home() / ".cache" / "megareuse"
+    except RuntimeError:  # no HOME and no password entry (some containers): a cache under the temp dir
+        return Path(tempfile.gettempdir()) / f"megareuse-cache-{os.getuid()}"
+
+
+def cached_ids_path(prefix: PathLike) -> Path:
+    """Where a reader caches the token id range it scanned: named by the resolved prefix's hash."""
+    digest = hashlib.sha256(os.fsencode(Path(prefix).resolve())).hexdigest()[:32]
+    return cache_dir() / "token-ranges" / f"{digest}.json"
 
 
 def _files_key(prefix: PathLike) -> dict:
@@ -68,18 +89,24 @@ def _files_key(prefix: PathLike) -> dict:
     return {"bin_bytes": b.st_size, "bin_mtime_ns": b.st_mtime_ns, "idx_mtime_ns": i.st_mtime_ns}
 
 
-def _write_ids(prefix: PathLike, lo: int, hi: int) -> None:
-    """Best effort (a read-only data directory just means scanning again next time)."""
-    path = ids_path(prefix)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+def _read_ids(path: Path, key: dict) -> tuple[int, int] | None:
+    """The range recorded in ``path`` when it was recorded for the files as they are (``key``)."""
     try:
-        tmp.write_text(json.dumps({**_files_key(prefix), "min": lo, "max": hi}))
-        os.replace(tmp, path)
+        cached = json.loads(path.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return int(cached["min"]), int(cached["max"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _write_ids(path: Path, key: dict, lo: int, hi: int) -> None:
+    """Best effort (an unwritable place just means scanning again next time)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({**key, "min": lo, "max": hi}))
     except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        pass
 
 
 class IndexedDatasetBuilder:
@@ -209,7 +236,7 @@ class IndexedDatasetBuilder:
         os.replace(self._idx_tmp, index_path(self.prefix))
         self._remove_side_files()
         if self._lo is not None:
-            _write_ids(self.prefix, self._lo, self._hi)
+            _write_ids(ids_path(self.prefix), _files_key(self.prefix), self._lo, self._hi)
         fsync_dir(self.prefix.parent)
         self.finalized = True
 
@@ -335,17 +362,22 @@ class IndexedDataset:
         return int(nbytes.sum())
 
     def token_range(self, chunk: int = 1 << 26) -> tuple[int, int] | None:
-        """(smallest, largest) token id in the .bin, None when it is empty. Read from
-        ``<prefix>.ids.json`` when that matches the files, else scanned in chunks of the memory
-        map (about a second per GB) and cached there."""
+        """(smallest, largest) token id in the .bin, None when it is empty. Read from the builder's
+        ``<prefix>.ids.json`` or this user's cache when one matches the files, else scanned in
+        chunks of the memory map (about a second per GB) and cached in ``cache_dir()``: the data's
+        own directory is never written."""
         if not self.num_tokens:
             return None
-        try:
-            cached = json.loads(ids_path(self.prefix).read_text())
-            if {k: cached.get(k) for k in ("bin_bytes", "bin_mtime_ns", "idx_mtime_ns")} == _files_key(self.prefix):
-                return int(cached["min"]), int(cached["max"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        key = _files_key(self.prefix)
+        cache = cached_ids_path(self.prefix)
+        for path in (ids_path(self.prefix), cache):
+            if (found := _read_ids(path, key)) is not None:
+                return found
+        lo, hi = self._scan(chunk)
+        _write_ids(cache, key, lo, hi)
+        return lo, hi
+
+    def _scan(self, chunk: int) -> tuple[int, int]:
         lo, hi = None, None
         for start in range(0, self.num_tokens, chunk):
             part = self.tokens[start:start + chunk]
@@ -357,9 +389,7 @@ class IndexedDataset:
             if not (np.isfinite(lo) and np.isfinite(hi) and lo == int(lo) and hi == int(hi)):
                 raise CorruptDatasetError(f"{data_path(self.prefix)} holds non-integer token values "
                                           f"(range [{lo}, {hi}])")
-        lo, hi = int(lo), int(hi)
-        _write_ids(self.prefix, lo, hi)
-        return lo, hi
+        return int(lo), int(hi)
 
     def __len__(self) -> int:
         return len(self.sizes)

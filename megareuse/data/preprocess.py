@@ -37,6 +37,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
+from megareuse.atomic import publish_dir
 from megareuse.paths import output_dir_problem
 
 from . import sources as src
@@ -320,13 +321,6 @@ def _prepare_domain(stage: Path, name: str, sources: list[src.Source], info: dic
 
 def _publish(staging: Path, out_dir: Path) -> None:
     """Move the finished staging directory to ``out_dir`` (replacing an old one)."""
-    old = None
-    if out_dir.exists():
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        else:
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    publish_dir(staging, out_dir, previous=out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}"))

@@ -31,6 +31,8 @@ from typing import Iterable, Iterator, Sequence, Union
 
 import sentencepiece as spm
 
+from megareuse.atomic import write_atomic
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 USER_SYMBOLS = ("\n", "\t", " " * 4, " " * 8, " " * 12, " " * 16)
 META = "\u2581"  # sentencepiece's whitespace marker
@@ -129,7 +131,8 @@ def train_tokenizer(
     except RuntimeError as exc:
         raise ValueError(_train_error(str(exc), vocab_size)) from None
     path = Path(f"{os.fspath(model_prefix)}.model")
-    _atomic_write(path, model.getvalue())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda fh: fh.write(model.getvalue()))
     return Tokenizer(path)
 
 
@@ -143,21 +146,6 @@ def _train_error(message: str, vocab_size: int) -> str:
         return (f"tokenizer: vocab_size {vocab_size} is smaller than the {chars.group(2)} "
                 f"pieces the training text requires; use a larger vocab_size")
     return "tokenizer: sentencepiece training failed: " + message.strip().splitlines()[-1]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class Tokenizer:

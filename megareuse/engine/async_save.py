@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from megareuse.atomic import write_text_atomic
 from megareuse.engine import checkpoint as ckpt
 
 HASHES = ".hashes-rank{rank}.json"
@@ -130,10 +131,7 @@ class PendingSave:
 
 def publish_hashes(tmp: Path, rank: int, entries: dict[str, Any]) -> None:
     """This rank's manifest entries for the files it wrote, for rank 0 to collect."""
-    target = tmp / HASHES.format(rank=rank)
-    part = target.with_name(target.name + ".part")
-    part.write_text(json.dumps(entries))
-    part.rename(target)  # rank 0 never reads a half-written file
+    write_text_atomic(tmp / HASHES.format(rank=rank), json.dumps(entries))  # never read half-written
 
 
 def collect_hashes(tmp: Path, world_size: int, timeout_s: float) -> dict[str, Any]:

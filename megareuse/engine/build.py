@@ -169,16 +169,3 @@ def _zero3_partitioner(ds_config: Optional[dict[str, Any]], pstate: ParallelStat
             deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, mpu=mpu,
                                data_parallel_group=pstate.dp_group, mem_efficient_linear=False)
     return partition
-
-
-def local_param_bytes(model: nn.Module) -> int:
-    """Bytes of parameter storage this rank holds (a ZeRO-3 parameter counts its partition)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        held = getattr(p, "ds_tensor", None)
-        tensor = held if held is not None else p.data
-        total += tensor.numel() * tensor.element_size()
-    return total

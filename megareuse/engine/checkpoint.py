@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from megareuse.atomic import file_sha256, fsync_dir  # noqa: F401  (file_sha256: re-exported)
+from megareuse.atomic import file_sha256, fsync_dir, publish_dir, write_synced  # noqa: F401  (file_sha256: re-exported)
 from megareuse.paths import disk_free, input_problem
 
 MANIFEST = "manifest.json"
@@ -58,13 +58,6 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
-
-
-def _write_bytes_synced(path: Path, write) -> None:
-    with open(path, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -123,7 +116,7 @@ def space_checked(root: Path, step: int) -> Iterator[None]:
 
 def write_object(tmp: Path, name: str, obj: Any) -> None:
     """torch.save ``obj`` as ``tmp/name``, fsynced."""
-    _write_bytes_synced(Path(tmp) / name, lambda fh: torch.save(obj, fh))
+    write_synced(Path(tmp) / name, lambda fh: torch.save(obj, fh))
 
 
 def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
@@ -140,25 +133,19 @@ def commit_checkpoint(root: Path, tmp: Path, step: int, meta: dict[str, Any],
     root, tmp = Path(root), Path(tmp)
     final = checkpoint_dir(root, step)
     for name, source in (extra_files or {}).items():
-        _write_bytes_synced(tmp / name, lambda fh, source=source: fh.write(Path(source).read_bytes()))
+        write_synced(tmp / name, lambda fh, source=source: fh.write(Path(source).read_bytes()))
     meta = dict(meta, step=step, saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    _write_bytes_synced(tmp / META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    write_synced(tmp / META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     known = known or {}
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     manifest = {name: known[name] for name in files if name in known}
     manifest.update(hash_files(tmp, [name for name in files if name not in known]))
     manifest = dict(sorted(manifest.items()))
-    _write_bytes_synced(tmp / MANIFEST, lambda fh: fh.write(json.dumps({"files": manifest}, indent=2).encode()))
+    write_synced(tmp / MANIFEST, lambda fh: fh.write(json.dumps({"files": manifest}, indent=2).encode()))
     for directory in sorted({p.parent for p in tmp.rglob("*")}, key=lambda d: -len(d.parts)):
         fsync_dir(directory)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    fsync_dir(root)
+    # re-saving the same step (e.g. after a resume) sets the old copy aside (see clean_stale)
+    publish_dir(tmp, final, previous=root / f".old-{final.name}-{os.getpid()}")
     _VERIFIED[final] = final.joinpath(MANIFEST).stat().st_mtime_ns  # hashed from disk just now
     if keep_last:
         apply_retention(root, keep_last, pinned)
@@ -280,19 +267,6 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
         if checksums and file_sha256(file) != info["sha256"]:
             return f"{name} fails its sha256 checksum"
     return None
-
-
-def complete_checkpoints(root: Path, verify: bool = True) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first; incomplete ones are skipped
-    (with a warning naming them when ``verify`` is set, which also checks checksums)."""
-    found = []
-    for entry in step_dirs(root):
-        problem = verify_checkpoint(entry, checksums=verify)
-        if problem is None:
-            found.append(entry)
-        elif verify:
-            warnings.warn(f"skipping checkpoint {entry}: {problem}", stacklevel=2)
-    return found
 
 
 def step_dirs(root: Path) -> list[Path]:

@@ -65,7 +65,7 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
     stage the checkpoint was trained with."""
     from megareuse.config import Config
     from megareuse.engine.checkpoint import CheckpointError, read_meta, verify_checkpoint
-    from megareuse.engine.inputs import open_training_data
+    from megareuse.engine.inputs import open_validation_data
     from megareuse.engine.ds import resolve_device
     from megareuse.engine.weights import load_state_dict
     from megareuse.model import GPT
@@ -82,7 +82,7 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
     if data_dir is not None:
         cfg.data.dir = data_dir
     cfg.data.tokenizer = _eval_tokenizer(path, meta, cfg.data.tokenizer, data_dir)
-    if domains:
+    if domains is not None:
         cfg.data.valid = list(domains)
     cfg.parallel.tp, cfg.parallel.ds_config = 1, None
     # evaluation reads this checkpoint's own weights: the base it was trained from (which may be
@@ -90,12 +90,12 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
     cfg.run.init_from, cfg.run.keep_optimizer, cfg.data.replay = None, False, 0.0
     cfg.run.device = device
     cfg.validate()
-    data = open_training_data(cfg.data, cfg.model)
+    tok, valid = open_validation_data(cfg.data, cfg.model)  # the training splits are not read
     saved_sha = meta.get("tokenizer", {}).get("sha256")
-    if saved_sha is not None and saved_sha != data.tokenizer.sha256:
+    if saved_sha is not None and saved_sha != tok.tokenizer.sha256:
         raise CheckpointError(
             f"evaluate error: --data {cfg.data.dir} was prepared with another tokenizer (sha256 "
-            f"{data.tokenizer.sha256[:12]}..., {data.tokenizer_file}) than checkpoint {path} was trained with "
+            f"{tok.tokenizer.sha256[:12]}..., {tok.file}) than checkpoint {path} was trained with "
             f"({saved_sha[:12]}...); "
             "accepted data prepared with the checkpoint's tokenizer (its copy is in the checkpoint)")
     model = GPT(cfg.model).to(torch_device)
@@ -103,4 +103,4 @@ def evaluate_checkpoint(path, data_dir: str | None = None, domains: list[str] | 
     model.eval()
     return {domain: evaluate(model_batch_loss(model), ds, max_tokens or cfg.run.eval_tokens,
                              batch_size or cfg.run.micro_batch_size, torch_device)
-            for domain, ds in data.valid.items()}
+            for domain, ds in valid.items()}

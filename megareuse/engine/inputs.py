@@ -1,4 +1,5 @@
-"""Open the data a run names for training: tokenizer, training blend, validation sets.
+"""Open the data a run names for training: tokenizer, training blend, validation sets (evaluation
+opens the tokenizer and validation sets alone, never a training split).
 
 Everything here is checked before a run writes anything: each ``data.train`` / ``data.valid``
 key (a domain of ``data.dir`` or a Megatron path prefix, see ``megareuse.engine.data_sources``),
@@ -17,7 +18,8 @@ from megareuse.data.hf_tokenizer import AnyTokenizer
 from megareuse.engine.data_sources import (DataError, TokenizerSource, check_ids_fit, check_prepared_tokenizer,
                                            check_split_exists, data_root, open_tokenizer, split_source)
 
-__all__ = ["DataError", "TrainingData", "check_prepared_tokenizer", "open_training_data", "tokenizer_files"]
+__all__ = ["DataError", "TrainingData", "check_prepared_tokenizer", "open_training_data", "open_validation_data",
+           "tokenizer_files"]
 
 
 @dataclass
@@ -65,19 +67,41 @@ def _open_split(root: Path, key: str, split: str, field: str, tok: TokenizerSour
     return indexed
 
 
+def _open_tokenizer(data: DataConfig, model: ModelConfig, keys: list[str]) -> tuple[Path, TokenizerSource]:
+    """The root of the domain ``keys`` (data.dir) and the tokenizer, checked against the model."""
+    opened = data_root(keys, data)  # None: prefixes only, data.tokenizer set
+    tok = open_tokenizer(data, opened)
+    if tok.tokenizer.vocab_size > model.vocab_size:
+        raise DataError(f"data error: model.vocab_size = {model.vocab_size} is smaller than the "
+                        f"tokenizer's vocabulary ({tok.tokenizer.vocab_size}) in {tok.file} ({tok.origin}); "
+                        f"accepted >= {tok.tokenizer.vocab_size}")
+    return (Path(data.dir) if opened is None else opened), tok
+
+
+def _open_valid(root: Path, data: DataConfig, tok: TokenizerSource) -> dict[str, GPTDataset]:
+    valid = {}
+    for domain in data.valid:
+        indexed = _open_split(root, domain, "valid", "data.valid", tok)
+        try:
+            valid[domain] = GPTDataset(indexed, data.seq_len, seed=0)
+        except ValueError as exc:
+            raise DataError(f"data error: data.valid = {domain!r} (valid split): {exc}") from None
+    return valid
+
+
+def open_validation_data(data: DataConfig, model: ModelConfig) -> tuple[TokenizerSource, dict[str, GPTDataset]]:
+    """Open the tokenizer and the validation sets alone (what evaluation reads), checking each:
+    the training splits are not opened."""
+    root, tok = _open_tokenizer(data, model, data.valid)
+    return tok, _open_valid(root, data, tok)
+
+
 def open_training_data(data: DataConfig, model: ModelConfig,
                        train_weights: dict[str, float] | None = None) -> TrainingData:
     """Open the tokenizer, the training blend (``train_weights`` or ``data.train``) and the
     validation sets, checking each."""
     blend = data.train if train_weights is None else train_weights
-    opened = data_root([*blend, *data.valid], data)  # None: prefixes only, data.tokenizer set
-    tok = open_tokenizer(data, opened)
-    root = Path(data.dir) if opened is None else opened
-    tokenizer = tok.tokenizer
-    if tokenizer.vocab_size > model.vocab_size:
-        raise DataError(f"data error: model.vocab_size = {model.vocab_size} is smaller than the "
-                        f"tokenizer's vocabulary ({tokenizer.vocab_size}) in {tok.file} ({tok.origin}); "
-                        f"accepted >= {tokenizer.vocab_size}")
+    root, tok = _open_tokenizer(data, model, [*blend, *data.valid])
     train_sets, weights, available = [], [], {}
     for i, (domain, weight) in enumerate(blend.items()):
         field = f"data.train.{domain}" if domain in data.train else f"data.replay (base domain {domain})"
@@ -89,11 +113,4 @@ def open_training_data(data: DataConfig, model: ModelConfig,
             raise DataError(f"data error: {field} = {domain!r} (train split): {exc}") from None
         weights.append(float(weight))
     train = train_sets[0] if len(train_sets) == 1 else BlendedDataset(train_sets, weights)
-    valid = {}
-    for domain in data.valid:
-        indexed = _open_split(root, domain, "valid", "data.valid", tok)
-        try:
-            valid[domain] = GPTDataset(indexed, data.seq_len, seed=0)
-        except ValueError as exc:
-            raise DataError(f"data error: data.valid = {domain!r} (valid split): {exc}") from None
-    return TrainingData(tokenizer, train, list(blend), valid, available, tok)
+    return TrainingData(tok.tokenizer, train, list(blend), _open_valid(root, data, tok), available, tok)

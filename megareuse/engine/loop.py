@@ -117,7 +117,7 @@ class TrainingLoop:
         if not self.stage.is_main:
             return None
         self.stage.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.stage.out_dir / "config.json").write_text(json.dumps(self.stage.cfg.to_dict(), indent=2))
+        write_text_atomic(self.stage.out_dir / "config.json", json.dumps(self.stage.cfg.to_dict(), indent=2))
         log = MetricsLog(self.stage.out_dir)
         log.truncate_after(self.stage.state.step)
         for note in ckpt.clean_stale(self.stage.ckpt_root):

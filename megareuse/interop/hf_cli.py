@@ -21,11 +21,10 @@ from pathlib import Path
 def parse_count(text: str, what: str = "--d1") -> int:
     """``"3T"``, ``"1.5e12"``, ``"2B"``, ``"100M"``, ``"64K"``, ``"1_000"`` -> int (>= 0)."""
     from megareuse.interop.hf import HFError
-    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-    s = str(text).strip().replace("_", "").upper()
+    from megareuse.law.data import LawError, parse_count as count
     try:
-        value = float(s[:-1]) * mult[s[-1]] if s and s[-1] in mult else float(s)
-    except ValueError:
+        value = count(str(text).replace("_", ""))
+    except LawError:
         value = -1.0
     if not (math.isfinite(value) and value >= 0):
         raise HFError(f"{what} = {text!r}: accepted a non-negative token count such as 3T, 2.5e12, 500B")

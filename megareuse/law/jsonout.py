@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
+
+from megareuse.atomic import write_atomic
 
 
 def finite_json(value):
@@ -23,10 +24,5 @@ def write_outputs(out_dir, files: dict) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         data = content.encode() if isinstance(content, str) else content
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / name)
+        write_atomic(out / name, lambda fh, data=data: fh.write(data))
     return [str(out / n) for n in files]

@@ -44,18 +44,14 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _layer_params(cfg: ModelConfig) -> int:
-    return sum(math.prod(shape) for shape in layer_shapes(cfg).values())
-
-
 def layer_param_count(cfg: ModelConfig) -> int:
     """Parameters of one transformer block (attention, MLP and their two norms)."""
-    return _layer_params(cfg)
+    return sum(math.prod(shape) for shape in layer_shapes(cfg).values())
 
 
 def non_embedding_param_count(cfg: ModelConfig) -> int:
     """All parameters except the token embedding and the output head (Kaplan's N)."""
-    return cfg.n_layers * _layer_params(cfg) + cfg.d_model  # + final norm
+    return cfg.n_layers * layer_param_count(cfg) + cfg.d_model  # + final norm
 
 
 def param_count(cfg: ModelConfig, embedding: bool = True) -> int:
@@ -92,13 +88,3 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Forward-only FLOPs per token: one third of ``flops_per_token`` (evaluation cost)."""
     return flops_per_token(cfg, seq_len) // 3
-
-
-def training_flops(cfg: ModelConfig, tokens: int, seq_len: int | None = None) -> int:
-    """Total training FLOPs for ``tokens`` tokens: tokens * flops_per_token(cfg, seq_len)."""
-    return tokens * flops_per_token(cfg, seq_len)
-
-
-def kaplan_compute(cfg: ModelConfig, tokens: int) -> int:
-    """C = 6 N D with Kaplan's non-embedding N (the reuse paper's compute axis)."""
-    return 6 * non_embedding_param_count(cfg) * tokens

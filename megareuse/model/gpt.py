@@ -149,8 +149,3 @@ class GPT(nn.Module):
         if mode == "none" or not (self.training and torch.is_grad_enabled()):
             return False
         return mode == "full" or (i + 1) % self.cfg.checkpoint_every == 0
-
-    def num_params(self) -> int:
-        """Unique parameters actually held (a tied embedding counts once)."""
-        return sum(p.numel() for p in self.parameters())
-

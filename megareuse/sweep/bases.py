@@ -61,6 +61,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from megareuse.atomic import symlink_atomic
 from megareuse.config import Config, ConfigError, ModelConfig, apply_overrides
 from megareuse.sweep.spec import _NAME, RunSpec, Series, _fail, _series_overrides, ckpt_path, is_done
 
@@ -273,10 +274,7 @@ def import_checkpoint(train: dict, root: Path, run: RunSpec) -> str:
     src = Path(run.source["path"])
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "megareuse":
-        tmp = out.with_name(f".{out.name}.link-{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        os.symlink(src, tmp, target_is_directory=True)
-        os.replace(tmp, out)  # atomic: the link appears whole
+        symlink_atomic(out, src)
         return run.run_id
     from megareuse.interop.hf import import_hf
     try:
@@ -297,7 +295,7 @@ def evaluate_base(train: dict, root: Path, run: RunSpec, emit: Callable[[str], N
     from megareuse.engine import checkpoint as ckpt
     from megareuse.engine.ds import resolve_device
     from megareuse.engine.evaluate import evaluate
-    from megareuse.engine.inputs import open_training_data
+    from megareuse.engine.inputs import open_validation_data
     from megareuse.engine.weights import load_state_dict
     from megareuse.model import GPT, flops_per_token, non_embedding_param_count, param_count
     from megareuse.reuse.cpt import model_diff
@@ -319,12 +317,12 @@ def evaluate_base(train: dict, root: Path, run: RunSpec, emit: Callable[[str], N
     t0 = time.perf_counter()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    data = open_training_data(cfg.data, cfg.model, {d: 1.0 for d in cfg.data.valid})
+    tok, valid = open_validation_data(cfg.data, cfg.model)  # an evaluation reads no training split
     saved_sha = (meta.get("tokenizer") or {}).get("sha256")
-    if saved_sha != data.tokenizer.sha256:
+    if saved_sha != tok.tokenizer.sha256:
         raise ckpt.CheckpointError(
             f"experiment error: {where}.path = {run.source['path']!r} was trained with another tokenizer (sha256 "
-            f"{str(saved_sha)[:12]}...) than data.dir's ({data.tokenizer.sha256[:12]}...); accepted data "
+            f"{str(saved_sha)[:12]}...) than data.dir's ({tok.tokenizer.sha256[:12]}...); accepted data "
             "prepared with the checkpoint's tokenizer (megareuse prepare --tokenizer CHECKPOINT_DIR)")
     device = resolve_device(cfg.run.device)
     with torch.device(device):
@@ -336,7 +334,7 @@ def evaluate_base(train: dict, root: Path, run: RunSpec, emit: Callable[[str], N
         return model(batch[:, :-1], batch[:, 1:])
 
     losses = {d: evaluate(batch_loss, ds, cfg.run.eval_tokens, cfg.run.micro_batch_size, device)
-              for d, ds in data.valid.items()}
+              for d, ds in valid.items()}
     seconds = time.perf_counter() - t0
     d1 = int(run.source["D1"])
     step = int(Path(run.source["checkpoint"]).name.removeprefix("step_"))

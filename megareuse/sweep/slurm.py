@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from megareuse.atomic import write_text_atomic
 from megareuse.paths import check_output_dir
 from megareuse.sweep.grid import RunSpec
 from megareuse.sweep.local import SweepError
@@ -281,7 +282,7 @@ def write_slurm(runs: list[RunSpec], experiment_path: Path, out_root: Path, scri
            "GPUS_PER_NODE": str(gpus_per_node)}
     overrides_file = script_dir / "overrides.txt"
     if extra_overrides:
-        overrides_file.write_text("".join(f"{o}\n" for o in extra_overrides))
+        write_text_atomic(overrides_file, "".join(f"{o}\n" for o in extra_overrides))
         env["OVERRIDES_FILE"] = str(overrides_file)
     elif overrides_file.exists():
         overrides_file.unlink()
@@ -296,7 +297,7 @@ def write_slurm(runs: list[RunSpec], experiment_path: Path, out_root: Path, scri
     body = []
     for job in jobs:
         runs_file = script_dir / job.runs_file
-        runs_file.write_text("".join(f"{r.run_id}\t{r.kind}\n" for r in job.runs))
+        write_text_atomic(runs_file, "".join(f"{r.run_id}\t{r.kind}\n" for r in job.runs))
         where.update({r.run_id: (job, i) for i, r in enumerate(job.runs)})
         size = f"0-{len(job.runs) - 1}" + (f"%{max_parallel}" if max_parallel else "")
         if job.kind == "train":
@@ -350,7 +351,7 @@ run mkdir -p {shlex.quote(str(script_dir / "logs"))}
 """
     footer = "" if jobs else 'echo "nothing to submit: every run of the sweep is done"\n'
     submit = script_dir / "submit.sh"
-    submit.write_text(header + "\n" + "\n".join(body) + ("\n" if body else "") + footer)
+    write_text_atomic(submit, header + "\n" + "\n".join(body) + ("\n" if body else "") + footer)
     submit.chmod(0o755)
     return submit
 
