@@ -26,14 +26,17 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megareuse.atomic import write_text_atomic
 from megareuse.config import ConfigError
 from megareuse.engine.metrics import format_duration
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"laptop": REPO / "configs" / "experiments" / "demo.yaml",
            "workstation": REPO / "configs" / "experiments" / "demo_workstation.yaml",
-           "overtrained": REPO / "configs" / "experiments" / "overtrained.yaml"}
-PREPARE_OPTIONS = {"overtrained": {"code_max_bytes": 10_000_000}}  # the whole stdlib (~9.7 MB)
+           "overtrained": REPO / "configs" / "experiments" / "overtrained.yaml",
+           "settle": REPO / "configs" / "experiments" / "settle.yaml"}
+# the whole stdlib (~9.7 MB) as code
+PREPARE_OPTIONS = {"overtrained": {"code_max_bytes": 10_000_000}, "settle": {"code_max_bytes": 10_000_000}}
 DEFAULT_OUT = "runs/demo"
 
 
@@ -198,6 +201,7 @@ def _plan(csv_path: Path, law, report_dir: Path, N: int, N_base: int, d1s: list[
     """The planner's answer; with a shared-E study (``shared``) it weighs the pair fitted with one E,
     and the verdict of the separately fitted laws on the same budget is kept beside it."""
     from megareuse.law import best_split, budget_saving, fit_form, load_table, make_plan
+    from megareuse.law.plan import split_range
     from megareuse.law.commands import finite_json, write_outputs
     from megareuse.law.plots import figure_plan
     from megareuse.law.report import plan_report
@@ -205,7 +209,7 @@ def _plan(csv_path: Path, law, report_dir: Path, N: int, N_base: int, d1s: list[
     separate = None
     if shared and "skipped" not in shared:
         scratch = shared["separate"]["scratch"]
-        split = best_split(law, budget_tokens=budget)
+        split = best_split(law, budget_tokens=budget, D1_range=split_range(law))
         b = budget_saving(law, scratch, split, float(N))
         separate = {"D1": split["D1"], "D2": split["D2"], "loss": split["loss"], "saving": b["saving"],
                     "saving_interval": b["saving_interval"], "verdict": b["verdict"]}
@@ -293,8 +297,12 @@ def _a3_line(law, what: str) -> list[str]:
 def _holdout_line(check: Optional[dict]) -> list[str]:
     if not check:
         return []
-    inside = (f", {100 * check['coverage']:.0f}% inside the {100 * check['level']:.0f}% prediction interval"
-              if check.get("coverage") is not None and check.get("level") else "")
+    inside = ""
+    if check.get("coverage") is not None and check.get("level"):
+        inside = f", {100 * check['coverage']:.0f}% inside the {100 * check['level']:.0f}% prediction interval"
+        if check.get("interval") == "calibrated":
+            inside += (f" (calibrated for noise and misfit; {100 * check['coverage_bootstrap']:.0f}% inside the "
+                       f"parameter-only bootstrap interval)")
     return [f"Held-out largest runs ({check['n_test']} predicted from {check['n_train']}): mean absolute "
             f"relative error {100 * check['mare']:.2f}%, max {100 * check['max_abs_rel']:.2f}%{inside}."]
 
@@ -338,7 +346,11 @@ def _plan_lines(name: str, plan: dict) -> list[str]:
         lines.append(f"For a budget of {split['budget_tokens']:.4g} tokens the law's best split is D1 = "
                      f"{split['D1']:.4g}, D2 = {split['D2']:.4g} (loss {split['loss']:.4g}); from scratch: "
                      f"{split['scratch_loss']:.4g}. Decision: **{split['decision']}**"
-                     + (f" (bootstrap verdict: {split['verdict']})." if split.get("verdict") else "."))
+                     + (f" (bootstrap verdict: {split['verdict']})." if split.get("verdict") else ".")
+                     + (f" The split sits at the edge of the D1 the law may extrapolate to ({split['D1_range'][0]:.4g}"
+                        f" .. {split['D1_range'][1]:.4g}, {SPLIT_REACH:g}x beyond its runs each way): the law asks for "
+                        + ("less" if split["D1"] <= split["D1_range"][0] * 1.0001 else "more")
+                        + " base than it has seen." if split.get("at_edge") and split.get("D1_range") else ""))
     sep = plan.get("separate")
     if sep:
         iv = sep["saving_interval"]
@@ -472,8 +484,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, fresh: bool = False, overrides: Sequ
 
     rows = [json.loads(line) for line in (sweep_dir / "runs.jsonl").read_text().splitlines()]
     text = _study_report(exp, rows, fits, plans, times, tokens, len(runs), n, workers, info)
-    (report_dir / "report.md").write_text(text)
-    shutil.copy(csv_path, report_dir / "runs.csv")
+    write_text_atomic(report_dir / "report.md", text)
+    write_text_atomic(report_dir / "runs.csv", Path(csv_path).read_text())
     _section("summary")
     print(text)
     print(f"report: {report_dir / 'report.md'}")

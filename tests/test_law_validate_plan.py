@@ -245,3 +245,30 @@ def test_figures_skipped_with_a_note_without_matplotlib(monkeypatch, tmp_path):
     write_fit(result, tmp_path / "fit")
     assert sorted(p.name for p in (tmp_path / "fit").iterdir()) == ["law.json", "report.md"]
     assert plots.NO_MPL in (tmp_path / "fit" / "report.md").read_text()
+
+
+def test_best_split_stays_where_the_law_has_evidence():
+    """With a3 > 0 the D2 exponent -a2 + a3 ln D1 grows without bound as D1 -> 0: unbounded, the
+    split puts a few tokens in the base (the sigmoid search's floor). Bounded by split_range (the
+    fitted D1 range, SPLIT_REACH times beyond each way) it stops at the bound and says so; an
+    interior optimum (a3 = 0: D1* = T a1 / (a1 + a2)) is unchanged."""
+    from megareuse.law.plan import SPLIT_REACH, split_range
+    from megareuse.law.report import plan_report
+    T = 8e6
+    sat = Law.from_params("reuse", dict(A=A, a1=a1, a2=a2, a3=0.05, E=E), tokens_unit=M)
+    sat.data["ranges"] = {"D1": [1e6, 4e6], "D2": [0.25e6, 2e6]}
+    free = best_split(sat, budget_tokens=T)
+    assert free["D1"] < 1.0 and free["at_edge"]  # a base of under one token: the artefact
+    lo, hi = split_range(sat)
+    assert (lo, hi) == (1e6 / SPLIT_REACH, 4e6 * SPLIT_REACH)
+    bounded = best_split(sat, budget_tokens=T, D1_range=(lo, hi))
+    assert bounded["D1"] == pytest.approx(lo, rel=1e-6) and bounded["at_edge"] and bounded["D1_range"] == [lo, hi]
+    assert bounded["D2"] == pytest.approx(T - lo, rel=1e-9)
+    plan = make_plan(sat, None, D1=[1e6], D2=[1e6], budget_tokens=T)
+    assert plan["split"]["D1"] == pytest.approx(lo, rel=1e-6)
+    assert "edge of the D1 the law may extrapolate to (2.5e+05 .. 1.6e+07" in plan_report(plan)
+    flat = laws()[0]
+    inner = best_split(flat, budget_tokens=T, D1_range=(1e5, 1e7))
+    assert inner["D1"] == pytest.approx(T * a1 / (a1 + a2), rel=1e-6) and not inner["at_edge"]
+    with pytest.raises(LawError, match="below the D1 the law may extrapolate to"):
+        best_split(sat, budget_tokens=2e5, D1_range=(lo, hi))

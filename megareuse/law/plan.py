@@ -106,9 +106,29 @@ def saving_vanishes(law: Law, scratch: Law, D1: float, N: Optional[float] = None
     return out
 
 
+SPLIT_REACH = 4.0  # how far beyond its fitted D1 range the split may take the law, each way
+
+
+def split_range(law: Law) -> Optional[tuple[float, float]]:
+    """The D1 the best split may choose: the fitted runs' D1 range widened SPLIT_REACH times each
+    way (None when the law file has no ranges). Beyond it the law is not evidence: at small D1
+    a positive a3 makes the D2 exponent grow without bound (a base of a few tokens would look
+    best)."""
+    span = _data_ranges(law).get("D1")
+    return (span[0] / SPLIT_REACH, span[1] * SPLIT_REACH) if span else None
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-9), 1 - 1e-9)
+    return float(np.log(p / (1 - p)))
+
+
 def best_split(law: Law, budget_tokens: Optional[float] = None, budget_flops: Optional[float] = None,
-               N: Optional[float] = None, N_base: Optional[float] = None) -> dict:
-    """Minimise L(D1, D2) subject to D1 + D2 = budget_tokens, or 6 N_base D1 + 6 N D2 = budget_flops."""
+               N: Optional[float] = None, N_base: Optional[float] = None,
+               D1_range: Optional[Sequence[float]] = None) -> dict:
+    """Minimise L(D1, D2) subject to D1 + D2 = budget_tokens, or 6 N_base D1 + 6 N D2 = budget_flops,
+    with D1 inside D1_range when given (split_range: where the law may be trusted); `at_edge`
+    says the optimum lies on the search's bound."""
     if (budget_tokens is None) == (budget_flops is None):
         raise LawError("best split: accepted exactly one of budget_tokens, budget_flops")
     if budget_flops is not None:
@@ -123,7 +143,14 @@ def best_split(law: Law, budget_tokens: Optional[float] = None, budget_flops: Op
         s = 1.0 / (1.0 + np.exp(-z))
         return float(loss_after(law, s * cap1, (1 - s) * cap2))
 
-    zs = np.linspace(-20, 20, 801)
+    z_lo, z_hi = -20.0, 20.0
+    if D1_range is not None:
+        lo, hi = float(D1_range[0]), float(D1_range[1])
+        if not 0 < lo <= hi or lo >= cap1:
+            raise LawError(f"best split: the budget leaves D1 at most {cap1:.4g} tokens, below the D1 the law may "
+                           f"extrapolate to ({lo:.4g} .. {hi:.4g}); accepted a larger budget")
+        z_lo, z_hi = max(z_lo, _logit(lo / cap1)), min(z_hi, _logit(hi / cap1))
+    zs = np.linspace(z_lo, z_hi, 801)
     values = np.array([loss(z) for z in zs])
     k = int(np.argmin(values))
     res = minimize_scalar(loss, bounds=(zs[max(k - 1, 0)], zs[min(k + 1, len(zs) - 1)]), method="bounded",
@@ -131,7 +158,8 @@ def best_split(law: Law, budget_tokens: Optional[float] = None, budget_flops: Op
     z = res.x if res.fun <= values[k] else zs[k]
     s = 1.0 / (1.0 + np.exp(-z))
     out = {"D1": s * cap1, "D2": (1 - s) * cap2, "loss": loss(z), "share_D1": float(s),
-           "at_edge": bool(k in (0, len(zs) - 1))}
+           "at_edge": bool(k in (0, len(zs) - 1)),
+           "D1_range": [float(v) for v in D1_range] if D1_range is not None else None}
     if budget_tokens is not None:
         out["budget_tokens"] = budget_tokens
     else:
@@ -211,7 +239,7 @@ def make_plan(law: Law, scratch: Optional[Law] = None, D1: Sequence[float] = (),
         _add_saving_intervals(rows, law, scratch, views, N, N_base_eff, pairs)
         plan["thresholds"] = [d1_threshold(law, scratch, d2, view, N, N_base_eff, pairs) for d2 in D2 for view in views]
     if budget_tokens or budget_flops:
-        split = best_split(law, budget_tokens, budget_flops, N, N_base)
+        split = best_split(law, budget_tokens, budget_flops, N, N_base, split_range(law))
         if scratch is not None:
             d_all = budget_tokens if budget_tokens else budget_flops / (6 * N)
             split["scratch_loss"] = float(_scratch_loss(scratch, d_all, N))

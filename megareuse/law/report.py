@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from megareuse.law.plan import VIEWS
+from megareuse.law.plan import SPLIT_REACH, VIEWS
 from megareuse.law.resampling import interval_text
 
 
@@ -239,6 +239,15 @@ def _threshold_text(t: dict) -> str:
     return "beyond the range" if t["status"] == "saves_at_top" else _g(t["threshold"])
 
 
+def _edge_text(split: dict) -> str:
+    rng = split.get("D1_range")
+    if rng:
+        return (f" - the optimum is at the edge of the D1 the law may extrapolate to ({rng[0]:.4g} .. {rng[1]:.4g}: "
+                f"its runs' D1 range, {SPLIT_REACH:g}x beyond each way); the law favours "
+                + ("less base" if split["D1"] <= rng[0] * 1.0001 else "more base") + " than it has seen")
+    return " - the optimum is at the edge of the search: check the law"
+
+
 def plan_report(plan: dict, figure: Optional[str] = None, notes: Optional[list] = None) -> str:
     lines = ["# megareuse plan", "", f"- Reuse law: {plan['law']} (`{plan['law_file']}`)"]
     if plan["scratch_law"]:
@@ -296,7 +305,7 @@ def plan_report(plan: dict, figure: Optional[str] = None, notes: Optional[list] 
         lines += [f"## Best split of a budget of {budget} (law: {plan['law']})", "",
                   f"- D1 = {s['D1']:.4g}, D2 = {s['D2']:.4g} tokens (share of the budget on the base "
                   f"{100 * s['share_D1']:.1f}%), predicted loss {s['loss']:.4g}"
-                  + (" - the optimum is at the edge of the search: check the law" if s["at_edge"] else "")]
+                  + (_edge_text(s) if s["at_edge"] else "")]
         if "decision" in s:
             unit = "tokens" if s["saving_view"] == "tokens_with_base" else "FLOPs"
             th = s["threshold"]
