@@ -334,6 +334,7 @@ def _law_lines(name: str, cpt: dict) -> list[str]:
 
 
 def _plan_lines(name: str, plan: dict) -> list[str]:
+    from megareuse.law.plan import SPLIT_REACH
     if "skipped" in plan:
         return [f"Planner: not run ({plan['skipped']}).", ""]
     d = plan["dir"]

@@ -144,3 +144,15 @@ def test_runs_table_gets_an_n_column_for_several_sizes():
     table = demo._runs_table(rows, "g", "valid_loss_prose")
     assert table[0].startswith("| N | D1 |") and table[2].startswith("| 1,000 | 10 |")
     assert demo._runs_table(rows[:1], "g", "valid_loss_prose")[0].startswith("| D1 |")
+
+
+def test_plan_line_says_when_the_split_sits_on_the_edge_of_the_laws_reach():
+    split = {"budget_tokens": 9.4e6, "D1": 40960.0, "D2": 9.36e6, "loss": 3.2, "scratch_loss": 3.15,
+             "decision": "scratch", "verdict": "undecided", "at_edge": True, "D1_range": [40960.0, 2.1e7]}
+    plan = {"dir": "plan_x", "scratch_name": "scratch_code", "plan": {"split": split}}
+    text = "\n".join(demo._plan_lines("x", plan))
+    assert "Decision: **scratch** (bootstrap verdict: undecided)." in text
+    assert "edge of the D1 the law may extrapolate to (4.096e+04 .. 2.1e+07, 4x beyond its runs each way)" in text
+    assert "less base than it has seen" in text
+    split.update(at_edge=False)
+    assert "edge" not in "\n".join(demo._plan_lines("x", plan))
