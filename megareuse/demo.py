@@ -38,6 +38,7 @@ PRESETS = {"laptop": REPO / "configs" / "experiments" / "demo.yaml",
 # the whole stdlib (~9.7 MB) as code
 PREPARE_OPTIONS = {"overtrained": {"code_max_bytes": 10_000_000}, "settle": {"code_max_bytes": 10_000_000}}
 DEFAULT_OUT = "runs/demo"
+FIT_RESAMPLES = 200  # bootstrap resamples of every fit (and of the shared-E study) in the report
 
 
 def _section(title: str) -> None:
@@ -151,7 +152,7 @@ def _fit_table(csv_path: Path, out_dir: Path, workers: int, loss_col: str, where
                       f"{FIT_LEVELS} of each")
     try:
         result = analyse(table, form=form, compare="auto", holdout=holdout,
-                         n_boot=200, seed=0, workers=workers, strict_holdout=False)
+                         n_boot=FIT_RESAMPLES, seed=0, workers=workers, strict_holdout=False)
     except LawError as exc:
         return None, f"not fitted: {exc}"
     write_fit(result, out_dir)
@@ -240,7 +241,7 @@ def _shared_series(csv_path: Path, report_dir: Path, s, scratch_series: str, law
                                                where={"series": s.name, **({"N": N} if N else {})}))
         scratch, _ = merge_duplicates(load_table(csv_path, loss_col=loss_col, where={"series": scratch_series},
                                                  rename={"D": "D1"}))
-        study = shared_study(reuse, scratch, n_boot=200, seed=0, reuse_law=law)
+        study = shared_study(reuse, scratch, n_boot=FIT_RESAMPLES, seed=0, reuse_law=law)
     except LawError as exc:
         return {"skipped": str(exc)}
     write_outputs(report_dir / f"{s.name}_shared", shared_files(study, (s.name, scratch_series)))

@@ -70,8 +70,10 @@ def overtrained_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     rows = study_rows(exp, np.random.default_rng(0))
     write_table(out / "runs.csv", rows)
-    fits = {s.name: demo._fit_series(out / "runs.csv", out, 1, s) for s in exp.stage2}
-    plans = {s.name: demo._plan_series(exp, s, fits[s.name][0], out / "runs.csv", out) for s in exp.stage2}
+    with pytest.MonkeyPatch.context() as mp:  # the report's machinery, at 40 resamples (the demo's 200: slow)
+        mp.setattr(demo, "FIT_RESAMPLES", 40)
+        fits = {s.name: demo._fit_series(out / "runs.csv", out, 1, s) for s in exp.stage2}
+        plans = {s.name: demo._plan_series(exp, s, fits[s.name][0], out / "runs.csv", out) for s in exp.stage2}
     return exp, out, rows, fits, plans
 
 

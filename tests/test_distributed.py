@@ -29,7 +29,10 @@ def reference(prepared, tmp_path_factory):
 
 # ZeRO-2 and ZeRO-3 also recompute blocks in the backward pass (activation checkpointing selective:
 # one of the two blocks; full: both), the one-process reference does not: checkpointing under TP x ZeRO
-@pytest.mark.parametrize("stage, checkpointing", [(1, "none"), (2, "selective"), (3, "full")])
+# ZeRO-1 and ZeRO-2 here are slow (24 s each): the default suite keeps ZeRO-3 (with features in
+# test_features_distributed) and ZeRO-1/2 through the launchers and the TP=2 ZeRO-2 save/resume below
+@pytest.mark.parametrize("stage, checkpointing", [pytest.param(1, "none", marks=pytest.mark.slow),
+                                                  pytest.param(2, "selective", marks=pytest.mark.slow), (3, "full")])
 def test_tp2_dp2_zero_matches_single_process(prepared, tmp_path, reference, stage, checkpointing):
     out = tmp_path / "run"
     proc = torchrun(4, tiny_args(prepared, out, "parallel.tp=2", f"parallel.zero_stage={stage}",

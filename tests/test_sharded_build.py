@@ -79,6 +79,7 @@ BIG = ("model.vocab_size=4096", "model.d_model=256", "model.n_heads=4", "model.n
        "run.eval_tokens=64")
 
 
+@pytest.mark.slow  # 64 s (two 4-rank runs of a 20-layer model); the default suite keeps the sharded build's weights check
 def test_no_rank_materialises_the_full_model(prepared, tmp_path):
     full_mib = 4 * param_count(ModelConfig(vocab_size=4096, d_model=256, n_heads=4, n_layers=20,
                                            ffn_hidden=1024, max_seq_len=32)) / 2**20
@@ -95,6 +96,7 @@ def test_no_rank_materialises_the_full_model(prepared, tmp_path):
     assert growth[3, "save"] < 0.5 * full_mib  # streamed: never the full state dict
 
 
+@pytest.mark.slow  # 50 s; layout-free resume stays in the default suite through test_bf16 and test_distributed
 def test_resume_at_another_layout_keeps_the_optimizer_state(prepared, tmp_path):
     common = ("run.save_interval=3", "run.keep_last=3", "run.train_tokens=3072")  # 6 steps of 16 x 32
     whole = tmp_path / "whole"
