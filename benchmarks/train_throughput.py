@@ -120,12 +120,12 @@ def run_megareuse(cfg: Config, steps: int, warmup: int, out: Path, save_timing: 
     if save_timing:
         del trainer.save
         for mode in (False, True):
-            trainer.async_save = mode
+            trainer.checkpointer.async_save = mode
             sync(trainer.device)
             t0 = time.perf_counter()
             trainer.save()
             blocked = time.perf_counter() - t0
-            trainer.wait_for_saves()
+            trainer.checkpointer.wait()
             got[f"save_{'async' if mode else 'sync'}"] = {"blocked_s": blocked, "total_s": time.perf_counter() - t0}
     return got
 

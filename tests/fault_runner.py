@@ -45,7 +45,7 @@ def install_kill(point: str, on_save: int) -> None:
     original_save = Trainer.save
 
     def counting_save(self):
-        self.wait_for_saves()  # with run.async_save the previous save finishes first: N counts whole saves
+        self.checkpointer.wait()  # with run.async_save the previous save finishes first: N counts whole saves
         saves[0] += 1
         return original_save(self)
 

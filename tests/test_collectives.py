@@ -84,7 +84,7 @@ def test_two_rank_run_makes_no_collective_nccl_would_reject(prepared, tmp_path):
         calls = found["calls"]
         assert [c for c in calls if c["problem"]] == []
         assert sum(c["caller"] == "agreed" for c in calls) == 2  # steps 4 and 8, not every step
-        assert sum(c["caller"] == "wait_for_saves" for c in calls) >= 1
+        assert sum(c["caller"] == "wait" for c in calls) >= 1
         assert any(c["caller"] == "evaluate" for c in calls)
         # control traffic is on the host (gloo's side), the step's loss on the device (NCCL's)
-        assert {tuple(c["devices"]) for c in calls if c["caller"] in ("agreed", "wait_for_saves")} == {("cpu",)}
+        assert {tuple(c["devices"]) for c in calls if c["caller"] in ("agreed", "wait")} == {("cpu",)}

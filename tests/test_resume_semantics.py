@@ -159,7 +159,7 @@ def test_broken_newer_checkpoints_are_notes_and_a_fresh_start_never_writes_over_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = Trainer(cfg, resume="auto", emit=lines.append)
-    trainer._release_lock()
+    trainer.checkpointer.close()
     assert not [w for w in caught if "skipping checkpoint" in str(w.message)]  # no stray stderr lines
     assert any(line.startswith(f"note: skipping checkpoint {newest}: ") for line in lines), lines
     assert trainer.resume_from.name == "step_00000002"

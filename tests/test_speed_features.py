@@ -110,7 +110,7 @@ def test_async_save_failure_is_raised_and_leaves_no_partial_checkpoint(prepared,
         real(staged[:1])
         raise OSError(errno.ENOSPC, "No space left on device", str(staged[-1][1]))
     monkeypatch.setattr(async_save, "write_staged", full_disk)
-    monkeypatch.setattr("megareuse.engine.trainer.write_staged", full_disk)
+    monkeypatch.setattr("megareuse.engine.checkpointer.write_staged", full_disk)
     out = tmp_path / "run"
     trainer = Trainer(tiny(prepared, out, "run.save_interval=4", "run.async_save=true"), emit=quiet)
     with pytest.raises(ckpt.CheckpointError, match=r"no space left on the device of .* writing the checkpoint "

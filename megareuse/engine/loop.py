@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megareuse.config import Config
 from megareuse.engine import checkpoint as ckpt
+from megareuse.engine.checkpointer import Checkpointer
 from megareuse.engine.consolidate import precision
 from megareuse.atomic import write_text_atomic
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, Preempted, StopSignals
@@ -84,14 +85,12 @@ class Stage(Protocol):
     tokens_per_step: int
     save_steps: frozenset[int]
     device: torch.device
-    pending_save: Any  # a checkpoint finishing in the background (engine/async_save.py), or None
+    checkpointer: Checkpointer  # waits for saves, syncs the ranks; ``pending``: a save in the background
 
     def train_step(self) -> StepResult: ...
     def evaluate(self) -> dict[str, float]: ...
     def save(self) -> Path: ...
-    def _rollback(self, from_step: int) -> Path: ...
-    def wait_for_saves(self, collective: bool = True) -> None: ...
-    def _barrier(self) -> None: ...
+    def rollback(self, from_step: int) -> Path: ...
     def record(self, checkpoint: Path) -> dict[str, Any]: ...
 
 
@@ -143,7 +142,7 @@ class TrainingLoop:
                             f"({done['tokens']:,} tokens); summary.json, record.json and metrics.jsonl "
                             "are left as they are")
             return done
-        self.stage._barrier()  # every rank has loaded its checkpoint before rank 0 tidies the directory
+        self.stage.checkpointer.barrier()  # every rank has loaded its checkpoint before rank 0 tidies the directory
         log = self._open_log()
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
         progress = Progress(self.stage.total_steps, self.stage.tokens_per_step, fpt,
@@ -158,7 +157,7 @@ class TrainingLoop:
         t_start = time.perf_counter()
         try:
             last_eval = self._loop(stop, log, progress, signals, watchdog)
-            self.stage.wait_for_saves()  # the summary names the last checkpoint: it must be committed
+            self.stage.checkpointer.wait()  # the summary names the last checkpoint: it must be committed
             if not last_eval and self.stage.state.step >= self.stage.total_steps:
                 # resumed from the final checkpoint of a run killed before its summary was written
                 last_eval = self._evaluate(self.stage.state.step, log)
@@ -216,7 +215,7 @@ class TrainingLoop:
                 if saving:
                     beat(step, "save")
                     saved = stage.save()
-                    if stage.pending_save is None:
+                    if stage.checkpointer.pending is None:
                         stage.emit(f"saved {saved}")
             # the ranks agree on stop signals where they wait for the device anyway (log, eval and
             # save steps): an all-reduce every step would be a host round trip between steps
@@ -277,7 +276,7 @@ class TrainingLoop:
         if action == "stop":
             raise DivergenceError(self.stage.guard.stop_message(step))
         self.stage.state.samples = samples
-        path = self.stage._rollback(step)
+        path = self.stage.rollback(step)
         self.stage.emit(f"rolled back to {path} (step {self.stage.state.step}) after {self.stage.cfg.guard.max_skips} skipped "
                   f"steps; learning rate x {self.stage.guard.state.lr_scale:g} from now on")
         if log:
