@@ -118,8 +118,8 @@ def test_cost_equals_the_planner(tmp_path):
     assert given.series_cost["cpt"] == (sum(r.tokens for r in runs if r.series == "cpt"),
                                         sum(r.flops for r in runs if r.series == "cpt"))
     assert given.gpu_hours(0.5, 1000.0) == pytest.approx(given.flops / 5e14 / 3600)
-    assert [c.D2 for c in given.cells["cpt"] if c.D1 == 131072] == [65536, 131072, 262144, 524288]
-    assert len(given.cells["cpt"]) == 16 and len(given.cells["stack"]) == 6
+    assert [c.D2 for c in given.cells["cpt"] if c.D1 == 131072] == [65536, 131072, 262144, 524288, 1048576]
+    assert len(given.cells["cpt"]) == 20 and len(given.cells["stack"]) == 6
     assert {c.repeats for c in given.cells["cpt"]} == {1}
 
     def plan_of(name, change):
@@ -134,10 +134,10 @@ def test_cost_equals_the_planner(tmp_path):
     assert {c.repeats for c in seeds.cells["cpt"] if c.D1 < 1048576} == {1}
 
     def wider(raw):
-        raw["stage2"][0]["D2"] = [65536 * 2 ** k for k in range(6)]
+        raw["stage2"][0]["D2"] = [65536 * 2 ** k for k in range(7)]
         raw["stage2"][1]["D2"] = [131072 * 2 ** k for k in range(5)]
     assert (d2x4.tokens, d2x4.flops) == plan_of("wide", wider)
-    assert d2x4.spans["cpt"]["D2_span"] == 32 and d2x4.spans["stack"]["D2_span"] == 16
+    assert d2x4.spans["cpt"]["D2_span"] == 64 and d2x4.spans["stack"]["D2_span"] == 16
 
     def deeper(raw):
         raw["base"]["D1"].append(2097152)
@@ -172,7 +172,7 @@ def test_cli_writes_reproducible_design(tmp_path, capsys):
     assert list(a["tables"]) == ["cpt"]
     rows_a, rows_b = a["tables"]["cpt"]["rows"], b["tables"]["cpt"]["rows"]
     assert [r["summary"]["outcomes"] for r in rows_a] == [r["summary"]["outcomes"] for r in rows_b]
-    assert [r["name"] for r in rows_a] == ["given", "d2x4"] and rows_a[0]["runs"] == 16
+    assert [r["name"] for r in rows_a] == ["given", "d2x4"] and rows_a[0]["runs"] == 20
     assert (tmp_path / "a" / "design.txt").read_text().startswith("design of ")
 
 

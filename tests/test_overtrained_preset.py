@@ -72,7 +72,7 @@ def test_run_count_and_time_budget(runs):
 def test_laptop_preset_unchanged():
     exp = load_experiment(demo.PRESETS["laptop"])
     runs = plan_experiment(exp)
-    assert (len(runs), totals(runs)[0]) == (41, 6_149_120)
+    assert (len(runs), totals(runs)[0]) == (45, 8_664_064)
     assert demo.experiment_domains(exp) == ["prose", "code"]
     assert "laptop" not in demo.PREPARE_OPTIONS
 
