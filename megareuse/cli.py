@@ -1,7 +1,7 @@
 """`megareuse <command>`: the command-line entry point.
 
 Commands: prepare (corpora -> tokenizer + indexed datasets), train (one stage of training),
-evaluate (validation loss of a checkpoint), grow, sweep, collect, fit, plan, estimate,
+evaluate (validation loss of a checkpoint), consolidate (one fp32 file), grow, sweep, collect, fit, plan, estimate,
 import-hf / export-hf / prepare-hf (Hugging Face Llama checkpoints), demo (the whole study).
 Errors and stops end with one line on stderr and an exit code (megareuse/exits.py): 2 for bad
 input, 75 checkpointed after a stop signal, 3 diverged, 124 another rank died or hung.
@@ -12,6 +12,7 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from megareuse.config import ConfigError
@@ -167,6 +168,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from megareuse.engine.sharded import consolidate
+    n, size = consolidate(Path(args.from_), Path(args.out), moments=args.optimizer)
+    print(f"{n} tensors ({size / 2**20:.1f} MiB) -> {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from megareuse.demo import run_demo
     if args.workers < 1:
@@ -276,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, help="tokens per domain")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("consolidate", help="a checkpoint's fp32 weights (and Adam moments) in one safetensors "
+                                           "file, as DeepSpeed's zero_to_fp32 gives")
+    p.add_argument("--from", dest="from_", required=True, metavar="CKPT")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (must not exist)")
+    p.add_argument("--optimizer", action="store_true", help="also the Adam moments (exp_avg.<name>, exp_avg_sq.<name>)")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("grow", help="grow a checkpoint (width, depth by stacking or identity)")
     p.add_argument("--from", dest="from_", required=True, metavar="CKPT")

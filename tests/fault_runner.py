@@ -1,10 +1,11 @@
 """`megareuse train` with one fault injected, for the fault-injection tests (tests/test_faults.py).
 
-    python tests/fault_runner.py [--kill-at POINT --on-save N] [--nan-batches 5,6] [--spike-batches 9] -- <train args>
+    python tests/fault_runner.py [--kill-at POINT --on-save N [--rank R]] [--nan-batches 5,6] [--spike-batches 9] -- <train args>
 
---kill-at POINT   SIGKILL this process during its N-th checkpoint save, at POINT:
-                  deepspeed  after DeepSpeed wrote its engine state, before model.safetensors
-                  model      half-way through writing model.safetensors
+--kill-at POINT   SIGKILL this process (with --rank, only the rank R of a job) during its N-th
+                  checkpoint save, at POINT:
+                  shard      half-way through writing this rank's share (state/__<rank>_0.distcp)
+                  index      after every rank's share is written, before rank 0 writes the index
                   manifest   half-way through writing manifest.json (before the rename)
                   rename     right after the rename that commits the checkpoint, before the
                              directory fsync and retention
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-POINTS = ("deepspeed", "model", "manifest", "rename", "retention")
+POINTS = ("shard", "index", "manifest", "rename", "retention")
 
 
 def die() -> None:
@@ -33,12 +34,11 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install_kill(point: str, on_save: int) -> None:
+def install_kill(point: str, on_save: int, rank: int | None = None) -> None:
     import shutil
 
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
     from megareuse.engine import checkpoint as ckpt
+    from megareuse.engine import sharded
     from megareuse.engine.trainer import Trainer
 
     saves = [0]
@@ -50,28 +50,30 @@ def install_kill(point: str, on_save: int) -> None:
         return original_save(self)
 
     Trainer.save = counting_save
-    armed = lambda: saves[0] == on_save  # noqa: E731
+    me = int(os.environ.get("RANK", "0"))
+    armed = lambda: saves[0] == on_save and rank in (None, me)  # noqa: E731
 
-    if point == "deepspeed":
-        original = DeepSpeedEngine.save_checkpoint
+    if point == "shard":
+        original_chunks = sharded.write_chunks
 
-        def save_checkpoint(self, *args, **kwargs):
-            result = original(self, *args, **kwargs)
+        def write_chunks(path, chunks):
+            if not armed():
+                return original_chunks(path, chunks)
+            writer = sharded.ChunkWriter(path)
+            for name, offsets, tensor in chunks[: len(chunks) // 2]:
+                writer.add(name, offsets, tensor)
+            writer._fh.flush()
+            os.fsync(writer._fh.fileno())
+            die()
+        sharded.write_chunks = write_chunks
+    elif point == "index":
+        original_index = sharded.write_index
+
+        def write_index(*args, **kwargs):
             if armed():
                 die()
-            return result
-        DeepSpeedEngine.save_checkpoint = save_checkpoint
-    elif point == "model":
-        from megareuse.engine import weights
-        original_write = weights.TensorWriter.write
-
-        def write(self, name, tensor):
-            original_write(self, name, tensor)
-            if armed() and self.path.name == weights.WEIGHTS and self._next == len(self._order) // 2:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-                die()
-        weights.TensorWriter.write = write
+            return original_index(*args, **kwargs)
+        sharded.write_index = write_index
     elif point == "manifest":
         original_bytes = ckpt.write_synced
 
@@ -122,6 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kill-at", choices=POINTS)
     parser.add_argument("--on-save", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=None, help="only this rank dies (default: every rank)")
     parser.add_argument("--nan-batches", default="")
     parser.add_argument("--spike-batches", default="")
     parser.add_argument("train_args", nargs=argparse.REMAINDER)
@@ -130,7 +133,7 @@ def main() -> int:
     from megareuse.engine.ds import _select_accelerator
     _select_accelerator()
     if args.kill_at:
-        install_kill(args.kill_at, args.on_save)
+        install_kill(args.kill_at, args.on_save, args.rank)
     for batches, factor in ((args.nan_batches, float("nan")), (args.spike_batches, 4.0)):
         if batches:
             install_loss_scale({int(b) for b in batches.split(",")}, factor)

@@ -24,9 +24,10 @@ def checkpoint(prepared, tmp_path_factory):
     good = root / "base" / "checkpoints" / "step_00000002"
     flipped = root / "flipped" / "checkpoints" / "step_00000002"
     shutil.copytree(good, flipped)
-    data = bytearray((flipped / "model.safetensors").read_bytes())
+    shard = flipped / "state" / "__0_0.distcp"  # the one rank's share of the sharded state
+    data = bytearray(shard.read_bytes())
     data[100] ^= 0x10
-    (flipped / "model.safetensors").write_bytes(bytes(data))
+    shard.write_bytes(bytes(data))
     return good, flipped
 
 
@@ -51,7 +52,7 @@ def cases(prepared, good, flipped, tmp):
         "ds_config batch": ([*train, f"parallel.ds_config={tmp / 'ds.json'}"],
                             "train_micro_batch_size_per_gpu = 3 but the run config gives"),
         "resume missing": ([*train, "--resume", str(tmp / "none")], "does not exist"),
-        "resume corrupt": ([*train, "--resume", str(flipped)], "model.safetensors fails its sha256 checksum"),
+        "resume corrupt": ([*train, "--resume", str(flipped)], "state/__0_0.distcp fails its sha256 checksum"),
         "resume other shape": ([*train, "--resume", str(good), "model.n_layers=3"], "another model shape"),
         "vocab too small": ([*train, "model.vocab_size=300"], "smaller than the tokenizer's vocabulary (512)"),
         "init from other shape": (["train", "--init-from", str(good), *train[1:], "model.n_layers=3"],

@@ -118,11 +118,11 @@ def test_manifest_entry_without_a_size(runs, tmp_path, capsys):
     bad = tmp_path / "ckpt"
     shutil.copytree(runs[0], bad)
     manifest = json.loads((bad / "manifest.json").read_text())
-    del manifest["files"]["model.safetensors"]["bytes"]
+    del manifest["files"]["state/index.json"]["bytes"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    refused(["evaluate", "--checkpoint", str(bad)], capsys, "entry 'model.safetensors' lacks an integer 'bytes'")
+    refused(["evaluate", "--checkpoint", str(bad)], capsys, "entry 'state/index.json' lacks an integer 'bytes'")
     manifest["files"]["../../etc/passwd"] = {"bytes": 1, "sha256": "0"}
-    del manifest["files"]["model.safetensors"]
+    del manifest["files"]["state/index.json"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
     refused(["evaluate", "--checkpoint", str(bad)], capsys, "points outside the checkpoint")
 
@@ -187,12 +187,12 @@ def _one_line(proc: subprocess.CompletedProcess, code: int) -> str:
 
 @pytest.mark.skipif(_namespace_tool_missing() is not None, reason=str(_namespace_tool_missing()))
 def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(prepared, tmp_path):
-    """A 1.5 MB file system holds one checkpoint (~0.9 MB) but not two: the second write fails."""
+    """A 900 kB file system holds one checkpoint (~0.57 MB) but not two: the second write fails."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     out = mnt / "run"
     args = train_argv(prepared, out, "run.save_interval=1", "run.keep_last=5", "run.train_tokens=1024")
-    script = f"mount -t tmpfs -o size=1500k none {mnt} && \"$@\"; rc=$?; " \
+    script = f"mount -t tmpfs -o size=900k none {mnt} && \"$@\"; rc=$?; " \
              f"ls -a {out} {out}/checkpoints > {tmp_path}/ls.txt; " \
              f"python_ok=$({sys.executable} -c 'import sys; from megareuse.engine.checkpoint import latest_checkpoint; " \
              f"print(latest_checkpoint(sys.argv[1]).name)' {out}/checkpoints); echo $python_ok > {tmp_path}/latest.txt; exit $rc"
@@ -298,7 +298,8 @@ def _rehash(ckpt_dir: Path) -> None:
     ("meta list", "holds no config mapping"),
     ("meta no model", "config.model is missing"),
     ("meta D1 text", "field 'D1' = 'many' has the wrong type"),
-    ("weights garbage", "model.safetensors is not a readable weights file"),
+    ("weights garbage", "index.json is not a readable weights file"),
+    ("weights chunk garbage", "state/__0_0.distcp: the chunk of model.tok_embeddings.weight"),
     ("weights of another shape", "tok_embeddings.weight has shape (512, 64)"),
 ])
 @pytest.mark.parametrize("command", ["evaluate", "init-from", "grow", "export-hf"])
@@ -317,15 +318,13 @@ def test_checkpoint_contents_are_checked_where_they_are_read(prepared, runs, tmp
         meta["D1"] = "many"
         (bad / "meta.json").write_text(json.dumps(meta))
     elif damage == "weights garbage":
-        (bad / "model.safetensors").write_bytes(b"\xff" * 64)
-    else:  # a well-formed safetensors file of a model twice as wide
-        from megareuse.model import GPT
-        from megareuse.config import Config
-        from safetensors.torch import save_file
-        other = Config.from_dict(meta["config"]).model
-        other.d_model, other.ffn_hidden = 2 * other.d_model, 2 * other.ffn_hidden
-        sd = {k: v.contiguous() for k, v in GPT(other).state_dict().items() if k != "output.weight"}
-        save_file(sd, str(bad / "model.safetensors"))
+        (bad / "state" / "index.json").write_bytes(b"\xff" * 64)
+    elif damage == "weights chunk garbage":  # the index is fine, the bytes it points at are not
+        (bad / "state" / "__0_0.distcp").write_bytes(b"\xff" * (bad / "state" / "__0_0.distcp").stat().st_size)
+    else:  # a well-formed index of a model twice as wide
+        index = json.loads((bad / "state" / "index.json").read_text())
+        index["tensors"]["model.tok_embeddings.weight"]["shape"][1] *= 2
+        (bad / "state" / "index.json").write_text(json.dumps(index))
     _rehash(bad)
     argv = {"evaluate": ["evaluate", "--checkpoint", str(bad)],
             "init-from": train_argv(prepared, tmp_path / "o", f"run.init_from={bad}"),

@@ -127,9 +127,9 @@ def short_reference(prepared, tmp_path_factory):
 
 
 @pytest.mark.parametrize("point, resumes_at, save", [
-    pytest.param("deepspeed", 2, "sync", marks=pytest.mark.slow), ("model", 2, "sync"), pytest.param("manifest", 2, "sync", marks=pytest.mark.slow),
+    pytest.param("index", 2, "sync", marks=pytest.mark.slow), ("shard", 2, "sync"), pytest.param("manifest", 2, "sync", marks=pytest.mark.slow),
     pytest.param("rename", 4, "sync", marks=pytest.mark.slow), ("retention", 4, "sync"),
-    pytest.param("deepspeed", 2, "async", marks=pytest.mark.slow), ("manifest", 2, "async"),
+    pytest.param("shard", 2, "async", marks=pytest.mark.slow), ("manifest", 2, "async"),
     pytest.param("rename", 4, "async", marks=pytest.mark.slow), pytest.param("retention", 4, "async", marks=pytest.mark.slow)])
 def test_sigkill_during_checkpoint_write(prepared, tmp_path, short_reference, point, resumes_at, save):
     """A kill inside a save, on the training thread or (run.async_save) on the background thread
@@ -148,22 +148,48 @@ def test_sigkill_during_checkpoint_write(prepared, tmp_path, short_reference, po
     assert leftovers == ["step_00000006"], leftovers  # temp dirs tidied, retention applied
 
 
+def test_one_rank_killed_while_writing_its_share(prepared, tmp_path):
+    """Two ranks (TP=1, DP=2, ZeRO-2), each writing its own share: rank 1 is SIGKILLed half-way
+    through its file of the second save; the job dies (torchrun stops rank 0, which waits for
+    rank 1's share), nothing is committed, and `--resume auto` continues from the first save,
+    with the uninterrupted run's losses."""
+    common = ["parallel.zero_stage=2", "run.micro_batch_size=4", "run.save_interval=2", "run.keep_last=1"]
+
+    def torchrun(script, out, *extra):
+        return run_job([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", script, *extra, *tiny_args(prepared, out, *common)],
+                       timeout=300)
+
+    full = tmp_path / "full"
+    assert torchrun(TRAIN, full).returncode == 0
+    out = tmp_path / "run"
+    killed = torchrun(RUNNER, out, "--kill-at", "shard", "--on-save", "2", "--rank", "1", "--")
+    assert killed.returncode != 0, killed.stdout[-3000:]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert [n for n in names if not n.startswith(".tmp-step_00000004")] == ["step_00000002"], names
+    resumed = torchrun(TRAIN, out, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "at step 2 " in resumed.stdout, resumed.stdout[-3000:]
+    assert train_losses(out) == train_losses(full)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006"]
+
+
 def test_flipped_byte_in_newest_checkpoint_falls_back_to_previous(prepared, tmp_path, short_reference):
     out = tmp_path / "run"
     args = tiny_args(prepared, out, "run.save_interval=2")  # saves 2, 4, 6; keeps 4 and 6
     assert run_job([sys.executable, TRAIN, *args]).returncode == 0
-    newest = out / "checkpoints" / "step_00000006" / "model.safetensors"
+    newest = out / "checkpoints" / "step_00000006" / "state" / "__0_0.distcp"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0x01
     newest.write_bytes(bytes(data))
 
-    explicit = run_job([sys.executable, TRAIN, *args, "--resume", str(newest.parent)])
+    explicit = run_job([sys.executable, TRAIN, *args, "--resume", str(newest.parent.parent)])
     assert explicit.returncode == 2
-    assert "model.safetensors fails its sha256 checksum" in explicit.stdout.strip().splitlines()[-1]
+    assert "state/__0_0.distcp fails its sha256 checksum" in explicit.stdout.strip().splitlines()[-1]
 
     resumed = run_job([sys.executable, TRAIN, *args, "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "skipping checkpoint" in resumed.stdout and "step_00000006: model.safetensors fails its sha256" in resumed.stdout
+    assert "skipping checkpoint" in resumed.stdout and "step_00000006: state/__0_0.distcp fails its sha256" in resumed.stdout
     assert "at step 4 " in resumed.stdout  # steps 5 and 6 are trained again, step 6 re-saved
     assert train_losses(out) == short_reference
 

@@ -134,18 +134,17 @@ def _rehash(step_dir, name):
     (step_dir / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
-def test_engine_state_deepspeed_cannot_load_is_one_checkpoint_error(prepared, tmp_path):
+def test_state_that_passes_its_checksums_but_cannot_be_read_is_one_checkpoint_error(prepared, tmp_path):
     out = tmp_path / "run"
     cfg, _ = _finished_run(prepared, out)
     last = ckpt.step_dirs(out / "checkpoints")[-1]
-    states = sorted((last / "deepspeed").rglob("mp_rank_00_model_states.pt"))
-    assert states, sorted((last / "deepspeed").rglob("*"))
-    states[0].write_bytes(b"not a torch file at all")
-    _rehash(last, states[0].relative_to(last).as_posix())
+    shard = last / "state" / "__0_0.distcp"
+    shard.write_bytes(b"not a torch file at all")
+    _rehash(last, "state/__0_0.distcp")
     assert ckpt.verify_checkpoint(last) is None  # past the checksums
     (out / "summary.json").unlink()
-    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint error: .*step_00000004/deepspeed: DeepSpeed "
-                                                   r"cannot load its engine state \(\w+: .*\); accepted"):
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint error: state/__0_0.distcp: the chunk of model\.\S+ "
+                                                   r"at byte 0 is not readable \(\w+: .*\); accepted"):
         Trainer(cfg, resume="auto", emit=quiet)
 
 

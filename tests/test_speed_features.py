@@ -90,7 +90,8 @@ def test_async_save_writes_the_same_checkpoints_and_resumes_bit_identical(prepar
     assert not list((background / "checkpoints").glob(".tmp-*"))  # committed before run() returned
     for step in ("step_00000004", "step_00000008"):
         a, b = sync_run / "checkpoints" / step, background / "checkpoints" / step
-        assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+        for name in ("state/__0_0.distcp", "state/index.json"):
+            assert (a / name).read_bytes() == (b / name).read_bytes()
         assert sorted(p.relative_to(a).as_posix() for p in a.rglob("*")) == \
             sorted(p.relative_to(b).as_posix() for p in b.rglob("*"))  # no hash files left in it
     Trainer(cfg, resume="auto", emit=quiet).run()
@@ -102,15 +103,14 @@ def test_async_save_writes_the_same_checkpoints_and_resumes_bit_identical(prepar
 
 def test_async_save_failure_is_raised_and_leaves_no_partial_checkpoint(prepared, tmp_path, monkeypatch):
     import errno
-    from megareuse.engine import async_save
     from megareuse.engine import checkpoint as ckpt
-    real = async_save.write_staged
+    from megareuse.engine import sharded
+    real = sharded.write_chunks
 
-    def full_disk(staged):
-        real(staged[:1])
-        raise OSError(errno.ENOSPC, "No space left on device", str(staged[-1][1]))
-    monkeypatch.setattr(async_save, "write_staged", full_disk)
-    monkeypatch.setattr("megareuse.engine.checkpointer.write_staged", full_disk)
+    def full_disk(path, chunks):
+        real(path, chunks[:1])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(sharded, "write_chunks", full_disk)
     out = tmp_path / "run"
     trainer = Trainer(tiny(prepared, out, "run.save_interval=4", "run.async_save=true"), emit=quiet)
     with pytest.raises(ckpt.CheckpointError, match=r"no space left on the device of .* writing the checkpoint "

@@ -24,8 +24,9 @@ import torch.distributed as dist
 from megareuse.config import Config, ConfigError
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
-from megareuse.engine.async_save import PendingSave, collect_hashes, publish_hashes, stage_engine_state, write_staged
-from megareuse.engine.consolidate import load_full, optimizer_step, stream_full, write_full
+from megareuse.engine import fragments, sharded
+from megareuse.engine.async_save import PendingSave, collect_hashes, publish_hashes
+from megareuse.engine.consolidate import load_full, optimizer_step, stream_full
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
 from megareuse.engine.inputs import tokenizer_files
 from megareuse.engine.runlock import RunLock
@@ -199,26 +200,36 @@ class Checkpointer:
                 "--resume with this run's own checkpoints, or the run.init_from it was started with")
 
     # ------------------------------------------------------------------ restore
+    def _optimizer_step(self, path: Path, trainer: Optional[dict[str, Any]]) -> int:
+        if trainer is None:
+            trainer = ckpt.load_checkpoint(path, names=("trainer",), checksums=False)[0].get("trainer", {})
+        return int(trainer.get("optimizer_step", 0))
+
     def _load_layout_free_optimizer(self, engine, path: Path, trainer: Optional[dict[str, Any]] = None) -> bool:
-        """Load ``path``'s optimizer.safetensors (any layout); False when it has none."""
+        """Load ``path``'s layout-free fp32 weights and optimizer state, at any layout: this
+        rank's share of its sharded state (or, from a checkpoint written before that format, the
+        consolidated optimizer.safetensors); False when it has neither."""
+        if sharded.is_sharded(path):
+            fragments.load(engine, self.cfg.model, self.pstate, sharded.ShardedReader(path),
+                           self._optimizer_step(path, trainer))
+            return True
         if not (path / weights.OPTIMIZER).is_file():
             return False
-        step = int((trainer or ckpt.load_checkpoint(path, names=("trainer",), checksums=False)[0]
-                    .get("trainer", {})).get("optimizer_step", 0))
         load_full(engine, engine.module, self.cfg.model, self.pstate,
-                  weights.LazyTensors(path / weights.OPTIMIZER), step,
+                  weights.LazyTensors(path / weights.OPTIMIZER), self._optimizer_step(path, trainer),
                   weights.open_weights(path, self.cfg.model.tie_embeddings))
         return True
 
     def keep_optimizer(self, engine, init: InitSource) -> None:
         """A stage-2 start with the base's optimizer state (``run.keep_optimizer``)."""
         here, there = layout(self.cfg, self.pstate.dp_size), init.meta.get("layout")
-        if there == here and (init.path / "deepspeed").is_dir():
-            load_engine_state(engine, init.path)
-        elif not self._load_layout_free_optimizer(engine, init.path):
+        if sharded.is_sharded(init.path) or there != here or not (init.path / "deepspeed").is_dir():
+            if self._load_layout_free_optimizer(engine, init.path):
+                return
             raise ckpt.CheckpointError(
                 f"run error: run.keep_optimizer needs the base's optimizer state; {init.path} has none "
-                f"for this layout {here} (saved at {there}) and no {weights.OPTIMIZER}; accepted keep_optimizer=false")
+                f"for this layout {here} (saved at {there}); accepted keep_optimizer=false")
+        load_engine_state(engine, init.path)  # a checkpoint of the older format, at this layout
 
     def restore(self, engine, path: Path, trainer: dict[str, Any], meta: dict[str, Any],
                 guard: DivergenceGuard) -> TrainState:
@@ -226,12 +237,13 @@ class Checkpointer:
         its counters returned."""
         here = layout(self.cfg, self.pstate.dp_size)
         there = meta.get("layout")
-        if there == here and (path / "deepspeed").is_dir():
-            load_engine_state(engine, path)
+        if not sharded.is_sharded(path) and there == here and (path / "deepspeed").is_dir():
+            load_engine_state(engine, path)  # the older format's engine state, at its own layout
         elif self._load_layout_free_optimizer(engine, path, trainer):
-            self.emit(f"note: {path} was saved at {there}; weights and optimizer state resharded to {here}")
+            if there != here:
+                self.emit(f"note: {path} was saved at {there}; weights and optimizer state resharded to {here}")
         else:
-            self.emit(f"note: {path} was saved at {there} without {weights.OPTIMIZER}; its optimizer state "
+            self.emit(f"note: {path} was saved at {there} without optimizer state; it "
                       f"cannot be carried to {here}: the optimizer restarts fresh, the model weights are loaded")
         state = load_trainer_state(trainer)
         guard.state = GuardState(**trainer.get("guard", {}))
@@ -239,19 +251,25 @@ class Checkpointer:
         return state
 
     def rollback(self, engine, state: TrainState, guard: DivergenceGuard, from_step: int) -> tuple[Path, TrainState]:
-        """Reload the last checkpoint's engine state and counters, keep the data cursor (the
-        batches since are not replayed) and lower the learning rate (guard.lr_factor)."""
+        """Reload the last checkpoint's weights, optimizer state and counters, keep the data
+        cursor (the batches since are not replayed) and lower the learning rate (guard.lr_factor)."""
         self.wait()
         last = self.on_rank0(self._latest)
         problem = "no checkpoint has been written yet" if last is None else None
         if last is not None:
             objs, meta = ckpt.load_checkpoint(last, names=("trainer",), checksums=False)
-            if meta.get("layout") != layout(self.cfg, self.pstate.dp_size) or not (last / "deepspeed").is_dir():
+            if not sharded.is_sharded(last) and (meta.get("layout") != layout(self.cfg, self.pstate.dp_size)
+                                                 or not (last / "deepspeed").is_dir()):
                 problem = f"{last} was saved at another layout ({meta.get('layout')})"
         if problem:
             raise DivergenceError(f"{guard.stop_message(from_step)} (no rollback possible: {problem})")
         cursor, wall = state.samples, state.wall_s
-        load_engine_state(engine, last)
+        if sharded.is_sharded(last):
+            reader = sharded.ShardedReader(last)
+            fragments.load_model_weights(engine, self.cfg.model, self.pstate, reader)
+            fragments.load(engine, self.cfg.model, self.pstate, reader, self._optimizer_step(last, objs["trainer"]))
+        else:
+            load_engine_state(engine, last)
         state = load_trainer_state(objs["trainer"])
         state.samples, state.wall_s = max(cursor, state.samples), wall
         guard.rolled_back()
@@ -270,11 +288,12 @@ class Checkpointer:
 
     def save(self, engine, state: TrainState, guard: DivergenceGuard, clock: StepClock,
              meta: Callable[[], dict[str, Any]], pinned: frozenset[int]) -> Path:
-        """Every rank writes its part of DeepSpeed's sharded state in parallel, then the
-        layout-free weights and Adam moments are streamed to rank 0's files (hashed while
-        written), the ranks fsync and hash their engine files, and rank 0 commits the checkpoint
-        atomically. With ``run.async_save`` the engine files are staged in host memory and
-        everything after the streamed weights finishes on a background thread (engine/async_save.py);
+        """Every rank writes its own share of the fp32 weights and Adam moments (the chunks of
+        the single-device tensors it holds, engine/fragments.py) to its own file, in parallel,
+        hashing and fsyncing it; rank 0 then writes the index (engine/sharded.py), trainer.pt and
+        meta.json and commits the checkpoint atomically. With ``run.async_save`` each rank's
+        share is first copied to host memory (pinned on CUDA: training waits for that copy
+        only) and everything after it finishes on a background thread (engine/async_save.py);
         the path is returned at once and committed later (``wait``). ``meta``: meta.json's
         contents (called on rank 0); ``pinned``: steps retention keeps."""
         self.wait()
@@ -283,29 +302,21 @@ class Checkpointer:
 
     def _save(self, engine, state: TrainState, guard: DivergenceGuard, clock: StepClock,
               meta: Callable[[], dict[str, Any]], pinned: frozenset[int]) -> Path:
-        step, ps, model = state.step, self.pstate, engine.module
-        tmp = ckpt.begin_checkpoint(self.root, step) if self.is_main else None
+        step, ps = state.step, self.pstate
+        if self.is_main:
+            ckpt.begin_checkpoint(self.root, step)
         self.barrier()
         tmp = ckpt.temp_dir(self.root, step)
-        staged = None
-        if self.async_save:
-            staged = stage_engine_state(engine, tmp / "deepspeed")
-        else:
-            engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=True)
-        known = {}
-        mine = (lambda name: tmp / name) if self.is_main else (lambda name: None)
-        known[weights.WEIGHTS] = write_full(mine(weights.WEIGHTS), engine, model, self.cfg.model, ps, False)
         adam_step = optimizer_step(engine)
-        if adam_step > 0:
-            known[weights.OPTIMIZER] = write_full(mine(weights.OPTIMIZER), engine, model,
-                                                  self.cfg.model, ps, True)
-        commit = self._committer(tmp, step, known, adam_step, state, guard, clock, meta, pinned)
-        if staged is not None:
-            self.pending = PendingSave(step, lambda: self._finish_in_background(tmp, staged, commit), self.root)
+        chunks = fragments.collect(engine, self.cfg.model, ps, adam_step > 0, to_host=self.async_save)
+        shapes = fragments.state_shapes(engine, self.cfg.model, adam_step > 0)
+        mine = f"{sharded.STATE}/{sharded.rank_file(ps.rank)}"
+        commit = self._committer(tmp, step, shapes, adam_step, state, guard, clock, meta, pinned)
+        if self.async_save:
+            self.pending = PendingSave(step, lambda: self._finish_in_background(tmp, mine, chunks, commit), self.root)
             return ckpt.checkpoint_dir(self.root, step)
-        self.barrier()  # every rank's engine files are on disk
-        engine_files = sorted(p.relative_to(tmp).as_posix() for p in (tmp / "deepspeed").rglob("*") if p.is_file())
-        entries = ckpt.hash_files(tmp, engine_files[ps.rank::ps.world_size])
+        entries = {mine: sharded.write_chunks(tmp / mine, chunks)}
+        del chunks
         gathered = [entries]
         if ps.world_size > 1:
             gathered = [None] * ps.world_size if self.is_main else None
@@ -315,37 +326,38 @@ class Checkpointer:
         self.barrier()
         return path
 
-    def _committer(self, tmp: Path, step: int, known: dict[str, Any], adam_step: int, state: TrainState,
+    def _committer(self, tmp: Path, step: int, shapes: dict[str, tuple[int, ...]], adam_step: int, state: TrainState,
                    guard: DivergenceGuard, clock: StepClock, meta: Callable[[], dict[str, Any]],
                    pinned: frozenset[int]) -> Callable[[list], Path]:
-        """Rank 0's last act of a save, with the state of this step captured now: given the
-        engine files' manifest entries, write trainer.pt and commit the checkpoint."""
+        """Rank 0's last act of a save, with the state of this step captured now: given every
+        rank's file entry (bytes, sha256, its chunks), write the index, trainer.pt and commit."""
         trainer = {**asdict(state), "guard": asdict(guard.state), "rng_cpu": torch.get_rng_state(),
                    "optimizer_step": adam_step, "clock": clock.to_list()}
         if torch.cuda.is_available():
             trainer["rng_cuda"] = torch.cuda.get_rng_state()
         meta_json = meta() if self.is_main else None
 
-        def commit(engine_entries: list) -> Path:
-            files = {**known, **dict(engine_entries)}
-            files = {k: {"bytes": v[0], "sha256": v[1]} if isinstance(v, tuple) else v for k, v in files.items()}
+        def commit(rank_entries: list) -> Path:
+            files = {name: {"bytes": e["bytes"], "sha256": e["sha256"]} for name, e in rank_entries}
+            sharded.write_index(tmp / sharded.STATE, shapes, [c for _, e in rank_entries for c in e["chunks"]])
             ckpt.write_object(tmp, "trainer.pt", trainer)
             return ckpt.commit_checkpoint(self.root, tmp, step, meta_json, keep_last=self.cfg.run.keep_last,
                                           pinned=pinned, known=files,
                                           extra_files=tokenizer_files(self.tokenizer_file))
         return commit
 
-    def _finish_in_background(self, tmp: Path, staged: list, commit: Callable[[list], Path]) -> Optional[Path]:
-        """A background save's own part on this rank: write and hash its staged engine files, hand
-        the hashes to rank 0; rank 0 then commits (its thread waits for every rank's)."""
+    def _finish_in_background(self, tmp: Path, mine: str, chunks: list, commit: Callable[[list], Path]) -> Optional[Path]:
+        """A background save's own part on this rank: write and hash its staged share, hand the
+        entry to rank 0; rank 0 then commits (its thread waits for every rank's)."""
         ps = self.pstate
         try:
-            written = write_staged(staged)
-            entries = ckpt.hash_files(tmp, [p.relative_to(tmp).as_posix() for p in written])
+            entry = sharded.write_chunks(tmp / mine, chunks)
         except BaseException as exc:
             publish_hashes(tmp, ps.rank, {"error": f"{type(exc).__name__}: {exc}"[:300]})
             raise
-        publish_hashes(tmp, ps.rank, entries)
+        finally:
+            chunks.clear()  # the host copies go as soon as they are written
+        publish_hashes(tmp, ps.rank, {mine: entry})
         if not self.is_main:
             return None
         path = commit(list(collect_hashes(tmp, ps.world_size, self.cfg.parallel.timeout_s).items()))

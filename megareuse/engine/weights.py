@@ -130,8 +130,12 @@ TIED = {"output.weight": "tok_embeddings.weight"}
 
 
 def weights_file(ckpt_dir: Path) -> Optional[Path]:
-    """The consolidated weights file of a checkpoint directory (new or legacy name), or None."""
-    for name in (WEIGHTS, LEGACY_WEIGHTS):
+    """The file naming a checkpoint directory's weights: its sharded state's index
+    (engine/sharded.py, what training writes), or a consolidated weights file (grow, import-hf,
+    older checkpoints); None when it has none."""
+    from megareuse.engine.sharded import INDEX, STATE
+
+    for name in (f"{STATE}/{INDEX}", WEIGHTS, LEGACY_WEIGHTS):
         if (Path(ckpt_dir) / name).is_file():
             return Path(ckpt_dir) / name
     return None
@@ -145,10 +149,13 @@ def open_weights(ckpt_dir: Path, tied: bool, model: Optional[ModelConfig] = None
     from megareuse.engine.checkpoint import CheckpointError
     path = weights_file(ckpt_dir)
     if path is None:
-        raise CheckpointError(f"checkpoint error: {ckpt_dir} holds neither {WEIGHTS} nor {LEGACY_WEIGHTS}; "
-                              "accepted a checkpoint written by megareuse")
+        raise CheckpointError(f"checkpoint error: {ckpt_dir} holds no weights (no state/, {WEIGHTS} or "
+                              f"{LEGACY_WEIGHTS}); accepted a checkpoint written by megareuse")
     try:
-        if path.name == LEGACY_WEIGHTS:
+        if path.name != WEIGHTS and path.name != LEGACY_WEIGHTS:
+            from megareuse.engine.sharded import ShardedWeights
+            sd = ShardedWeights(ckpt_dir, TIED if tied else None)
+        elif path.name == LEGACY_WEIGHTS:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         else:
             sd = LazyTensors(path, TIED if tied else None)
@@ -178,7 +185,7 @@ def weights_problem(sd: Mapping[str, torch.Tensor], model: ModelConfig, tied: bo
         return f"unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
     for name, shape in want.items():
         key = name if name in stored else TIED.get(name, name)  # a tied head stored once
-        got = tuple(sd.shape(key)) if isinstance(sd, LazyTensors) else tuple(sd[key].shape)
+        got = tuple(sd.shape(key)) if callable(getattr(sd, "shape", None)) else tuple(sd[key].shape)
         if got != shape:
             return f"{name} has shape {got}, the config gives {shape}"
     return None

@@ -231,6 +231,28 @@ def _kind(key: str) -> str:
 StateDict = dict[str, torch.Tensor]
 
 
+def tp_box(key: str, shape: tuple[int, ...], cfg: ModelConfig, tp: TPSpec) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """Where TP rank ``tp``'s shard of the single-device tensor ``key`` (of ``shape``) sits in it:
+    (offsets, sizes, primary). ``primary`` is False on the ranks holding a copy another rank also
+    holds (a replicated tensor off TP rank 0; a replicated KV head off the first rank sharing it),
+    so that one rank of each set writes it. The box ``shard_state_dict`` cuts."""
+    tp_size, tp_rank = _tp_of(tp)
+    kind = _kind(key)
+    offsets, sizes = [0] * len(shape), list(shape)
+    if kind == "replicated":
+        return tuple(offsets), tuple(sizes), tp_rank == 0
+    dim = 1 if kind == "cols" else 0
+    primary = True
+    if kind == "kv":
+        start, stop = kv_rows(cfg, tp_size, tp_rank)
+        if check_tp_compatible(cfg, tp_size) == "replicate":
+            primary = tp_rank % (tp_size // cfg.kv_heads) == 0
+    else:
+        start, stop = shard_range(shape[dim], tp_size, tp_rank, f"{key} dimension {dim}")
+    offsets[dim], sizes[dim] = start, stop - start
+    return tuple(offsets), tuple(sizes), primary
+
+
 def shard_state_dict(full_sd: StateDict, cfg: ModelConfig, tp: TPSpec) -> StateDict:
     """The state dict a parallelized GPT holds on TP rank ``tp`` (a ParallelState or a
     (tp_size, tp_rank) pair), cut from a single-device GPT's state dict. Same keys; shards are
