@@ -83,13 +83,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_grow(args: argparse.Namespace) -> int:
     from megareuse.reuse.growth import grow_checkpoint
-    try:
-        out = grow_checkpoint(args.from_, args.out, width=args.width, depth=args.depth,
-                              depth_method=args.depth_method, layer_map=args.layer_map,
-                              noise=args.noise, seed=args.seed)
-    except (ValueError, FileExistsError) as exc:  # growth requests are checked before writing
-        print(f"megareuse grow: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    out = grow_checkpoint(args.from_, args.out, width=args.width, depth=args.depth,
+                          depth_method=args.depth_method, layer_map=args.layer_map,
+                          noise=args.noise, seed=args.seed)
     print(f"grown checkpoint: {out} (train it with --init-from {out})")
     return 0
 
@@ -97,7 +93,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from megareuse.reuse.records import collect
+    from megareuse.records import collect
     from megareuse.sweep.grid import format_plan, load_experiment, plan_experiment
     from megareuse.sweep.local import run_planned
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -151,7 +147,7 @@ def _check_sweep_device_flags(args: argparse.Namespace) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from megareuse.reuse.records import collect
+    from megareuse.records import collect
     csv_path, jsonl_path, n = collect(args.runs_dir, args.out)
     print(f"{n} runs -> {csv_path}, {jsonl_path}")
     return 0
@@ -169,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
-    from megareuse.engine.sharded import consolidate
+    from megareuse.engine.consolidate import consolidate
     n, size = consolidate(Path(args.from_), Path(args.out), moments=args.optimizer)
     print(f"{n} tensors ({size / 2**20:.1f} MiB) -> {args.out}")
     return 0
@@ -301,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-map", default=None, help='explicit source layer per new layer, e.g. "0,1,0,1"')
     p.add_argument("--noise", type=float, default=0.0, help="function-preserving symmetry-breaking noise")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_grow)
+    p.set_defaults(func=cmd_grow, value_errors=True)  # growth checks raise ValueError
 
     p = sub.add_parser("sweep", help="plan and run a D1 x D2 grid (locally, or write SLURM jobs)")
     p.add_argument("--config", required=True, help="experiment YAML (see configs/experiments/)")
@@ -363,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while the command's modules load
         print("megareuse: interrupted (SIGINT)", file=sys.stderr, flush=True)
         return 130
-    return guarded(args.command, lambda: args.func(args))
+    return guarded(args.command, lambda: args.func(args), getattr(args, "value_errors", False))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from typing import Any, Optional
 
 import yaml
 
+from megareuse.errors import UserError
 from megareuse.paths import input_problem
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message is one line naming the field."""
 
 
@@ -76,7 +77,7 @@ class ModelConfig:
     LOSSES = ("plain", "chunked", "fused", "auto")
     ROPE_SCALINGS = ("none", "linear", "llama3")
     # how the model runs, not what it is: a checkpoint saved with other values (or without these
-    # keys) still resumes and serves as run.init_from (reuse/cpt.py model_diff skips them)
+    # keys) still resumes and serves as run.init_from (engine/init_source.py model_diff skips them)
     RUNTIME_FIELDS = ("attention", "activation_checkpointing", "checkpoint_every", "loss", "loss_chunk_tokens",
                       "compile")
 

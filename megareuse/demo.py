@@ -422,7 +422,7 @@ def _check_prepared(info: dict, data_dir: Path, needed: list[str], preset: str) 
 def run_demo(out: str | Path = DEFAULT_OUT, fresh: bool = False, overrides: Sequence[str] = (),
              preset: str = "laptop", workers: int = 1) -> Path:
     from megareuse.data.preprocess import load_prepared, prepare_default
-    from megareuse.reuse.records import collect
+    from megareuse.records import collect
     from megareuse.sweep.grid import load_experiment, plan_experiment, totals
     from megareuse.sweep.local import run_sweep, sweep_devices
 

@@ -21,16 +21,10 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from megareuse.config import ConfigError
-    from megareuse.data import CorruptDatasetError, PrepareError
-    from megareuse.engine.checkpoint import CheckpointError
-    from megareuse.engine.inputs import DataError
-    from megareuse.engine.metrics import MetricsError
-    from megareuse.parallel.launch import LaunchError
-    from megareuse.reuse.records import RecordError
-    from megareuse.sweep.local import SweepError
-    return (ConfigError, DataError, CheckpointError, CorruptDatasetError, PrepareError,
-            LaunchError, SweepError, MetricsError, RecordError, OSError)
+    """Every user error (megareuse/errors.py ``UserError``: each part of the package raises its
+    own subclass) and the environment's OS errors."""
+    from megareuse.errors import UserError
+    return (UserError, OSError)
 
 
 def run_stops() -> dict[type[BaseException], int]:
@@ -72,13 +66,15 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-def guarded(command: str, fn: Callable[[], int]) -> int:
+def guarded(command: str, fn: Callable[[], int], value_errors: bool = False) -> int:
     """Run a command; its user errors and training stops become one line and an exit code. The
     error classes load only when something is raised (``except`` evaluates its expression then):
-    a command that needs no torch, like prepare, never imports it."""
+    a command that needs no torch, like prepare, never imports it. ``value_errors``: the
+    command's checks may also raise a plain ValueError (a number that does not parse, a growth
+    factor that does not divide): that is a user error too."""
     try:
         return fn()
-    except user_errors() as exc:
+    except user_errors() + ((ValueError,) if value_errors else ()) as exc:
         one_line(command, exc)
         return EXIT_USER_ERROR
     except tuple(run_stops()) as exc:

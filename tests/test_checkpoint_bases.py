@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from megareuse.config import ConfigError, load_config
-from megareuse.reuse.records import collect
+from megareuse.records import collect
 from megareuse.sweep import local
 from megareuse.sweep.grid import format_plan, load_experiment, plan_experiment
 
@@ -340,7 +340,7 @@ def test_tinyllama_recipe_plans_and_fits_the_published_config():
 
     from megareuse.config import Config
     from megareuse.interop.hf import model_config_from_hf
-    from megareuse.reuse.cpt import model_diff
+    from megareuse.engine.init_source import model_diff
 
     exp = load_experiment(REPO / "configs" / "experiments" / "tinyllama_cpt.yaml")
     d1s = exp.base.budgets

@@ -8,8 +8,8 @@ from megareuse.config import ConfigError, load_config
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine.metrics import read_metrics
 from megareuse.engine.trainer import Trainer
-from megareuse.reuse.cpt import replay_blend
-from megareuse.reuse.records import collect
+from megareuse.engine.init_source import replay_blend
+from megareuse.records import collect
 
 from test_train import CONFIG, quiet
 

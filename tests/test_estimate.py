@@ -12,7 +12,6 @@ bytes of the unique storages autograd saves (saved-tensor hooks), which must equ
 up to the token ids (16 b (s + 1) + 64 bytes: the batch and a contiguous copy of the targets; at
 TP=2, the vocab-parallel loss's int64 targets and masks).
 """
-import argparse
 import gc
 import json
 import os
@@ -305,11 +304,8 @@ def _worker(out: str) -> None:
 
 # --------------------------------------------------------------------------- (4) the command
 def run_cmd(argv):
-    from megareuse.engine.estimate_cli import register
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["estimate", *argv])
-    return args.func(args)
+    from megareuse.cli import main
+    return main(["estimate", *argv])  # the real entry point: its one exit path turns errors into 2
 
 
 def test_cli_prints_tables_and_refuses_bad_input(capsys):

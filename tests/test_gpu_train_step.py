@@ -111,7 +111,7 @@ def test_bf16_train_step_saves_and_resumes_bit_exactly(stage, data_dir, tmp_path
     import torch
     import torch.distributed as dist
 
-    from megareuse.engine.consolidate import precision
+    from megareuse.engine.ds_internals import precision
     from megareuse.engine.metrics import read_metrics
     from megareuse.engine.trainer import Trainer
 

@@ -1,7 +1,6 @@
 """Hugging Face interop (megareuse.interop): import-hf / export-hf round trips checked against
 transformers' own LlamaForCausalLM logits, grown-model export, unsupported-field errors, and data
 preparation with an imported tokenizer feeding stage 2. Everything is built locally: no downloads."""
-import argparse
 import json
 import os
 import shutil
@@ -17,11 +16,11 @@ transformers = pytest.importorskip("transformers", reason="transformers is a tes
 pytest.importorskip("safetensors", reason="HF interop needs safetensors")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from megareuse.cli import main  # noqa: E402
 from megareuse.config import Config, apply_overrides, load_config  # noqa: E402
 from megareuse.data import IndexedDataset, Tokenizer, train_tokenizer  # noqa: E402
 from megareuse.engine import checkpoint as ckpt  # noqa: E402
 from megareuse.engine.weights import load_state_dict  # noqa: E402
-from megareuse.interop import hf_cli  # noqa: E402
 from megareuse.interop.hf import HFError, export_hf, import_hf, model_config_from_hf  # noqa: E402
 from megareuse.interop.hf_data import JsonTokenizer, prepare_with_tokenizer  # noqa: E402
 from megareuse.model import GPT  # noqa: E402
@@ -170,10 +169,7 @@ def test_unsupported_fields_name_the_field_and_write_nothing(tmp_path, plain_hf,
         import_hf(src, tmp_path / "ckpt", d1=1)
     assert not (tmp_path / "ckpt").exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]
     # the same through the command: exit 2, one stderr line naming the field
-    parser = argparse.ArgumentParser()
-    hf_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["import-hf", "--from", str(src), "--out", str(tmp_path / "c2"), "--d1", "3T"])
-    assert args.func(args) == 2
+    assert main(["import-hf", "--from", str(src), "--out", str(tmp_path / "c2"), "--d1", "3T"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("megareuse import-hf: ") and field in err[0]
     assert not (tmp_path / "c2").exists()
@@ -191,12 +187,8 @@ def test_config_mapping_reads_transformers4_fields():
 
 
 def test_cli_round_trip_and_export_errors(tmp_path, plain_hf, capsys):
-    parser = argparse.ArgumentParser()
-    hf_cli.register(parser.add_subparsers(dest="command"))
-
     def run(*argv):
-        args = parser.parse_args(list(argv))
-        return args.func(args)
+        return main(list(argv))
 
     assert run("import-hf", "--from", str(plain_hf), "--out", str(tmp_path / "c"), "--d1", "1.5T") == 0
     assert ckpt.read_meta(tmp_path / "c")["D1"] == 1_500_000_000_000
@@ -223,7 +215,7 @@ def test_cli_round_trip_and_export_errors(tmp_path, plain_hf, capsys):
 
 def test_imported_tokenizer_data_feeds_stage2_and_cpt_exports(tmp_path, plain_hf):
     from megareuse.engine.inputs import open_training_data
-    from megareuse.reuse.cpt import open_init_source
+    from megareuse.engine.init_source import open_init_source
 
     base = import_hf(plain_hf, tmp_path / "ckpt", d1=2_000_000)
     docs = tmp_path / "docs"

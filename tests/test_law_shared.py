@@ -2,14 +2,14 @@
 synthetic truths (known parameters, small noise), a linearised covariance computed here from the
 generating formula, and brute-force planner numbers; the held-out comparison with separate E's;
 `megareuse plan --runs`; one-line errors."""
-import argparse
 import csv
 import json
 
 import numpy as np
 import pytest
 
-from megareuse.law import LawError, make_plan, register, table_from_arrays
+from megareuse.cli import main
+from megareuse.law import LawError, make_plan, table_from_arrays
 from megareuse.law.shared import SHARED, check_pair, fit_shared, pair_from_params
 from megareuse.law.sharedstudy import capacity_verdict, holdout_compare, shared_lines, shared_study
 
@@ -227,11 +227,7 @@ def write_runs(path, scratch_domain="code"):
 
 
 def run(argv):
-    p = argparse.ArgumentParser(prog="megareuse")
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = p.parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the real entry point: its one exit path turns errors into 2
 
 
 def test_plan_from_one_table_uses_the_shared_pair(tmp_path, capsys):

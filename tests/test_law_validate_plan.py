@@ -1,13 +1,13 @@
 """Held-out checks, form comparison, per-D1 analysis, the planner and the two commands,
 against closed forms and known generating laws."""
-import argparse
 import json
 
 import numpy as np
 import pytest
 
+from megareuse.cli import main
 from megareuse.law import (Law, LawError, best_split, compare_forms, expanding_window, holdout_check,
-                           leave_one_out, make_plan, marginal_gain, per_d1_analysis, register,
+                           leave_one_out, make_plan, marginal_gain, per_d1_analysis,
                            saving_vanishes, scratch_tokens, table_from_arrays)
 from megareuse.law.validate import holdout_mask
 
@@ -150,11 +150,7 @@ def test_make_plan_rows_are_labelled_and_consistent():
 
 # -- the commands --------------------------------------------------------------------------------
 def run(argv):
-    p = argparse.ArgumentParser(prog="megareuse")
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = p.parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the real entry point: its one exit path turns errors into 2
 
 
 def write_runs(path, name="reuse", nested=False):

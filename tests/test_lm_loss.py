@@ -233,7 +233,7 @@ def test_loss_config_fields_validate():
 
 
 def test_model_diff_ignores_runtime_fields():
-    from megareuse.reuse.cpt import model_diff
+    from megareuse.engine.init_source import model_diff
 
     current = asdict(ModelConfig(attention="eager", activation_checkpointing="full", checkpoint_every=3,
                                  loss="chunked", loss_chunk_tokens=64))

@@ -12,7 +12,7 @@ from megareuse.engine.build import build_model
 from megareuse.model import GPT
 from megareuse.model.rope import RopeScaling, rope_cos_sin
 from megareuse.parallel.state import single_process_state
-from megareuse.reuse.cpt import model_diff
+from megareuse.engine.init_source import model_diff
 
 BASE = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=16)
 FEATURES = dict(head_dim=16, qkv_bias=True, qk_norm=True, rope_scaling="llama3", rope_factor=8.0,

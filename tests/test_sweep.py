@@ -9,7 +9,7 @@ import pytest
 from megareuse.config import ConfigError, load_config
 from megareuse.engine.metrics import read_metrics
 from megareuse.engine.trainer import Trainer
-from megareuse.reuse.records import collect
+from megareuse.records import collect
 from megareuse.sweep import local
 from megareuse.sweep.grid import load_experiment, plan_experiment, totals
 

@@ -10,7 +10,7 @@ import pytest
 from megareuse.config import ConfigError, load_config
 from megareuse.engine.metrics import read_metrics
 from megareuse.engine.trainer import Trainer
-from megareuse.reuse.records import collect, group_of, repeat_run_id
+from megareuse.records import collect, group_of, repeat_run_id
 from megareuse.sweep import local
 from megareuse.sweep.grid import format_plan, load_experiment, plan_experiment
 from megareuse.sweep.slurm import array_jobs, dependency, write_slurm

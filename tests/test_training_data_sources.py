@@ -109,7 +109,7 @@ def test_megatron_prefix_trains_with_data_tokenizer(dotted, tmp_path, monkeypatc
 
 
 def test_dotted_domain_trains_evaluates_and_records(dotted, tmp_path):
-    from megareuse.reuse.records import collect
+    from megareuse.records import collect
 
     cfg = tiny(tmp_path / "run", f"data.dir={dotted}", "data.train={wiki.en: 1}", "data.valid=[wiki.en]")
     summary = Trainer(cfg, emit=quiet).run()

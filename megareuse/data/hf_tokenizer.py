@@ -43,6 +43,7 @@ from typing import Any, Optional, Union
 
 from megareuse.atomic import file_sha256
 from megareuse.data.tokenizer import Tokenizer
+from megareuse.errors import UserError
 from megareuse.paths import check_input
 
 PathLike = Union[str, os.PathLike]
@@ -50,7 +51,7 @@ EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # the order a directory is searched in
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file cannot be opened or used; the message is one line."""
 
 

@@ -30,6 +30,7 @@ from typing import Iterable, Union
 import numpy as np
 
 from megareuse.atomic import fsync_dir, write_text_atomic
+from megareuse.errors import UserError
 from megareuse.paths import input_problem
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -42,7 +43,7 @@ CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 PathLike = Union[str, os.PathLike]
 
 
-class CorruptDatasetError(ValueError):
+class CorruptDatasetError(UserError, ValueError):
     """An indexed dataset file is missing, truncated or inconsistent (one-line message)."""
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from megareuse.atomic import file_sha256, fsync_dir, publish_dir, write_synced  # noqa: F401  (file_sha256: re-exported)
+from megareuse.errors import UserError
 from megareuse.paths import disk_free, input_problem
 
 MANIFEST = "manifest.json"
@@ -39,7 +40,7 @@ META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 

@@ -26,13 +26,14 @@ from megareuse.engine import checkpoint as ckpt
 from megareuse.engine import weights
 from megareuse.engine import fragments, sharded
 from megareuse.engine.async_save import PendingSave, collect_hashes, publish_hashes
-from megareuse.engine.consolidate import load_full, optimizer_step, stream_full
+from megareuse.engine.consolidate import load_full, stream_full
+from megareuse.engine.ds_internals import load_engine_state, optimizer_step
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, GuardState
 from megareuse.engine.inputs import tokenizer_files
 from megareuse.engine.runlock import RunLock
 from megareuse.engine.schedule import StepClock
 from megareuse.parallel.state import ParallelState
-from megareuse.reuse.cpt import InitSource, model_diff
+from megareuse.engine.init_source import InitSource, model_diff
 
 
 @dataclass
@@ -45,20 +46,6 @@ class TrainState:
 
 def layout(cfg: Config, dp_size: int) -> dict[str, int]:
     return {"tp": cfg.parallel.tp, "dp": dp_size, "zero_stage": cfg.parallel.zero_stage}
-
-
-def load_engine_state(engine, path: Path) -> None:
-    """DeepSpeed's sharded engine state from checkpoint ``path``. Its files passed their
-    checksums, so a file DeepSpeed cannot read was written so (or replaced with its manifest):
-    a CheckpointError naming it, not DeepSpeed's traceback (MEGAREUSE_TRACEBACK=1 shows that)."""
-    try:
-        engine.load_checkpoint(str(path / "deepspeed"), tag="state")
-    except Exception as exc:  # noqa: BLE001 - torch.load / pickle / DeepSpeed raise many kinds
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ckpt.CheckpointError(
-            f"checkpoint error: {path / 'deepspeed'}: DeepSpeed cannot load its engine state "
-            f"({type(exc).__name__}: {first}); accepted a checkpoint written by megareuse "
-            f"(delete or move {path.name} to resume from an older one)") from exc
 
 
 def load_trainer_state(trainer: dict[str, Any]) -> TrainState:
@@ -316,7 +303,7 @@ class Checkpointer:
             self.pending = PendingSave(step, lambda: self._finish_in_background(tmp, mine, chunks, commit), self.root)
             return ckpt.checkpoint_dir(self.root, step)
         entries = {mine: sharded.write_chunks(tmp / mine, chunks)}
-        del chunks
+        chunks.clear()
         gathered = [entries]
         if ps.world_size > 1:
             gathered = [None] * ps.world_size if self.is_main else None

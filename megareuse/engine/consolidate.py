@@ -1,20 +1,17 @@
-"""Layout-free state, streamed one tensor at a time: weights and Adam moments in the single-device
-layout, written by global rank 0 while the ranks gather each tensor in turn, and read back into
-an engine of any TP x DP x ZeRO layout.
+"""The consolidated single-device state: one file of every fp32 weight (and Adam moment).
 
-Saving (collective): for every parameter, in model order, the data-parallel shards of its fp32
-master value (or of an Adam moment) are gathered (DeepSpeed's ``safe_get_full_*`` at ZeRO 1-3;
-at ZeRO-0 the parameter itself in fp32, its fp32 master copy in bf16, and the torch optimizer's
-state keyed by whichever of the two it steps: ``fp32_masters``), the tensor-parallel
-shards are gathered onto the first replica's TP rank 0, merged into the single-device tensor by
-rank 0 and appended to the file. No rank holds more than one full tensor at a time.
-
-Loading: each rank cuts its TP shard of each tensor from the lazily read file and hands it to
-DeepSpeed's ``safe_set_full_*`` (which keeps this rank's ZeRO partition), so the optimizer state
-continues exactly at a different layout (docs/distributed.md, "Changing the layout").
+- ``consolidate``: `megareuse consolidate`, a sharded checkpoint's weights (and moments) as one
+  safetensors file, streamed one tensor at a time (what DeepSpeed's zero_to_fp32 gives).
+- The format checkpoints had before the sharded one (engine/sharded.py): ``model.safetensors`` and
+  ``optimizer.safetensors``, written by global rank 0 while the ranks gather each tensor in turn
+  (``write_full``: DeepSpeed's ``safe_get_full_*`` over ZeRO, a gather over TP; kept for
+  benchmarks/checkpoint_save.py's comparison and for tests that write such a checkpoint), and
+  read back into an engine of any TP x DP x ZeRO layout (``load_full``, through DeepSpeed's
+  ``safe_set_full_*``): older checkpoints keep loading.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
@@ -23,62 +20,17 @@ import torch.distributed as dist
 from torch import nn
 
 from megareuse.config import ModelConfig
+from megareuse.engine.ds_internals import (base_optimizer, ensure_state, fp32_masters, is_zero_param, param_shape,
+                                            relink_fragments)
+from megareuse.engine.sharded import MOMENTS
 from megareuse.engine.weights import TensorWriter
 from megareuse.parallel.state import ParallelState
 from megareuse.parallel.tensor_parallel import merge_state_dicts, shard_state_dict
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer doing the update (inside DeepSpeed's ZeRO / bf16 wrapper, if any)."""
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else opt
-
-
-def optimizer_step(engine) -> int:
-    """Adam's step count (0 before the first applied update); the same on every rank."""
-    steps = [float(s["step"]) for s in base_optimizer(engine).state.values() if "step" in s]
-    return int(max(steps)) if steps else 0
 
 
 def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return list(model.named_parameters())  # shared (tied) parameters appear once, first name
-
-
-def fp32_masters(engine) -> dict[int, torch.Tensor]:
-    """id(model parameter) -> its fp32 master copy, for the ZeRO-0 low-precision wrapper.
-
-    At ZeRO-0 in bf16 DeepSpeed wraps the optimizer in ``FP16_UnfusedOptimizer`` (its "DDP
-    bf16" path): the model holds bf16 parameters, the torch optimizer steps fp32 clones of them
-    (``fp32_groups``) and keys its Adam state by those clones, not by the model's parameters.
-    Empty for every other wrapper (ZeRO 1-3 expose the masters through ``safe_get_full_*``;
-    ZeRO-0 fp32 steps the model's own parameters)."""
-    opt = engine.optimizer
-    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
-    if low is None or high is None or hasattr(opt, "bit16_groups"):
-        return {}
-    return {id(lp): hp for lp_group, hp_group in zip(low, high) for lp, hp in zip(lp_group, hp_group)}
-
-
-def precision(engine) -> str:
-    """What the engine really holds, e.g. "bf16 parameters, fp32 master weights and moments":
-    the model's parameters (a ZeRO-3 partition's own dtype) and the tensors the torch optimizer
-    steps. For the start line, and the tests that a bf16 run is bf16 at every ZeRO stage."""
-    def short(t: Optional[torch.Tensor]) -> str:
-        return "none" if t is None else {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(t.dtype, str(t.dtype))
-
-    param = next(engine.module.parameters())
-    held = getattr(param, "ds_tensor", None)
-    stepped = [p for group in base_optimizer(engine).param_groups for p in group["params"]]
-    stepped = stepped or list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO-3's
-    low, high = short(param if held is None else held), short(stepped[0] if stepped else None)
-    return f"{low} parameters, {high} master weights and moments" if low != high else f"{low} throughout"
-
-
-def _is_zero(param: nn.Parameter) -> bool:
-    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
 def _full_over_dp(engine, param: nn.Parameter, key: Optional[str],
@@ -86,9 +38,9 @@ def _full_over_dp(engine, param: nn.Parameter, key: Optional[str],
     """This rank's TP shard of ``param`` (its fp32 master, or Adam moment ``key``), whole over DP."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if _is_zero(param):
+    if is_zero_param(param):
         value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
-        return value.reshape(getattr(param, "ds_shape", param.shape))
+        return value.reshape(param_shape(param))
     master = (masters or {}).get(id(param), param)
     if key is None:
         return master.detach()
@@ -150,44 +102,6 @@ def write_full(path: Optional[Path], engine, model: nn.Module, cfg: ModelConfig,
         raise
 
 
-def _ensure_state(engine, step: int) -> None:
-    """Create Adam's state (zeros, the given step) where the optimizer has none yet (its state
-    is made lazily at the first update), and let DeepSpeed link its per-parameter views to it."""
-    base = base_optimizer(engine)
-    # ZeRO-3 keeps its fp32 sub-group partitions outside the torch optimizer's param groups
-    flats = {id(p): p for group in base.param_groups for p in group["params"]}
-    flats.update((id(p), p) for p in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
-    for p in flats.values():
-        state = base.state[p]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-    relink_fragments(engine)
-
-
-# (low-precision groups, fp32 partitions) attribute names of DeepSpeed's ZeRO-1/2 and bf16 wrappers
-_FRAGMENT_GROUPS = (("bit16_groups", "single_partition_of_fp32_groups"), ("bf16_groups", "fp32_groups_flat_partition"))
-
-
-def relink_fragments(engine) -> None:
-    """Point every parameter's optimizer-state views (``_hp_mapping``) at the current state.
-
-    DeepSpeed links them once, right after the first parameter group's first update, when the
-    other groups (here: the no-weight-decay group) have no state yet; their views then stay
-    empty and ``safe_get_full_optimizer_state`` fails. Linking again once all state exists fixes
-    that. A no-op at ZeRO-0 fp32 and ZeRO-3 (which read the state directly)."""
-    from deepspeed.utils import lazy_init_hp_params_optimizer_state
-
-    opt, base = engine.optimizer, base_optimizer(engine)
-    for lp_name, hp_name in _FRAGMENT_GROUPS:
-        if hasattr(opt, lp_name) and hasattr(opt, hp_name):
-            for lp_group, hp_flat in zip(getattr(opt, lp_name), getattr(opt, hp_name)):
-                if base.state.get(hp_flat):
-                    lazy_init_hp_params_optimizer_state(lp_group, hp_flat, base.state)
-            return
-
-
 def load_full(engine, model: nn.Module, cfg: ModelConfig, ps: ParallelState,
               moments: Mapping[str, torch.Tensor], step: int,
               weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
@@ -195,11 +109,11 @@ def load_full(engine, model: nn.Module, cfg: ModelConfig, ps: ParallelState,
     from single-device tensors read lazily, at whatever layout the engine has."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    _ensure_state(engine, step)
+    ensure_state(engine, step)
     base = base_optimizer(engine)
     masters = fp32_masters(engine)
     for key, param in _unique_params(model):
-        zero, master = _is_zero(param), masters.get(id(param))
+        zero, master = is_zero_param(param), masters.get(id(param))
         sources = [(m, moments[f"{m}/{key}"]) for m in MOMENTS]
         if weights is not None and (zero or master is not None):  # the model built a rounded copy
             sources.append((None, weights[key]))
@@ -218,3 +132,38 @@ def load_full(engine, model: nn.Module, cfg: ModelConfig, ps: ParallelState,
                     param.copy_(shard)
                 else:
                     base.state[param if master is None else master][moment].copy_(shard)
+
+
+def consolidate(ckpt_dir: Path, out: Path, moments: bool = False) -> tuple[int, int]:
+    """``megareuse consolidate``: a checkpoint's single-device fp32 weights (and, with
+    ``moments``, Adam's moments as ``exp_avg.<key>`` / ``exp_avg_sq.<key>``) as one safetensors
+    file, streamed one tensor at a time: what DeepSpeed's zero_to_fp32 gives from its own
+    checkpoints. Returns (tensors, bytes). Refuses an existing ``out``."""
+    from megareuse.engine.checkpoint import CheckpointError, verify_checkpoint
+    from megareuse.engine.sharded import WEIGHT_PREFIX, ShardedReader, is_sharded
+
+    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    problem = verify_checkpoint(ckpt_dir)
+    if problem is None and not is_sharded(ckpt_dir):
+        problem = "it holds no sharded state (state/index.json): its model.safetensors is already consolidated"
+    if problem:
+        raise CheckpointError(f"consolidate error: --from {str(ckpt_dir)!r}: {problem}; accepted a checkpoint "
+                              "directory written by megareuse train")
+    if out.exists():
+        raise CheckpointError(f"consolidate error: --out {str(out)!r} exists; accepted a new file path")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"consolidate error: --out {str(out)!r}: its directory does not exist")
+    reader = ShardedReader(ckpt_dir)
+    names = reader.names(WEIGHT_PREFIX) + (reader.names("optim.") if moments else [])
+    if moments and len(names) == len(reader.names(WEIGHT_PREFIX)):
+        raise CheckpointError(f"consolidate error: --optimizer: {ckpt_dir} holds no optimizer state "
+                              "(saved before the first update); accepted without --optimizer")
+    stored = {n: (n[len(WEIGHT_PREFIX):] if n.startswith(WEIGHT_PREFIX) else n[len("optim."):]) for n in names}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with TensorWriter(tmp, {stored[n]: (reader.tensors[n], torch.float32) for n in names},
+                      metadata={"format": "pt", "source": str(ckpt_dir)}) as writer:
+        for n in names:
+            writer.write(stored[n], reader.full(n))
+        size = writer.close()[0]
+    os.replace(tmp, out)
+    return len(names), size

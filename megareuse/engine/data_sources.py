@@ -27,13 +27,14 @@ from megareuse.config import DataConfig
 from megareuse.data.hf_tokenizer import TOKENIZER_FILES, AnyTokenizer, TokenizerError, load_tokenizer
 from megareuse.data.indexed import index_path
 from megareuse.data.preprocess import INFO_FILE
+from megareuse.errors import UserError
 from megareuse.paths import input_problem
 
 log = logging.getLogger(__name__)
 PREFIX_SUFFIXES = (".bin", ".idx")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data the config names is not there or does not fit; the message is one line."""
 
 

@@ -18,34 +18,25 @@ import sys
 from megareuse.config import ConfigError
 
 
-def _fail(message: str) -> int:
-    first = message.splitlines()[0] if message else "invalid input"
-    print(f"megareuse estimate: {first}", file=sys.stderr)
-    return 2
-
-
 def cmd_estimate(args: argparse.Namespace) -> int:
-    """Run the subcommand; 0 on success, 2 (one stderr line) on a bad input."""
+    """Run the subcommand; 0 on success (a bad input raises: one stderr line and 2, megareuse/exits.py)."""
     from megareuse.config import load_config
     from megareuse.engine.estimate import estimate, estimate_all_stages, format_estimate
 
     if args.world_size < 1:
-        return _fail(f"config error: --world-size = {args.world_size}: accepted a positive integer")
+        raise ConfigError(f"config error: --world-size = {args.world_size}: accepted a positive integer")
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
-        return _fail(f"config error: --gpu-memory-gib = {args.gpu_memory_gib}: accepted a positive number")
+        raise ConfigError(f"config error: --gpu-memory-gib = {args.gpu_memory_gib}: accepted a positive number")
     overrides = list(args.overrides)
     if args.gpu_memory_gib is not None and not any(o.startswith("run.device=") for o in overrides):
         overrides.append("run.device=cuda")  # sized against a GPU: NCCL's collectives, not gloo's
-    try:
-        cfg = load_config(args.config, overrides)
-        est = estimate(cfg, args.world_size)
-        if args.json:
-            print(json.dumps(est.to_dict(), indent=2))
-            return 0
-        report = format_estimate(est, args.gpu_memory_gib)
-        stages = estimate_all_stages(cfg, args.world_size, args.gpu_memory_gib)
-    except (ConfigError, ValueError, OSError) as exc:
-        return _fail(str(exc))
+    cfg = load_config(args.config, overrides)
+    est = estimate(cfg, args.world_size)
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+        return 0
+    report = format_estimate(est, args.gpu_memory_gib)
+    stages = estimate_all_stages(cfg, args.world_size, args.gpu_memory_gib)
     print(report)
     print()
     print(stages)
@@ -65,7 +56,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="GPU memory in GiB: say whether it fits and the largest micro-batch that does")
     p.add_argument("--json", action="store_true", help="print the configured estimate as JSON (bytes)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 run.dtype=bf16")
-    p.set_defaults(func=cmd_estimate)
+    p.set_defaults(func=cmd_estimate, value_errors=True)
     return p
 
 

@@ -14,8 +14,8 @@ A flat range of a 2-D shard is cut into at most three boxes (a partial first row
 partial last row), which are what the checkpoint stores. The values are views of the engine's own
 tensors: writing reads them in place, reading copies into them in place.
 
-Every DeepSpeed attribute the checkpoint touches is reached here (or in consolidate.py, the
-older consolidated format).
+DeepSpeed's internals (which fragment a rank holds, the wrappers' fp32 state) are reached
+through engine/ds_internals.py.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from megareuse.config import ModelConfig
-from megareuse.engine.consolidate import MOMENTS, base_optimizer, fp32_masters, relink_fragments
+from megareuse.engine import ds_internals as ds
+from megareuse.engine.sharded import MOMENTS, fqn
 from megareuse.parallel.state import ParallelState
 from megareuse.parallel.tensor_parallel import tp_box
 
@@ -66,10 +67,6 @@ class Fragment:
         return out
 
 
-def _stage(engine) -> int:
-    return int(engine.zero_optimization_stage())
-
-
 def fragments(engine, cfg: ModelConfig, ps: ParallelState, writing: bool,
               whole: bool = False) -> Iterator[Fragment]:
     """This rank's fragment of every parameter (tied ones once), in model order: the parts it
@@ -77,7 +74,7 @@ def fragments(engine, cfg: ModelConfig, ps: ParallelState, writing: bool,
     (``whole``: of the model's parameter, its whole TP shard at ZeRO 0-2)."""
     from megareuse.engine.build import meta_model
 
-    stage = _stage(engine)
+    stage = ds.zero_stage(engine)
     shapes = {k: tuple(p.shape) for k, p in meta_model(cfg).named_parameters()}
     for key, param in engine.module.named_parameters():
         offsets, shape, primary = tp_box(key, shapes[key], cfg, ps)
@@ -87,13 +84,13 @@ def fragments(engine, cfg: ModelConfig, ps: ParallelState, writing: bool,
         for s in shape:
             n *= s
         if stage in (1, 2) and not whole:
-            mapping = getattr(param, "_hp_mapping", None)
+            mapping = ds.hp_fragment(param)
             if mapping is None:
                 continue  # none of this parameter is in this rank's partition
             addr = mapping.lp_fragment_address
             start, stop = int(addr.start), int(addr.start + addr.numel)
         elif stage == 3:
-            part = param.ds_tensor.numel()
+            part = ds.zero3_partition_numel(param)
             start, stop = ps.dp_rank * part, min((ps.dp_rank + 1) * part, n)
         elif writing:
             part = -(-n // ps.dp_size)
@@ -108,20 +105,20 @@ class EngineState:
     """Flat fp32 views of the fragments' master weights and Adam moments in one engine."""
 
     def __init__(self, engine):
-        self.engine, self.stage = engine, _stage(engine)
-        self.base = base_optimizer(engine)
-        self.masters = fp32_masters(engine) if self.stage == 0 else {}
+        self.engine, self.stage = engine, ds.zero_stage(engine)
+        self.base = ds.base_optimizer(engine)
+        self.masters = ds.fp32_masters(engine) if self.stage == 0 else {}
 
     def prepare(self) -> None:
         """Link DeepSpeed's per-parameter optimizer views to the current state (ZeRO-1/2)."""
-        relink_fragments(self.engine)
+        ds.relink_fragments(self.engine)
 
     def view(self, frag: Fragment, moment: Optional[str]) -> torch.Tensor:
         """The fragment's fp32 master weight (``moment`` None) or Adam moment: a flat view of
         ``frag.stop - frag.start`` elements of the engine's own storage."""
         param, n = frag.param, frag.stop - frag.start
         if self.stage in (1, 2):
-            mapping = param._hp_mapping
+            mapping = ds.hp_fragment(param)
             return mapping.get_hp_fragment() if moment is None else mapping.get_optim_state_fragment(moment)
         if self.stage == 3:
             from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
@@ -134,7 +131,7 @@ class EngineState:
 
     def has_moments(self) -> bool:
         return any(self.base.state.get(p) for group in self.base.param_groups for p in group["params"]) or \
-            any(self.base.state.get(p) for p in getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", []))
+            any(self.base.state.get(p) for p in ds.fp32_partitions(self.engine))
 
     def after_weights(self, frag: Fragment) -> None:
         """ZeRO-0 in bf16: the model's bf16 copy follows its fp32 master."""
@@ -148,7 +145,7 @@ class EngineState:
         """The fragment's range of the model's own (possibly bf16) parameter, flat."""
         param, n = frag.param, frag.stop - frag.start
         if self.stage == 3:
-            return param.ds_tensor.reshape(-1).narrow(0, 0, n)
+            return ds.zero3_partition(param).narrow(0, 0, n)
         return param.data.reshape(-1).narrow(0, frag.start, n)
 
 
@@ -159,7 +156,6 @@ def slots(moments: bool) -> tuple[Optional[str], ...]:
 def state_shapes(engine, cfg: ModelConfig, moments: bool) -> dict[str, tuple[int, ...]]:
     """The stored tensors (sharded.fqn names) and their single-device shapes."""
     from megareuse.engine.build import meta_model
-    from megareuse.engine.sharded import fqn
 
     shapes = {k: tuple(p.shape) for k, p in meta_model(cfg).named_parameters()}
     keys = [k for k, _ in engine.module.named_parameters()]
@@ -171,8 +167,6 @@ def collect(engine, cfg: ModelConfig, ps: ParallelState, moments: bool,
     """(name, offsets, box) of every chunk this rank writes: views of the engine's tensors, or
     (``to_host``) copies in host memory, pinned on CUDA, for a write that goes on while training
     does. Nothing is gathered from another rank."""
-    from megareuse.engine.sharded import fqn
-
     state = EngineState(engine)
     if moments:
         state.prepare()
@@ -195,12 +189,9 @@ def load(engine, cfg: ModelConfig, ps: ParallelState, reader, step: int, moments
     """This rank's share of the fp32 master weights and (``moments``, when stored) the Adam
     moments, read from a sharded checkpoint into the engine in place; True when moments were
     loaded. ``step``: Adam's step count to continue from."""
-    from megareuse.engine.consolidate import _ensure_state
-    from megareuse.engine.sharded import fqn
-
     moments = moments and bool(reader.names("optim."))
     if moments:
-        _ensure_state(engine, step)
+        ds.ensure_state(engine, step)
     state = EngineState(engine)
     for frag in fragments(engine, cfg, ps, writing=False):
         for moment in slots(moments):
@@ -215,8 +206,6 @@ def load(engine, cfg: ModelConfig, ps: ParallelState, reader, step: int, moments
 def load_model_weights(engine, cfg: ModelConfig, ps: ParallelState, reader) -> None:
     """The model's own parameters (bf16 or fp32: its TP shard at ZeRO 0-2, its partition at
     ZeRO-3) from a sharded checkpoint's fp32 weights: a rollback in a running job."""
-    from megareuse.engine.sharded import fqn
-
     state = EngineState(engine)
     for frag in fragments(engine, cfg, ps, writing=False, whole=True):
         buffer = torch.empty(frag.stop - frag.start, dtype=torch.float32)

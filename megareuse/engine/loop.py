@@ -23,14 +23,14 @@ import torch.distributed as dist
 from megareuse.config import Config
 from megareuse.engine import checkpoint as ckpt
 from megareuse.engine.checkpointer import Checkpointer
-from megareuse.engine.consolidate import precision
+from megareuse.engine.ds_internals import precision
 from megareuse.atomic import write_text_atomic
 from megareuse.engine.guard import DivergenceError, DivergenceGuard, Preempted, StopSignals
 from megareuse.engine.metrics import MetricsLog, Progress, format_duration, peak_memory_mib
 from megareuse.engine.watchdog import RankFailure, Watchdog
 from megareuse.model import flops_per_token, non_embedding_param_count, param_count
 from megareuse.parallel.state import ParallelState
-from megareuse.reuse.records import write_record
+from megareuse.records import write_record
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU.

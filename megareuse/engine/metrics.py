@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from megareuse.atomic import write_text_atomic
+from megareuse.errors import UserError
 
 
 def format_duration(seconds: float) -> str:
@@ -101,7 +102,7 @@ def _after_earlier_event_files(tb_dir: Path, limit_s: float = 2.0) -> None:
         time.sleep(0.05)
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """metrics.jsonl is damaged before its last line (one line naming the file and line)."""
 
 

@@ -239,37 +239,3 @@ class ShardedWeights(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._names) + len(self._aliases)
 
-
-def consolidate(ckpt_dir: Path, out: Path, moments: bool = False) -> tuple[int, int]:
-    """``megareuse consolidate``: a checkpoint's single-device fp32 weights (and, with
-    ``moments``, Adam's moments as ``exp_avg.<key>`` / ``exp_avg_sq.<key>``) as one safetensors
-    file, streamed one tensor at a time: what DeepSpeed's zero_to_fp32 gives from its own
-    checkpoints. Returns (tensors, bytes). Refuses an existing ``out``."""
-    from megareuse.engine.checkpoint import CheckpointError, verify_checkpoint
-    from megareuse.engine.weights import TensorWriter
-
-    ckpt_dir, out = Path(ckpt_dir), Path(out)
-    problem = verify_checkpoint(ckpt_dir)
-    if problem is None and not is_sharded(ckpt_dir):
-        problem = "it holds no sharded state (state/index.json): its model.safetensors is already consolidated"
-    if problem:
-        raise CheckpointError(f"consolidate error: --from {str(ckpt_dir)!r}: {problem}; accepted a checkpoint "
-                              "directory written by megareuse train")
-    if out.exists():
-        raise CheckpointError(f"consolidate error: --out {str(out)!r} exists; accepted a new file path")
-    if not out.parent.is_dir():
-        raise CheckpointError(f"consolidate error: --out {str(out)!r}: its directory does not exist")
-    reader = ShardedReader(ckpt_dir)
-    names = reader.names(WEIGHT_PREFIX) + (reader.names("optim.") if moments else [])
-    if moments and len(names) == len(reader.names(WEIGHT_PREFIX)):
-        raise CheckpointError(f"consolidate error: --optimizer: {ckpt_dir} holds no optimizer state "
-                              "(saved before the first update); accepted without --optimizer")
-    stored = {n: (n[len(WEIGHT_PREFIX):] if n.startswith(WEIGHT_PREFIX) else n[len("optim."):]) for n in names}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with TensorWriter(tmp, {stored[n]: (reader.tensors[n], torch.float32) for n in names},
-                      metadata={"format": "pt", "source": str(ckpt_dir)}) as writer:
-        for n in names:
-            writer.write(stored[n], reader.full(n))
-        size = writer.close()[0]
-    os.replace(tmp, out)
-    return len(names), size

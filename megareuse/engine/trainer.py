@@ -23,6 +23,7 @@ from megareuse.engine import weights
 from megareuse.engine.build import CheckpointWeights, build_model
 from megareuse.engine.checkpointer import Checkpointer, TrainState, layout, resumed_clock
 from megareuse.engine.ds import deepspeed_config, init_distributed, resolve_device
+from megareuse.engine.ds_internals import measure_clipping_outside, param_shape, skip_gradient_allreduce
 from megareuse.engine.evaluate import evaluate
 from megareuse.engine.guard import DivergenceGuard
 from megareuse.engine.inputs import open_training_data, tokenizer_files
@@ -35,8 +36,8 @@ from megareuse.parallel.launch import discover
 from megareuse.paths import output_dir_problem
 from megareuse.parallel.state import MPU, init_parallel_state
 from megareuse.parallel.tensor_parallel import clip_grad_norm_
-from megareuse.reuse.cpt import InitSource, open_init_source, replay_blend
-from megareuse.reuse.records import build_record
+from megareuse.engine.init_source import InitSource, open_init_source, replay_blend
+from megareuse.records import build_record
 
 
 ckpt.git_revision()  # fixed at import: the revision of the code this process runs
@@ -73,8 +74,8 @@ class SkippableAdamW(torch.optim.AdamW):
 def make_optimizer(model: torch.nn.Module, o, device: torch.device) -> SkippableAdamW:
     """AdamW with weight decay on matrices only (norm gains excluded); torch's fused kernel."""
     params = list(model.parameters())
-    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
-    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+    decay = [p for p in params if len(param_shape(p)) >= 2]
+    no_decay = [p for p in params if len(param_shape(p)) < 2]
     return SkippableAdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type in ("cpu", "cuda"))
@@ -192,11 +193,11 @@ class Trainer:
                 and engine.gradient_clipping() > 0:
             # that measurement clips too (the same formula DeepSpeed's own clipping applies after it):
             # one pass over the gradients for the norm, not two
-            self._zero0_clip, engine._config.gradient_clipping = engine.gradient_clipping(), 0.0
+            self._zero0_clip = measure_clipping_outside(engine)
         if cfg.parallel.zero_stage == 0 and self.pstate.dp_size == 1:
             # one data-parallel rank: DeepSpeed would still copy every gradient into a flat buffer,
             # all-reduce it over a group of one and copy it back, each step
-            engine.enable_backward_allreduce = False
+            skip_gradient_allreduce(engine)
         if self.saved is not None:
             self.state = self.checkpointer.restore(engine, self.resume_from, *self.saved, self.guard)
         elif self.init is not None and cfg.run.keep_optimizer:
@@ -244,7 +245,7 @@ class Trainer:
         return 0 if self.init is None else self.state.tokens
 
     def record(self, checkpoint: Path) -> dict[str, Any]:
-        """The run record the law fitter reads (see megareuse/reuse/records.py)."""
+        """The run record the law fitter reads (see megareuse/records.py)."""
         cfg = self.cfg
         samples = self.data.samples_per_domain(self.state.samples)
         return build_record(

@@ -20,30 +20,15 @@ from pathlib import Path
 
 def parse_count(text: str, what: str = "--d1") -> int:
     """``"3T"``, ``"1.5e12"``, ``"2B"``, ``"100M"``, ``"64K"``, ``"1_000"`` -> int (>= 0)."""
+    from megareuse.counts import parse_count as count
     from megareuse.interop.hf import HFError
-    from megareuse.law.data import LawError, parse_count as count
     try:
         value = count(str(text).replace("_", ""))
-    except LawError:
+    except ValueError:
         value = -1.0
     if not (math.isfinite(value) and value >= 0):
         raise HFError(f"{what} = {text!r}: accepted a non-negative token count such as 3T, 2.5e12, 500B")
     return int(round(value))
-
-
-def _fail(command: str, exc: BaseException) -> int:
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    print(f"megareuse {command}: {message}", file=sys.stderr)
-    return 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from megareuse.config import ConfigError
-    from megareuse.data import CorruptDatasetError, PrepareError
-    from megareuse.engine.checkpoint import CheckpointError
-    from megareuse.interop.hf import HFError
-    return (HFError, ConfigError, CheckpointError, PrepareError, CorruptDatasetError,
-            FileNotFoundError, FileExistsError)
 
 
 def _warn_to_stderr(command: str):
@@ -55,13 +40,10 @@ def _warn_to_stderr(command: str):
 def cmd_import_hf(args: argparse.Namespace) -> int:
     """``import-hf``: HF directory -> megareuse checkpoint directory (printed)."""
     from megareuse.interop.hf import import_hf
-    try:
-        d1 = parse_count(args.d1, "--d1")
-        with warnings.catch_warnings():
-            warnings.showwarning = _warn_to_stderr("import-hf")
-            out = import_hf(args.src, args.out, d1=d1, max_seq_len=args.max_seq_len)
-    except _user_errors() as exc:
-        return _fail("import-hf", exc)
+    d1 = parse_count(args.d1, "--d1")
+    with warnings.catch_warnings():
+        warnings.showwarning = _warn_to_stderr("import-hf")
+        out = import_hf(args.src, args.out, d1=d1, max_seq_len=args.max_seq_len)
     print(out)
     return 0
 
@@ -69,10 +51,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     """``export-hf``: megareuse checkpoint -> HF directory (printed)."""
     from megareuse.interop.hf import export_hf
-    try:
-        out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    except _user_errors() as exc:
-        return _fail("export-hf", exc)
+    out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(out)
     return 0
 
@@ -105,14 +84,12 @@ def _domains(args: argparse.Namespace):
 def cmd_prepare_hf(args: argparse.Namespace) -> int:
     """``prepare-hf``: tokenize corpora with an existing tokenizer (output dir printed)."""
     from megareuse.interop.hf_data import prepare_with_tokenizer
-    try:
-        if args.workers < 1:
-            raise ValueError(f"--workers = {args.workers}: accepted an integer >= 1")
-        prepare_with_tokenizer(args.out, _domains(args), args.tokenizer, workers=args.workers,
-                               seed=args.seed, force=args.force, progress=False,
-                               corpus_options={"code": {"max_bytes": args.code_max_bytes}})
-    except _user_errors() + (ValueError,) as exc:
-        return _fail("prepare-hf", exc)
+    if args.workers < 1:
+        from megareuse.interop.hf import HFError
+        raise HFError(f"--workers = {args.workers}: accepted an integer >= 1")
+    prepare_with_tokenizer(args.out, _domains(args), args.tokenizer, workers=args.workers,
+                           seed=args.seed, force=args.force, progress=False,
+                           corpus_options={"code": {"max_bytes": args.code_max_bytes}})
     print(args.out)
     return 0
 
@@ -161,4 +138,4 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--code-max-bytes", type=int, default=5_000_000)
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=cmd_prepare_hf)
+    p.set_defaults(func=cmd_prepare_hf, value_errors=True)

@@ -15,7 +15,6 @@ computed and checked before the first file is written, and each file is written 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -190,26 +189,22 @@ def _out_dir(text: str) -> Path:
 
 
 def cmd_fit(args) -> int:
-    try:
-        out = _out_dir(args.out)
-        level = float(args.level)
-        if not 0 < level < 1:
-            raise LawError(f"--level = {args.level!r}: accepted a number between 0 and 1, e.g. 0.9")
-        n_boot, workers = _int("--bootstrap", args.bootstrap, 0), _int("--workers", args.workers, 1)
-        seed = _int("--seed", args.seed, 0)
-        if n_boot == 1:
-            raise LawError("--bootstrap = 1: accepted 0 (no intervals) or an integer >= 2")
-        table = load_table(args.runs, loss_col=args.loss_col, where=_pairs("--where", args.where),
-                           rename=_pairs("--rename", args.rename), loss_unit=args.loss_unit)
-        compare = ("auto" if args.compare == "auto" else None if args.compare == "none"
-                   else [c.strip() for c in args.compare.split(",") if c.strip()])
-        checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else []
-        result = analyse(table, args.form, compare, args.holdout or "largest", n_boot, seed, workers, level,
-                         strict_holdout=args.holdout is not None, checks=checks)
-        paths = write_fit(result, out)
-    except ValueError as exc:  # LawError and bad numbers
-        print(f"megareuse fit: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    out = _out_dir(args.out)
+    level = float(args.level)
+    if not 0 < level < 1:
+        raise LawError(f"--level = {args.level!r}: accepted a number between 0 and 1, e.g. 0.9")
+    n_boot, workers = _int("--bootstrap", args.bootstrap, 0), _int("--workers", args.workers, 1)
+    seed = _int("--seed", args.seed, 0)
+    if n_boot == 1:
+        raise LawError("--bootstrap = 1: accepted 0 (no intervals) or an integer >= 2")
+    table = load_table(args.runs, loss_col=args.loss_col, where=_pairs("--where", args.where),
+                       rename=_pairs("--rename", args.rename), loss_unit=args.loss_unit)
+    compare = ("auto" if args.compare == "auto" else None if args.compare == "none"
+               else [c.strip() for c in args.compare.split(",") if c.strip()])
+    checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else []
+    result = analyse(table, args.form, compare, args.holdout or "largest", n_boot, seed, workers, level,
+                     strict_holdout=args.holdout is not None, checks=checks)
+    paths = write_fit(result, out)
     law = result["law"]
     print(f"{law.label}: " + ", ".join(f"{k}={v:.4g}" for k, v in law.params.items())
           + f"; converged={law.diagnostics['converged']}, RMS log {law.diagnostics['rms_log']:.4g}")
@@ -261,33 +256,29 @@ def _shared_laws(args) -> tuple:
 def cmd_plan(args) -> int:
     from megareuse.law.law import Law
     from megareuse.law.plan import make_plan
-    try:
-        out = _out_dir(args.out)
-        study, extra = None, {}
-        if args.runs:
-            law, scratch, study, extra = _shared_laws(args)
-        else:
-            given = [f"--{k.replace('_', '-')}" for k in _TABLE_OPTIONS if getattr(args, k, None)]
-            if given:
-                raise LawError(f"{given[0]}: only with --runs TABLE (both laws fitted from one table)")
-            if not args.law:
-                raise LawError("accepted --law LAW.json (a law over D1 and D2), or --runs TABLE with --where and "
-                               "--scratch-where (both laws fitted with one shared E)")
-            law = Law.load(args.law)
-            scratch = Law.load(args.scratch_law) if args.scratch_law else None
-        plan = make_plan(law, scratch, D1=_counts("--D1", args.D1), D2=_counts("--D2", args.D2),
-                         budget_tokens=_count("--budget-tokens", args.budget_tokens),
-                         budget_flops=_count("--budget-flops", args.budget_flops),
-                         N=_count("--N", args.N), N_base=_count("--N-base", args.N_base))
-        from megareuse.law.plots import figure_plan
-        from megareuse.law.report import plan_report
-        files, note = figure_plan(plan, law, scratch)
-        text = plan_report(plan, "plan.png" if files else None, [note] if note else [])
-        paths = write_outputs(out, {"plan.json": json.dumps(finite_json(plan), indent=1) + "\n", "plan.md": text, **files,
-                                    **extra})
-    except ValueError as exc:
-        print(f"megareuse plan: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    out = _out_dir(args.out)
+    study, extra = None, {}
+    if args.runs:
+        law, scratch, study, extra = _shared_laws(args)
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in _TABLE_OPTIONS if getattr(args, k, None)]
+        if given:
+            raise LawError(f"{given[0]}: only with --runs TABLE (both laws fitted from one table)")
+        if not args.law:
+            raise LawError("accepted --law LAW.json (a law over D1 and D2), or --runs TABLE with --where and "
+                           "--scratch-where (both laws fitted with one shared E)")
+        law = Law.load(args.law)
+        scratch = Law.load(args.scratch_law) if args.scratch_law else None
+    plan = make_plan(law, scratch, D1=_counts("--D1", args.D1), D2=_counts("--D2", args.D2),
+                     budget_tokens=_count("--budget-tokens", args.budget_tokens),
+                     budget_flops=_count("--budget-flops", args.budget_flops),
+                     N=_count("--N", args.N), N_base=_count("--N-base", args.N_base))
+    from megareuse.law.plots import figure_plan
+    from megareuse.law.report import plan_report
+    files, note = figure_plan(plan, law, scratch)
+    text = plan_report(plan, "plan.png" if files else None, [note] if note else [])
+    paths = write_outputs(out, {"plan.json": json.dumps(finite_json(plan), indent=1) + "\n", "plan.md": text, **files,
+                                **extra})
     if study is not None:
         from megareuse.law.sharedstudy import summary_line
         print(summary_line(study))
@@ -340,7 +331,7 @@ def register(subparsers) -> None:
     p.add_argument("--where", action="append", default=[], help="keep rows with COLUMN=VALUE (repeatable)")
     p.add_argument("--rename", action="append", default=[], help="use a table column as a law column, e.g. D=D2")
     p.add_argument("--out", required=True, help="output directory: law.json, report.md, figures")
-    p.set_defaults(func=cmd_fit)
+    p.set_defaults(func=cmd_fit, value_errors=True)
 
     p = subparsers.add_parser("plan", allow_abbrev=False,
                               help="reuse or from scratch? answers from fitted laws")
@@ -367,4 +358,4 @@ def register(subparsers) -> None:
     p.add_argument("--N", default=None, help="parameters of the stage-2 (and from-scratch) model")
     p.add_argument("--N-base", default=None, help="parameters of the base model (default: N)")
     p.add_argument("--out", required=True, help="output directory: plan.json, plan.md, plan.png")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, value_errors=True)

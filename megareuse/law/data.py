@@ -22,6 +22,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from megareuse import counts
+from megareuse.errors import UserError
 from megareuse.paths import check_input
 
 KNOWN = ("D1", "D2", "N", "D")
@@ -30,20 +32,13 @@ LOSS_UNITS = ("nats", "bits")
 UNITS = [(1.0, ""), (1e3, "K"), (1e6, "M"), (1e9, "B"), (1e12, "T")]
 
 
-class LawError(ValueError):
+class LawError(UserError, ValueError):
     """A user error in law inputs: the message is one line naming the field and what is accepted."""
 
 
 def parse_count(text) -> float:
-    """'2.5M' -> 2.5e6; also K, B (or G), T suffixes and plain numbers."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    s = str(text).strip()
-    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(s[-1:].upper(), None)
-    try:
-        return float(s[:-1]) * scale if scale else float(s)
-    except ValueError:
-        raise LawError(f"{text!r} is not a number; accepted e.g. 1e6, 2.5M, 300K") from None
+    """'2.5M' -> 2.5e6 (megareuse/counts.py); a LawError when ``text`` is not a count."""
+    return counts.parse_count(text, LawError)
 
 
 def choose_unit(values: np.ndarray) -> tuple[float, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Optional
 
@@ -180,29 +179,25 @@ def cmd_design(args) -> int:
     from megareuse.law.commands import _int, finite_json, write_outputs
     from megareuse.law.design import parse_number, prior_from_file, prior_from_params, with_a3
     from megareuse.paths import check_output_dir
-    try:
-        out = check_output_dir(args.out, "--out", LawError)
-        if (args.prior is None) == (args.prior_params is None):
-            raise LawError("--prior and --prior-params: accepted exactly one of them (a law.json, or "
-                           "A=..,a1=..,a2=..,a3=..,E=..)")
-        noise = parse_number("--noise", args.noise, float("-inf"))
-        if not noise > 0:
-            raise LawError(f"--noise = {args.noise!r}: accepted a number > 0 (the scatter of log loss, e.g. 0.012)")
-        prior = (prior_from_file(args.prior) if args.prior is not None
-                 else prior_from_params(args.prior_params, parse_number("--tokens-unit", args.tokens_unit)))
-        prior = with_a3(prior, None if args.a3 is None else parse_number("--a3", args.a3, float("-inf")))
-        level = parse_number("--level", args.level)
-        d = run_design(args.config, prior, noise, _int("--sims", args.sims, 2), _int("--resamples", args.resamples, 2),
-                       level, _int("--seed", args.seed, 0), _int("--workers", args.workers, 1),
-                       _split(args.series) or None,
-                       _split(args.variants) or None, parse_number("--mfu", args.mfu),
-                       parse_number("--peak-tflops", args.peak_tflops))
-        text = format_design(d)
-        paths = write_outputs(out, {"design.json": json.dumps(finite_json(_plain(d)), indent=1) + "\n",
-                                    "design.txt": text + "\n"})
-    except ValueError as exc:  # LawError, ConfigError (the experiment file) and bad numbers
-        print(f"megareuse design: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    out = check_output_dir(args.out, "--out", LawError)
+    if (args.prior is None) == (args.prior_params is None):
+        raise LawError("--prior and --prior-params: accepted exactly one of them (a law.json, or "
+                       "A=..,a1=..,a2=..,a3=..,E=..)")
+    noise = parse_number("--noise", args.noise, float("-inf"))
+    if not noise > 0:
+        raise LawError(f"--noise = {args.noise!r}: accepted a number > 0 (the scatter of log loss, e.g. 0.012)")
+    prior = (prior_from_file(args.prior) if args.prior is not None
+             else prior_from_params(args.prior_params, parse_number("--tokens-unit", args.tokens_unit)))
+    prior = with_a3(prior, None if args.a3 is None else parse_number("--a3", args.a3, float("-inf")))
+    level = parse_number("--level", args.level)
+    d = run_design(args.config, prior, noise, _int("--sims", args.sims, 2), _int("--resamples", args.resamples, 2),
+                   level, _int("--seed", args.seed, 0), _int("--workers", args.workers, 1),
+                   _split(args.series) or None,
+                   _split(args.variants) or None, parse_number("--mfu", args.mfu),
+                   parse_number("--peak-tflops", args.peak_tflops))
+    text = format_design(d)
+    paths = write_outputs(out, {"design.json": json.dumps(finite_json(_plain(d)), indent=1) + "\n",
+                                "design.txt": text + "\n"})
     print(text)
     print("wrote " + ", ".join(paths))
     return 0
@@ -240,4 +235,4 @@ def register(subparsers) -> None:
     p.add_argument("--mfu", default="0.4", help="model FLOPs utilisation for GPU-hours (default 0.4)")
     p.add_argument("--peak-tflops", default="989", help="device peak TFLOP/s (default 989: H100/H200 BF16 dense)")
     p.add_argument("--out", required=True, help="output directory: design.json, design.txt")
-    p.set_defaults(func=cmd_design)
+    p.set_defaults(func=cmd_design, value_errors=True)

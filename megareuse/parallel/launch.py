@@ -20,10 +20,13 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Optional
 
+from megareuse.errors import UserError
+
+
 DEFAULT_PORT = 29500
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The environment describes an impossible job (one line naming the variable)."""
 
 

@@ -32,14 +32,14 @@ The planner turns each checkpoint into two steps (``plan_checkpoints``):
 Checks, each one line naming the field and what is accepted (``check_source``; run before a
 local sweep or ``--slurm`` writes anything, and again by the import step): the path exists and
 is a Hugging Face directory (config.json) or a megareuse checkpoint (manifest.json + meta.json);
-its model equals the training config's model (``reuse.cpt.model_diff``: the stage-2 runs' model
+its model equals the training config's model (``engine.init_source.model_diff``: the stage-2 runs' model
 is the checkpoint's, so the config must describe it; an HF config whose positions are fewer
 than ``model.max_seq_len`` is refused too); a megareuse checkpoint's own D1 (meta D1 + D2) is
 the listed D1 and, when ``domains`` is given, its training blend is ``domains``.
 
 Replay. ``data.replay`` mixes the base run's training blend into stage 2: the trainer reads the
 blend's domain names and weights from the checkpoint's meta.json (``config.data.train``) and
-opens those domains afresh from the data directory (``reuse.cpt.replay_blend``). It needs no
+opens those domains afresh from the data directory (``engine.init_source.replay_blend``). It needs no
 state of the base run (no sample cursor, no optimizer), so replay from a checkpoint base is
 possible whenever its blend is known. An imported HF checkpoint's meta.json holds no real blend
 (import_hf writes the defaults), so a stage-2 series with replay > 0 from a checkpoint base is
@@ -151,7 +151,7 @@ def stage2_blend(s: Series, base: Series) -> Optional[dict[str, float]]:
     planner writes a series' domains sorted, and a trained base's blend likewise)."""
     if base.checkpoints is None or s.replay == 0:
         return None
-    from megareuse.reuse.cpt import replay_blend
+    from megareuse.engine.init_source import replay_blend
     return replay_blend(dict(sorted(s.domains.items())), s.replay, dict(sorted(base.domains.items())))
 
 
@@ -198,7 +198,7 @@ def _model(train: dict, overrides: list[str]) -> ModelConfig:
 def check_source(source: dict[str, Any], model: ModelConfig) -> str:
     """Check one listed checkpoint against the experiment (module docstring); returns its format.
     Reads config.json or meta.json only: no weights."""
-    from megareuse.reuse.cpt import model_diff
+    from megareuse.engine.init_source import model_diff
 
     where, path, d1 = source["where"], Path(source["path"]), source["D1"]
     if not path.is_dir():
@@ -298,8 +298,8 @@ def evaluate_base(train: dict, root: Path, run: RunSpec, emit: Callable[[str], N
     from megareuse.engine.inputs import open_validation_data
     from megareuse.engine.weights import load_state_dict
     from megareuse.model import GPT, flops_per_token, non_embedding_param_count, param_count
-    from megareuse.reuse.cpt import model_diff
-    from megareuse.reuse.records import build_record, write_record
+    from megareuse.engine.init_source import model_diff
+    from megareuse.records import build_record, write_record
 
     root = Path(root)
     out = root / run.run_id

@@ -71,7 +71,7 @@ from megareuse.config import Config, ConfigError, ModelConfig, apply_overrides, 
 from megareuse.sweep.spec import (_NAME, METHODS, SCHEDULES, Experiment, RunSpec, Series,  # noqa: F401
                                   _fail, _series_overrides, check_seed_d1, ckpt_path, parse_seeds)
 from megareuse.model import flops_per_token, non_embedding_param_count
-from megareuse.reuse.records import group_of, repeat_run_id
+from megareuse.records import group_of, repeat_run_id
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 

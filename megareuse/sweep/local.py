@@ -31,12 +31,13 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from megareuse.errors import UserError
 from megareuse.paths import check_output_dir
 from megareuse.sweep.grid import Experiment, RunSpec, plan_experiment
 from megareuse.sweep.spec import is_done, run_dir  # noqa: F401 (is_done: part of this module's API)
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """A sweep cannot proceed (unknown run, unmet dependency): one line."""
 
 

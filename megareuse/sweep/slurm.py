@@ -387,8 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--run-id", required=True, help="the run of the plan to execute")
     p.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    from megareuse.exits import guarded
     if args.command == "task":
-        from megareuse.exits import guarded
         from megareuse.sweep.grid import load_experiment
         from megareuse.sweep.local import run_planned
 
@@ -397,16 +397,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         only=args.run_id)
             return 0
         return guarded("sweep", task)
-    growth = {"width": args.width, "depth": args.depth}
-    if args.layer_map:
-        growth["layer_map"] = [int(x) for x in args.layer_map.split(",")]
-    try:
-        lines = grown_overrides(args.config, growth, args.overrides)
-    except (ValueError, KeyError) as exc:  # ConfigError is a ValueError; growth checks raise ValueError
-        print(f"megareuse.sweep.slurm: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
-    return 0
+
+    def overrides() -> int:
+        growth = {"width": args.width, "depth": args.depth}
+        if args.layer_map:
+            growth["layer_map"] = [int(x) for x in args.layer_map.split(",")]
+        print("\n".join(grown_overrides(args.config, growth, args.overrides)))
+        return 0
+    return guarded("grown-overrides", overrides, value_errors=True)  # growth checks raise ValueError
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from megareuse.atomic import write_text_atomic
+from megareuse.errors import UserError
 from megareuse.paths import check_input, check_output_dir
 
 RECORD = "record.json"
@@ -52,7 +53,7 @@ def _data_seed(record: dict[str, Any]) -> Optional[int]:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record.json is unreadable or not a run record (one line naming the file)."""
 
 
