@@ -24,7 +24,7 @@ from megareuse.config import ModelConfig
 from megareuse.model import GPT
 from megareuse.model.rope import RotaryEmbedding
 from megareuse.parallel.state import MPU, ParallelState
-from megareuse.parallel.tensor_parallel import parallelize_model, shard_state_dict
+from megareuse.parallel.tensor_parallel import parallelize_model, shard_state_dict, tp_box
 
 
 class WeightSource(Protocol):
@@ -71,6 +71,22 @@ class CheckpointWeights:
             raise ValueError(f"the checkpoint's {key} has shape {tuple(value.shape)}, the model {tuple(shape)}")
         return value
 
+    def shard(self, key: str, shape: tuple[int, ...], cfg: ModelConfig, pstate: ParallelState) -> torch.Tensor:
+        """This TP rank's shard of ``key``: only its box read from a sharded checkpoint (a rank
+        of TP=8 reads an eighth of the weights), else cut from the whole tensor."""
+        read_box = getattr(self.tensors, "read_box", None)
+        if read_box is None or pstate.tp_size == 1:
+            full = self.full(key, shape, None)
+            return shard_state_dict({key: full}, cfg, pstate)[key] if pstate.tp_size > 1 else full
+        try:
+            stored = tuple(self.tensors.shape(key))
+        except KeyError:
+            raise KeyError(f"the checkpoint's weights have no {key}") from None
+        if stored != tuple(shape):
+            raise ValueError(f"the checkpoint's {key} has shape {stored}, the model {tuple(shape)}")
+        offsets, sizes, _ = tp_box(key, shape, cfg, pstate)
+        return read_box(key, offsets, sizes)
+
 
 def meta_model(cfg: ModelConfig) -> GPT:
     """The single-device model's structure without storage."""
@@ -110,12 +126,15 @@ def build_model(cfg: ModelConfig, pstate: ParallelState, device: torch.device, s
         reset = False
         for leaf, ref_param in ref_module.named_parameters(recurse=False):
             key = f"{name}.{leaf}"
-            full = source.full(key, tuple(ref_param.shape), _std(leaf, std))
-            if full is None:  # reset by the module itself (norm gains): a replicated tensor
-                value, reset = torch.empty(ref_param.shape, device=device), True
+            if isinstance(source, CheckpointWeights):
+                value = source.shard(key, tuple(ref_param.shape), cfg, pstate)
             else:
-                value = shard_state_dict({key: full}, cfg, pstate)[key] if pstate.tp_size > 1 else full
-                del full
+                full = source.full(key, tuple(ref_param.shape), _std(leaf, std))
+                if full is None:  # reset by the module itself (norm gains): a replicated tensor
+                    value, reset = torch.empty(ref_param.shape, device=device), True
+                else:
+                    value = shard_state_dict({key: full}, cfg, pstate)[key] if pstate.tp_size > 1 else full
+                    del full
             _place(module, leaf, value.to(device=device, dtype=dtype), done)
         if reset:
             with torch.no_grad():

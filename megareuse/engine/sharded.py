@@ -230,6 +230,14 @@ class ShardedWeights(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         return self.reader.full(WEIGHT_PREFIX + name)
 
+    def read_box(self, name: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+        """Only the box of ``name`` at ``offsets`` of ``sizes`` (a TP rank's shard), read from
+        the chunks that overlap it."""
+        name = self._aliases.get(name, name)
+        if name not in self._names:
+            raise KeyError(name)
+        return self.reader.read_into(WEIGHT_PREFIX + name, offsets, torch.empty(tuple(sizes), dtype=torch.float32))
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.reader.tensors[WEIGHT_PREFIX + self._aliases.get(name, name)]
 
