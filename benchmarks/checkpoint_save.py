@@ -6,9 +6,14 @@ the consolidated state alone (the format before it), with every writer throttled
 
 One `torchrun` job of ``--world`` gloo ranks on CPU (fp32) trains one step of the model and then,
 at its checkpoint, times both writers of the same state (weights and Adam moments) on every rank:
-1. "rank 0": the consolidated path (``consolidate.write_full``: each tensor gathered over TP and
-   ZeRO, written by rank 0; the other ranks gather and wait), into a scratch directory;
-2. "sharded": the trainer's own save (``Checkpointer.save``: each rank writes its chunks).
+1. "rank 0": the save before the sharded format, into a scratch directory: DeepSpeed's own
+   engine state (every rank its part), then the consolidated weights and moments
+   (``consolidate.write_full``: each tensor gathered over TP and ZeRO, written by rank 0; the
+   other ranks gather and wait);
+2. "sharded": the trainer's own save (``Checkpointer.save``: each rank writes its chunks);
+3. "sharded, async": the same save with ``run.async_save`` (each rank's share copied to host
+   memory, written on a background thread): "training blocked" is the time until ``save``
+   returned, the wall time includes the wait for the background write.
 Every file write sleeps as a disk of ``--mbps`` MB/s would (per process: a node-local disk per
 rank, or a parallel filesystem with per-client bandwidth), so the wall time shows who writes. Per
 rank: bytes written, wall time, and the rise of its resident set over the save (peak during it
@@ -77,6 +82,7 @@ def probe() -> None:
     """Runs inside each rank (``--probe``): patch the writers, time both saves, report."""
     import builtins
 
+    import torch
     import torch.distributed as dist
 
     from megareuse.engine import checkpointer, consolidate, sharded, weights
@@ -90,25 +96,38 @@ def probe() -> None:
 
     weights.open = throttled_open  # the module-level name each writer calls
     sharded.open = throttled_open
+
+    def engine_file_save(state_dict, path):  # DeepSpeed's checkpoint engine, through the same disk
+        with throttled_open(path, "wb") as fh:
+            torch.save(state_dict, fh)
     save = checkpointer.Checkpointer._save
 
     def measured(self, engine, *args, **kwargs):
         ps, rows = self.pstate, {}
+        engine.checkpoint_engine.save = engine_file_save
         scratch = Path(os.environ["BENCH_SCRATCH"])
-        for name in ("rank 0", "sharded"):
+        for name in ("rank 0", "sharded", "sharded, async"):
             dist.barrier()
             Throttled.written, before = 0, rss_mib()
             reset_peak()
             start = time.perf_counter()
-            if name == "rank 0":
+            if name == "rank 0":  # the save before the sharded format: DeepSpeed's copy, then rank 0's files
+                engine.save_checkpoint(str(scratch / "deepspeed"), tag="state", save_latest=True)
                 for moments, file in ((False, "model.safetensors"), (True, "optimizer.safetensors")):
                     consolidate.write_full(scratch / file if ps.rank == 0 else None, engine, engine.module,
                                            self.cfg.model, ps, moments)
-                path = None
-            else:
+                blocked = time.perf_counter() - start
+            elif name == "sharded":
                 path = save(self, engine, *args, **kwargs)
+                blocked = time.perf_counter() - start
+            else:  # the same step again, finished on a background thread (the first copy set aside)
+                self.async_save = True
+                save(self, engine, *args, **kwargs)
+                blocked = time.perf_counter() - start
+                self.wait()
+                self.async_save = False
             dist.barrier()
-            rows[name] = {"wall_s": time.perf_counter() - start, "bytes": Throttled.written,
+            rows[name] = {"wall_s": time.perf_counter() - start, "blocked_s": blocked, "bytes": Throttled.written,
                           "rss_rise_mib": peak_mib() - before}
         with open(report / f"rank{ps.rank}.json", "w") as fh:
             json.dump(rows, fh)
@@ -154,19 +173,21 @@ def main(argv=None) -> None:
             raise SystemExit(f"run failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
         ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(args.world)]
         ckpt = out / "checkpoints" / "step_00000001"
-        on_disk = {"rank 0": sum(f.stat().st_size for f in scratch.iterdir()),
+        on_disk = {"rank 0": sum(f.stat().st_size for f in scratch.rglob("*") if f.is_file()),
                    "sharded": sum(f.stat().st_size for f in (ckpt / "state").iterdir())}
+        on_disk["sharded, async"] = on_disk["sharded"]
         n = param_count(load_config(args.model, []).model)
     print(f"{args.world} gloo ranks (TP={args.tp}, DP={dp}, ZeRO-{args.zero}), {Path(args.model).name} "
           f"({n:,} parameters), fp32; every writer throttled to {args.mbps:g} MB/s")
-    print("| path | save wall (s) | bytes written per rank (MB) | max rank / (total / world) | "
-          "RSS rise per rank (MiB) | weights + moments on disk, bytes/param |")
-    print("|---|---:|---|---:|---|---:|")
-    for name in ("rank 0", "sharded"):
+    print("| path | save wall (s) | training blocked (s) | bytes written per rank (MB) | max rank / (total / world) | "
+          "RSS rise per rank (MiB) | state on disk, bytes/param |")
+    print("|---|---:|---:|---|---:|---|---:|")
+    for name in ("rank 0", "sharded", "sharded, async"):
         walls = [r[name]["wall_s"] for r in ranks]
         written = [r[name]["bytes"] for r in ranks]
         share = max(written) / (sum(written) / args.world)
-        print(f"| {name} | {max(walls):.1f} | {', '.join(f'{b / 1e6:.0f}' for b in written)} | {share:.2f} | "
+        blocked = max(r[name]["blocked_s"] for r in ranks)
+        print(f"| {name} | {max(walls):.1f} | {blocked:.1f} | {', '.join(f'{b / 1e6:.0f}' for b in written)} | {share:.2f} | "
               f"{', '.join('%.0f' % r[name]['rss_rise_mib'] for r in ranks)} | {on_disk[name] / n:.2f} |")
     ratio = max(r["rank 0"]["wall_s"] for r in ranks) / max(r["sharded"]["wall_s"] for r in ranks)
     print(f"sharded save {ratio:.2f}x faster than the rank-0 path (world = {args.world})")

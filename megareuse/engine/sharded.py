@@ -73,15 +73,22 @@ class ChunkWriter:
         self._bytes = 0
         self.chunks: list[dict[str, Any]] = []
 
+    def write(self, data) -> int:
+        """The file-like side torch.save writes to: straight to the file, hashed and counted."""
+        view = memoryview(data)
+        self._fh.write(view)
+        self._digest.update(view)
+        self._bytes += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._fh.flush()
+
     def add(self, name: str, offsets: Sequence[int], tensor: torch.Tensor) -> None:
-        buffer = io.BytesIO()
-        torch.save(_owned(tensor), buffer)
-        data = buffer.getbuffer()
+        start = self._bytes
+        torch.save(_owned(tensor), self)  # no second copy of the chunk in a buffer
         self.chunks.append({"fqn": name, "offsets": list(offsets), "sizes": list(tensor.shape),
-                            "file": self.path.name, "offset": self._bytes, "length": len(data)})
-        self._fh.write(data)
-        self._digest.update(data)
-        self._bytes += len(data)
+                            "file": self.path.name, "offset": start, "length": self._bytes - start})
 
     def close(self) -> dict[str, Any]:
         self._fh.flush()
