@@ -151,8 +151,8 @@ def test_sigkill_during_checkpoint_write(prepared, tmp_path, short_reference, po
 def test_one_rank_killed_while_writing_its_share(prepared, tmp_path):
     """Two ranks (TP=1, DP=2, ZeRO-2), each writing its own share: rank 1 is SIGKILLed half-way
     through its file of the second save; the job dies (torchrun stops rank 0, which waits for
-    rank 1's share), nothing is committed, and `--resume auto` continues from the first save,
-    with the uninterrupted run's losses."""
+    rank 1's share), nothing is committed, and `--resume auto` continues from the first save
+    (past a newer broken one), with the uninterrupted run's losses."""
     common = ["parallel.zero_stage=2", "run.micro_batch_size=4", "run.save_interval=2", "run.keep_last=1"]
 
     def torchrun(script, out, *extra):
@@ -167,8 +167,17 @@ def test_one_rank_killed_while_writing_its_share(prepared, tmp_path):
     assert killed.returncode != 0, killed.stdout[-3000:]
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert [n for n in names if not n.startswith(".tmp-step_00000004")] == ["step_00000002"], names
+    # and a newer checkpoint whose rank-1 share fails its checksum (the ranks hash their shares of
+    # it together): skipped with a note naming the file
+    import shutil
+    broken = out / "checkpoints" / "step_00000004"
+    shutil.copytree(out / "checkpoints" / "step_00000002", broken)
+    data = bytearray((broken / "state" / "__1_0.distcp").read_bytes())
+    data[len(data) // 2] ^= 1
+    (broken / "state" / "__1_0.distcp").write_bytes(bytes(data))
     resumed = torchrun(TRAIN, out, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"note: skipping checkpoint {broken}: state/__1_0.distcp fails its sha256 checksum" in resumed.stdout
     assert "at step 2 " in resumed.stdout, resumed.stdout[-3000:]
     assert train_losses(out) == train_losses(full)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006"]

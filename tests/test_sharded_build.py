@@ -22,6 +22,7 @@ import torch
 from distributed_utils import REPO, base_env, run_job, tiny_args, torchrun, train_losses
 from megareuse.config import ModelConfig
 from megareuse.engine.build import build_model
+from megareuse.engine.sharded import ShardedReader
 from megareuse.model import GPT, param_count
 from megareuse.parallel.launch import free_port
 from megareuse.parallel.state import single_process_state
@@ -106,7 +107,7 @@ def test_resume_at_another_layout_keeps_the_optimizer_state(prepared, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(whole, moved)
     checkpoint = moved / "checkpoints" / "step_00000003"
-    assert (checkpoint / "optimizer.safetensors").is_file()
+    assert any(n.startswith("optim.") for n in ShardedReader(checkpoint).tensors)  # the Adam moments are stored
     second = torchrun(4, [*tiny_args(prepared, moved, *common, "parallel.tp=1", "parallel.zero_stage=3",
                                      "run.micro_batch_size=4"), "--resume", str(checkpoint)], timeout=300)
     assert second.returncode == 0, second.stdout[-3000:]

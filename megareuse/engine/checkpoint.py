@@ -270,6 +270,37 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
     return None
 
 
+def verify_checkpoint_shared(path: Path, rank: int, world_size: int) -> Optional[str]:
+    """``verify_checkpoint`` by a whole job (collective over the default group): every rank checks
+    the manifest and the sizes, hashes every ``world_size``-th file from its ``rank`` (a
+    checkpoint's state is one file per rank, so each hashes about one), and the ranks agree on the
+    first problem in the manifest's order. A resume then waits for one share of the hashing, not
+    for rank 0 to hash everything."""
+    import torch.distributed as dist
+
+    path = Path(path)
+    problem = verify_checkpoint(path, checksums=False)
+    first: tuple[int, Optional[str]] = (-1, problem) if problem else (1 << 62, None)
+    if problem is None:
+        files = sorted(json.loads((path / MANIFEST).read_text())["files"].items())
+        for index in range(rank, len(files), world_size):
+            name, info = files[index]
+            try:
+                bad = file_sha256(path / name) != info["sha256"]
+            except OSError as exc:  # gone or unreadable since the size check: still agree, then say it
+                first = (index, f"{name} cannot be read ({exc.strerror or exc})")
+                break
+            if bad:
+                first = (index, f"{name} fails its sha256 checksum")
+                break
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, first)
+    problem = min(everyone, key=lambda entry: entry[0])[1]
+    if problem is None:
+        _VERIFIED[path] = path.joinpath(MANIFEST).stat().st_mtime_ns
+    return problem
+
+
 def step_dirs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():

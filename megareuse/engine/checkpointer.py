@@ -130,35 +130,50 @@ class Checkpointer:
             self.emit(f"note: skipping checkpoint {line} (left for inspection)")
         return latest
 
-    def resolve(self, resume: Optional[str]) -> Optional[Path]:
-        """The checkpoint ``--resume`` names (None: a fresh start). Rank 0 picks it (checksumming
-        it once, not once per rank); all ranks agree."""
-        return self.on_rank0(lambda: self._resolve(resume))
+    def _verify(self, path: Path) -> Optional[str]:
+        """None when checkpoint ``path`` is complete and passes its checksums, else why not; with
+        several ranks each hashes its share of the files (collective)."""
+        if self.pstate.world_size == 1:
+            return ckpt.verify_checkpoint(path)
+        return ckpt.verify_checkpoint_shared(path, self.pstate.rank, self.pstate.world_size)
 
-    def _resolve(self, resume: Optional[str]) -> Optional[Path]:
+    def resolve(self, resume: Optional[str]) -> Optional[Path]:
+        """The checkpoint ``--resume`` names (None: a fresh start), checked (checksums included)
+        by all ranks together; all ranks agree."""
         if resume is None:
-            existing = ckpt.step_dirs(self.root)  # verified or not: a fresh start never writes over one
-            if existing:
-                raise ckpt.CheckpointError(
-                    f"run error: run.out_dir = {str(self.out_dir)!r} already holds checkpoint "
-                    f"{existing[-1].name}; pass --resume to continue it or choose another run.out_dir")
+            self.on_rank0(self._fresh_start)
             return None
-        if resume == "auto":
-            latest = self._latest()
-            broken = ckpt.step_dirs(self.root) if latest is None else []
-            if broken:  # never restart over checkpoints that exist: they are left for inspection
-                raise ckpt.CheckpointError(
-                    f"run error: --resume auto: none of the {len(broken)} checkpoints in {self.root} "
-                    f"verifies (newest {broken[-1].name}: {ckpt.verify_checkpoint(broken[-1])}); they are "
-                    "left as they are: accepted --resume with a good checkpoint directory, or another "
-                    "run.out_dir to start afresh")
-            return latest
-        path = Path(resume)
-        problem = ckpt.verify_checkpoint(path)
-        if problem:
-            raise ckpt.CheckpointError(f"run error: --resume {resume!r}: {problem}; accepted 'auto' "
-                                       "or a complete checkpoint directory")
-        return path
+        if resume != "auto":
+            path = Path(resume)
+            problem = self._verify(path)
+            if problem:
+                raise ckpt.CheckpointError(f"run error: --resume {resume!r}: {problem}; accepted 'auto' "
+                                           "or a complete checkpoint directory")
+            return path
+        candidates = self.on_rank0(lambda: [str(p) for p in ckpt.step_dirs(self.root)])
+        broken: list[str] = []
+        for candidate in map(Path, reversed(candidates)):
+            problem = self._verify(candidate)
+            if problem is None:
+                for line in broken:  # the newer broken ones, left for inspection
+                    self.emit(f"note: skipping checkpoint {line} (left for inspection)")
+                return candidate
+            broken.append(f"{candidate}: {problem}")
+        if broken:  # never restart over checkpoints that exist: they are left for inspection
+            newest = Path(candidates[-1])
+            raise ckpt.CheckpointError(
+                f"run error: --resume auto: none of the {len(candidates)} checkpoints in {self.root} "
+                f"verifies (newest {newest.name}: {broken[0].split(': ', 1)[1]}); they are "
+                "left as they are: accepted --resume with a good checkpoint directory, or another "
+                "run.out_dir to start afresh")
+        return None
+
+    def _fresh_start(self) -> None:
+        existing = ckpt.step_dirs(self.root)  # verified or not: a fresh start never writes over one
+        if existing:
+            raise ckpt.CheckpointError(
+                f"run error: run.out_dir = {str(self.out_dir)!r} already holds checkpoint "
+                f"{existing[-1].name}; pass --resume to continue it or choose another run.out_dir")
 
     def read(self, path: Path, init: Optional[InitSource]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The resumed checkpoint's trainer state and metadata, checked to be of this model and run."""
