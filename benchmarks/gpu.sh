@@ -13,7 +13,8 @@
 #                    tests/test_kernel_verify.py (the auto mode's first-use check of every kernel
 #                    against float64 at the 1.1B shapes, fp32 and bf16, and its fall-backs)
 #   tests-train      bf16 training steps per attention backend and fused vs plain loss; bf16
-#                    ZeRO-0 and ZeRO-3 save and resume bit for bit; the cpu:gloo,cuda:nccl group
+#                    ZeRO-0 and ZeRO-3 save and resume bit for bit; the default async save (shares
+#                    staged in pinned memory) resumes bit for bit; the cpu:gloo,cuda:nccl group
 #                    (tests/test_gpu_train_step.py) and the fused head tests of tests/test_lm_loss.py
 #   kernels          benchmarks/kernel_speed.py (attention at S 1024/4096, norm, SwiGLU, RoPE, linear+CE)
 #   memory           benchmarks/memory.py (CPU gloo ranks, CUDA hidden), in the background
@@ -105,7 +106,7 @@ step_cmd() {
                             --junitxml "$WORK/tests-kernels.xml") ;;
         tests-train) CMD=(env MEGAREUSE_TEST_GPU=1 "MEGAREUSE_TEST_DATA=$DATA" "$PY" -m pytest -q
                           -p no:cacheprovider tests/test_gpu_train_step.py tests/test_lm_loss.py
-                          -k "bf16_train_step or fused" --junitxml "$WORK/tests-train.xml") ;;
+                          -k "bf16_train_step or fused or async_save_on_cuda" --junitxml "$WORK/tests-train.xml") ;;
         kernels) CMD=("$PY" benchmarks/kernel_speed.py --json "$WORK/kernels.json" --seqs 1024 4096
                       --reps 20 --warmup 3) ;;
         memory) CMD=(env CUDA_VISIBLE_DEVICES= "$PY" benchmarks/memory.py --world 2 --zero "0,3" --tp 1
