@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole study at laptop scale: prepare, sweep, fit, plan, report")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--fresh", action="store_true", help="discard the earlier demo runs in --out")
-    p.add_argument("--preset", default="laptop", help="laptop (default, ~12 min on 2 cores), workstation, overtrained or settle "
+    p.add_argument("--preset", default="laptop", help="laptop (default, ~9 min on 2 cores), workstation, overtrained or settle "
                    "(configs/experiments/)")
     p.add_argument("--workers", type=int, default=1, help="runs at a time")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run's training config")
