@@ -129,10 +129,6 @@ class EngineState:
         tensor = master if moment is None else self.base.state[master][moment]
         return tensor.detach().reshape(-1).narrow(0, frag.start, n)
 
-    def has_moments(self) -> bool:
-        return any(self.base.state.get(p) for group in self.base.param_groups for p in group["params"]) or \
-            any(self.base.state.get(p) for p in ds.fp32_partitions(self.engine))
-
     def after_weights(self, frag: Fragment) -> None:
         """ZeRO-0 in bf16: the model's bf16 copy follows its fp32 master."""
         master = self.masters.get(id(frag.param))

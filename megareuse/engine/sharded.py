@@ -136,7 +136,11 @@ def write_index(state_dir: Path, shapes: Mapping[str, tuple[int, ...]], chunks: 
                                            for name, shape in shapes.items()},
              "chunks": sorted(chunks, key=lambda c: (c["fqn"], c["offsets"]))}
     write_synced(state_dir / INDEX, lambda fh: fh.write(json.dumps(index).encode()))
-    write_synced(state_dir / DCP_METADATA, lambda fh: pickle.dump(_dcp_metadata(index), fh))
+    try:
+        metadata = _dcp_metadata(index)
+    except (ImportError, AttributeError, TypeError):  # a torch whose DCP classes differ: megareuse reads index.json
+        return
+    write_synced(state_dir / DCP_METADATA, lambda fh: pickle.dump(metadata, fh))
 
 
 def _dcp_metadata(index: dict[str, Any]) -> Any:
