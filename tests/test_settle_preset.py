@@ -7,10 +7,7 @@ import pytest
 
 from megareuse import demo
 from megareuse.sweep.grid import load_experiment, plan_experiment, totals
-
-# Measured 2026-12-07 (2 idle cores, --workers 2): the over-trained preset's 50,030,592 tokens
-# swept in 18 min 52 s; the settle grid trains the same model at the same batch size.
-MEASURED_TOKENS_PER_S = 50_030_592 / 1132
+from test_overtrained_preset import MEASURED_TOKENS_PER_S  # the settle grid trains the same model at the same batch
 
 
 @pytest.fixture(scope="module")
