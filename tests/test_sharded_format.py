@@ -112,3 +112,26 @@ def test_tp_box_is_the_shard_that_shard_state_dict_cuts(tp):
                 owners.setdefault(key, []).extend(flat_indices(value.shape, offsets, sizes))
     for key, value in full.items():  # the primary boxes cover each tensor exactly once
         assert sorted(owners[key]) == list(range(value.numel())), key
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_a_write_that_fails_inside_torch_save_raises_its_own_error(tmp_path, monkeypatch, error):
+    """Ctrl-C or a full disk in the middle of a chunk: the caller sees that error (the trainer's
+    way out turns it into exit 130 or the full-disk line), not torch's "unexpected pos" report."""
+    from megareuse.engine.sharded import ChunkWriter
+
+    writer = ChunkWriter(tmp_path / "state" / rank_file(0))
+    real, calls = writer._fh.write, []
+
+    def failing(data):
+        calls.append(len(memoryview(data)))
+        if len(calls) == 3:
+            raise error
+        return real(data)
+
+    monkeypatch.setattr(writer._fh, "write", failing)
+    with pytest.raises(type(error)) as caught:
+        writer.add(fqn("w"), (0, 0), torch.randn(64, 64))
+    assert caught.value is error
+    writer.abort()
+    assert not (tmp_path / "state" / rank_file(0)).exists()

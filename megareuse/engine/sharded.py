@@ -86,7 +86,14 @@ class ChunkWriter:
 
     def add(self, name: str, offsets: Sequence[int], tensor: torch.Tensor) -> None:
         start = self._bytes
-        torch.save(_owned(tensor), self)  # no second copy of the chunk in a buffer
+        try:
+            torch.save(_owned(tensor), self)  # no second copy of the chunk in a buffer
+        except RuntimeError as exc:
+            # a write that failed (a full disk) or was interrupted (Ctrl-C) inside torch.save is
+            # reported by torch's zip writer as its own "unexpected pos" error: raise the original
+            if exc.__context__ is not None:
+                raise exc.__context__ from None
+            raise
         self.chunks.append({"fqn": name, "offsets": list(offsets), "sizes": list(tensor.shape),
                             "file": self.path.name, "offset": start, "length": self._bytes - start})
 
