@@ -22,7 +22,7 @@ from torch import nn
 from megareuse.config import ModelConfig
 from megareuse.engine.ds_internals import (base_optimizer, ensure_state, fp32_masters, is_zero_param, param_shape,
                                             relink_fragments)
-from megareuse.engine.sharded import MOMENTS
+from megareuse.engine.sharded import MOMENTS, WEIGHT_PREFIX, ShardedReader, is_sharded
 from megareuse.engine.weights import TensorWriter
 from megareuse.parallel.state import ParallelState
 from megareuse.parallel.tensor_parallel import merge_state_dicts, shard_state_dict
@@ -140,7 +140,6 @@ def consolidate(ckpt_dir: Path, out: Path, moments: bool = False) -> tuple[int, 
     file, streamed one tensor at a time: what DeepSpeed's zero_to_fp32 gives from its own
     checkpoints. Returns (tensors, bytes). Refuses an existing ``out``."""
     from megareuse.engine.checkpoint import CheckpointError, verify_checkpoint
-    from megareuse.engine.sharded import WEIGHT_PREFIX, ShardedReader, is_sharded
 
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     problem = verify_checkpoint(ckpt_dir)

@@ -242,22 +242,23 @@ class ShardedWeights(Mapping[str, torch.Tensor]):
         self._names = [n[len(WEIGHT_PREFIX):] for n in self.reader.names(WEIGHT_PREFIX)]
         self._aliases = {a: t for a, t in (aliases or {}).items() if t in self._names and a not in self._names}
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def _stored(self, name: str) -> str:
+        """The stored tensor serving ``name`` (a tied head's is the embedding's)."""
         name = self._aliases.get(name, name)
         if name not in self._names:
             raise KeyError(name)
-        return self.reader.full(WEIGHT_PREFIX + name)
+        return WEIGHT_PREFIX + name
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader.full(self._stored(name))
 
     def read_box(self, name: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
         """Only the box of ``name`` at ``offsets`` of ``sizes`` (a TP rank's shard), read from
         the chunks that overlap it."""
-        name = self._aliases.get(name, name)
-        if name not in self._names:
-            raise KeyError(name)
-        return self.reader.read_into(WEIGHT_PREFIX + name, offsets, torch.empty(tuple(sizes), dtype=torch.float32))
+        return self.reader.read_into(self._stored(name), offsets, torch.empty(tuple(sizes), dtype=torch.float32))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.reader.tensors[WEIGHT_PREFIX + self._aliases.get(name, name)]
+        return self.reader.tensors[self._stored(name)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names + list(self._aliases))

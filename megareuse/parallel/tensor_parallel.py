@@ -262,16 +262,11 @@ def shard_state_dict(full_sd: StateDict, cfg: ModelConfig, tp: TPSpec) -> StateD
     check_tp_compatible(cfg, tp_size)
     out: dict[str, torch.Tensor] = {}
     for key, value in full_sd.items():
-        kind = _kind(key)
-        if kind == "replicated":
-            out[key] = value.detach().clone()
-            continue
-        dim = 1 if kind == "cols" else 0
-        if kind == "kv":
-            start, stop = kv_rows(cfg, tp_size, tp_rank)
-        else:
-            start, stop = shard_range(value.shape[dim], tp_size, tp_rank, f"{key} dimension {dim}")
-        out[key] = value.detach().narrow(dim, start, stop - start).clone()
+        offsets, sizes, _ = tp_box(key, tuple(value.shape), cfg, (tp_size, tp_rank))
+        shard = value.detach()
+        for dim, (o, s) in enumerate(zip(offsets, sizes)):
+            shard = shard.narrow(dim, o, s)
+        out[key] = shard.clone()
     return out
 
 
